@@ -1,0 +1,34 @@
+"""igrad: train CNNs whose plain input gradients are interpretable, and measure how interpretable
+their explanations are ("A Learning Paradigm for Interpretable Gradients", Torres Figueroa et al.,
+VISAPP 2024). See SPEC sections 1-5 for the exact definitions."""
+
+from __future__ import annotations
+
+from .errors import IgradError, UnsupportedActivationError
+from .gradients import gradient, gradient_cosine, input_gradients
+from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss, register_error
+from .models import create_model, default_target_layer, list_models, register_model
+from .rules import STATS_MODES, BackwardRules, Phase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackwardRules",
+    "DEFAULT_LAMBDA",
+    "DEFAULT_STATS",
+    "ERRORS",
+    "GradientAlignmentLoss",
+    "IgradError",
+    "Phase",
+    "STATS_MODES",
+    "UnsupportedActivationError",
+    "create_model",
+    "default_target_layer",
+    "gradient",
+    "gradient_cosine",
+    "input_gradients",
+    "list_models",
+    "register_error",
+    "register_model",
+    "__version__",
+]

@@ -1,0 +1,142 @@
+"""Input gradients of a classifier: standard ``δx = ∂y_c/∂x`` and guided ``δᴳx`` (SPEC 1).
+
+Every function here is batch-native (one forward, one backward per gradient kind for the whole batch)
+and non-mutating: the model's modules, flags, hooks, training mode and buffers are as before the
+call, also when it raises. The backward rules themselves live in :mod:`igrad.rules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import check_images, resolve_target
+from .rules import BackwardRules, Phase, preserve_batchnorm_counters
+
+__all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity"]
+
+TargetLike = int | torch.Tensor | list[int] | None
+
+
+class InputGradients(NamedTuple):
+    """The result of :func:`input_gradients`."""
+
+    logits: torch.Tensor  # [B, K], from the forward the gradients were taken on
+    target: torch.Tensor  # [B] class indices used
+    standard: torch.Tensor | None  # δx, shaped like x
+    guided: torch.Tensor | None  # δᴳx, shaped like x (always detached)
+
+
+def input_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: TargetLike = None,
+    *,
+    standard: bool = True,
+    guided: bool = True,
+    create_graph: bool = False,
+    guided_graph: bool = False,
+    stats: str = "running",
+    update_stats: bool = False,
+    allow: Iterable[str] = (),
+) -> InputGradients:
+    """Standard and/or guided input gradients of ``y_target`` from **one** forward pass.
+
+    ``δx_i = ∂ y_{i, c_i} / ∂ x_i`` for every sample ``i`` (the logit, pre-softmax). Because samples
+    only interact through BatchNorm batch statistics, which every ``stats`` mode except ``coupled``
+    holds constant, ``∂ Σ_i y_{i,c_i} / ∂ x`` computed in one backward is exactly the per-sample
+    gradient. ``create_graph=True`` records the standard pass for double backpropagation; the guided
+    pass never does (it is a fixed target).
+
+    With ``update_stats=False`` (the default) a training-mode model's BatchNorm buffers and counters
+    are left untouched.
+    """
+    check_images(x)
+    rules = BackwardRules(guided=guided, stats=stats, update_stats=update_stats, allow=allow, model=model)
+    keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
+    with keep, torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        with rules:
+            logits = model(xg)
+        t = resolve_target(target, logits)
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"model returned {logits.shape[0]} rows of logits for a batch of {x.shape[0]}")
+        score = logits.gather(1, t[:, None]).sum()
+        g_guided = g_standard = None
+        if guided:
+            with rules.phase(Phase.GUIDED):
+                (g_guided,) = torch.autograd.grad(
+                    score, xg, create_graph=guided_graph, retain_graph=standard or create_graph or guided_graph
+                )
+        if standard:
+            with rules.phase(Phase.STANDARD):
+                (g_standard,) = torch.autograd.grad(score, xg, create_graph=create_graph, retain_graph=create_graph)
+    return InputGradients(logits, t, g_standard, g_guided)
+
+
+def gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: TargetLike = None,
+    *,
+    guided: bool = False,
+    create_graph: bool = False,
+    stats: str = "running",
+    allow: Iterable[str] = (),
+) -> torch.Tensor:
+    """The input gradient ``∂ y_target / ∂ x`` per sample, shaped like ``x`` ``[B, C, H, W]``.
+
+    ``target``: a LongTensor ``[B]`` of class indices, an ``int`` for all samples, or ``None`` for
+    each sample's arg-max class. ``guided=True`` applies the guided rule of SPEC 1 at every rectifier
+    (``δz = max(δa, 0)·1[z > 0]`` for ReLU, ``·1[0 < z < 6]`` for ReLU6). BatchNorm normalises with
+    the running statistics by default (``stats="running"``: the way a trained model is used, also
+    when the model is in training mode); see :class:`igrad.rules.BackwardRules` for the other modes.
+    Non-linearities other than ReLU/ReLU6 raise unless named in ``allow``, for both kinds of
+    gradient, so that the two are always computed on the same footing. ``create_graph=True`` records
+    the backward pass for higher-order derivatives.
+    """
+    res = input_gradients(
+        model,
+        x,
+        target,
+        standard=not guided,
+        guided=guided,
+        create_graph=create_graph and not guided,
+        guided_graph=create_graph and guided,
+        stats=stats,
+        allow=allow,
+    )
+    return res.guided if guided else res.standard  # type: ignore[return-value]
+
+
+def gradient_cosine(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: TargetLike = None,
+    *,
+    stats: str = "running",
+    allow: Iterable[str] = (),
+) -> torch.Tensor:
+    """Per-sample ``cos(δx, δᴳx)`` over all C·H·W values, ``[B]`` (see :func:`cosine_similarity`).
+
+    The diagnostic of SPEC 1; measure it with the model in eval mode (the default ``stats="running"``
+    normalises with running statistics whatever the model's mode).
+    """
+    res = input_gradients(model, x, target, stats=stats, allow=allow)
+    return cosine_similarity(res.standard, res.guided)  # type: ignore[arg-type]
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``⟨a, b⟩ / (‖a‖ ‖b‖ + ε)`` over all non-batch dimensions, ``[B]``.
+
+    ``ε`` is the dtype's smallest normal number: input gradients of a network at initialisation
+    can have norms around 1e-9, where a fixed ``ε = 1e-12`` would dominate ``‖a‖ ‖b‖`` and report a
+    cosine near 0 whatever the directions. A zero vector gives 0.
+    """
+    a, b = a.flatten(1), b.flatten(1)
+    eps = torch.finfo(a.dtype).tiny
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)

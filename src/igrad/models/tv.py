@@ -1,0 +1,61 @@
+"""Any torchvision classification model by name, and default target layers for torchvision CNNs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torchvision
+from torch import nn
+
+from ..errors import IgradError, unknown_name
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    """Swap the model's last ``nn.Linear`` for a fresh one with ``num_classes`` outputs (fine-tuning)."""
+    name, last = None, None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name, last = n, m
+    if last is None or name is None:
+        raise IgradError(f"{type(model).__name__} has no nn.Linear head to resize to {num_classes} classes")
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+
+
+def create_torchvision_model(name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=weights, ...)`` with ``num_classes`` outputs.
+
+    With pretrained ``weights`` (downloaded by torchvision, so only where the machine has internet)
+    the 1000-class head is replaced by a new linear layer when ``num_classes`` differs.
+    """
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise unknown_name("torchvision model", name, known)
+    if weights is not None and num_classes != 1000:
+        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        _replace_last_linear(model, num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
+    target = infer_target_layer(model)
+    if target is not None:
+        model.igrad_target_layer = target
+    return model
+
+
+def infer_target_layer(model: nn.Module) -> str | None:
+    """torchvision conventions (as pytorch-grad-cam's docs): ``layer4`` for ResNet-like models,
+    the last child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, ...), else the top-level
+    child that contains the last ``nn.Conv2d``; ``None`` when there is no convolution."""
+    children = dict(model.named_children())
+    if "layer4" in children:
+        return "layer4"
+    features = children.get("features")
+    if isinstance(features, nn.Sequential) and len(features) > 0:
+        return f"features.{len(features) - 1}"
+    last = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            last = n
+    if last is None:
+        return None
+    return last.split(".")[0]
