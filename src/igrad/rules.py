@@ -9,10 +9,10 @@ Two rules, both switched per backward pass over a *single* recorded forward grap
   nothing during any other pass. The same forward graph therefore serves the standard gradient
   (``create_graph=True``), the guided gradient, and the final ``loss.backward()``.
 * **BatchNorm statistics rule** (SPEC 1, "statistics held constant"). In the ``batch-frozen`` mode a
-  training-mode ``F.batch_norm`` is recomputed from its parts,
-  ``y = (x − μ_B) · γ / sqrt(σ²_B + ε) + β``, with hooks on ``μ_B`` and ``σ²_B`` that zero their gradient
-  during the input-gradient passes (per-sample gradients, statistics constant) and pass it through
-  during ``loss.backward()`` (so the cross-entropy still gets the exact train-mode gradient). In the
+  training-mode ``F.batch_norm`` runs the native kernel in an autograd function whose backward is
+  ``δx = δy · γ / sqrt(σ²_B + ε)`` (statistics constant: per-sample gradients) during the input-gradient
+  passes, and the exact train-mode backward during ``loss.backward()`` (so the cross-entropy still
+  gets its true gradient). In the
   ``running`` mode every ``F.batch_norm`` uses the running statistics (eval-mode normalisation).
 
 Rectifiers are recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
@@ -164,11 +164,6 @@ class BackwardRules(TorchFunctionMode):
             return grad.clamp(min=0)
         return None
 
-    def _statistic_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
-        if self._state.phase is not Phase.FREE:
-            return torch.zeros_like(grad)
-        return None
-
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
         """Run the backward passes inside this block with the rules of ``phase``."""
@@ -237,26 +232,63 @@ class BackwardRules(TorchFunctionMode):
         if self.stats == "running" and running_mean is not None and running_var is not None:
             return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
         # batch-frozen (also "running" for a BatchNorm without running statistics, whose eval mode
-        # uses batch statistics too): y = x·s + t, s = γ/sqrt(σ²_B+ε), t = β − μ_B·s
-        dims = [0, *range(2, input.dim())]
-        var, mean = torch.var_mean(input, dim=dims, correction=0)
-        if mean.requires_grad:
-            mean.register_hook(self._statistic_hook)
-            var.register_hook(self._statistic_hook)
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        out = torch.addcmul(shift.view(shape), input, scale.view(shape))
-        if self.update_stats and running_mean is not None and running_var is not None:
-            n = input.numel() // input.shape[1]
-            with torch.no_grad():
-                running_mean.lerp_(mean.detach(), momentum)
-                running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)
+        # uses batch statistics too)
+        update = self.update_stats and running_mean is not None and running_var is not None
+        return _FrozenStatisticsBatchNorm.apply(
+            input,
+            weight,
+            bias,
+            running_mean if update else None,
+            running_var if update else None,
+            momentum,
+            eps,
+            self._state,
+        )
+
+
+class _FrozenStatisticsBatchNorm(torch.autograd.Function):
+    """Training-mode batch normalisation whose backward rule depends on the phase.
+
+    Forward: the native fused kernel, ``y = (x − μ_B) · γ / sqrt(σ²_B + ε) + β`` (running statistics
+    updated as usual when given). Backward:
+
+    * ``Phase.FREE`` (``loss.backward()``): the exact train-mode backward, through ``μ_B`` and ``σ²_B``;
+    * ``Phase.STANDARD`` / ``Phase.GUIDED`` (the input-gradient passes): ``δx = δy · γ / sqrt(σ²_B + ε)``,
+      the statistics held constant. Written with differentiable ops, so the standard pass taken with
+      ``create_graph=True`` is differentiable in ``γ`` (and, through ``δy``, in every other parameter),
+      while ``μ_B``, ``σ²_B`` stay constants: ``∇θ L_R`` is exact up to the held-constant statistics.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+        state: _State,
+    ) -> torch.Tensor:
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.state, ctx.eps, ctx.has_bias = state, eps, bias is not None
         return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        none5 = (None,) * 5
+        if ctx.state.phase is Phase.FREE:
+            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+            )
+            return (gx, gw, gb, *none5)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = invstd if weight is None else weight * invstd
+        return (grad * scale.view(shape), None, None, *none5)
 
 
 def has_training_batchnorm(model: nn.Module) -> bool:

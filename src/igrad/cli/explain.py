@@ -1,0 +1,214 @@
+"""Saliency maps of a trained checkpoint for image files.
+
+Writes, under --out: an overlay per image and method (<label>/<image>_<method>.png; JET on the image
+for CAM methods, a diverging map for signed gradients), grid.png (rows = images, columns = methods;
+with --compare, the two checkpoints' rows side by side: the paper's qualitative figure) and
+explain.json (targets, predictions, files, provenance).
+
+Images are resized to the model's input size (--size, else the checkpoint's image_size, else 32 for
+the CIFAR networks and 224 otherwise) and normalised with the checkpoint's mean/std.
+
+example:
+  igrad explain --checkpoint runs/base/best.pt cat.png dog.png --methods gradcam,scorecam --out maps/
+  igrad explain --checkpoint runs/base/best.pt --compare runs/reg/best.pt cat.png --out maps/
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import IgradError, unknown_name
+
+HELP = "saliency maps (overlays and a grid figure) of a checkpoint for image files"
+DEFAULT_METHODS = "gradient,guided,gradcam,scorecam"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``igrad explain``."""
+    from ..saliency import METHODS
+
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
+    parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint (e.g. RUN/best.pt)")
+    parser.add_argument("--compare", metavar="PT", help="a second checkpoint, drawn in a row under the first")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated saliency methods or 'all' (default {DEFAULT_METHODS}); known: {', '.join(METHODS)}",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--target",
+        help="class to explain: one index or class name for all images, or one per image (comma-separated); "
+        "default: the first checkpoint's predicted class",
+    )
+    parser.add_argument("--target-layer", metavar="NAME", help="dotted module name (default: the model's last stage)")
+    parser.add_argument("--size", type=int, metavar="PX", help="resize images to PX x PX (default: see above)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="forward batch of scorecam, ablationcam, smoothgrad (default 64)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _load_images(paths: list[str], size: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import resize
+
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise IgradError(f"image {p} does not exist")
+        try:
+            img = decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as exc:
+            raise IgradError(f"cannot read image {p}: {str(exc).splitlines()[0]}") from exc
+        out.append(resize(img, [size, size], antialias=True))
+    return torch.stack(out).float() / 255
+
+
+def _parse_methods(text: str) -> list[str]:
+    from ..saliency import METHODS
+
+    names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise IgradError("--methods is empty")
+    for n in names:
+        if n not in METHODS:
+            raise unknown_name("saliency method", n, METHODS)
+    return names
+
+
+def _parse_target(text: str | None, n_images: int, classes: list[str] | None) -> list[int] | None:
+    if text is None:
+        return None
+    out = []
+    for part in [t.strip() for t in text.split(",")]:
+        if re.fullmatch(r"-?\d+", part):
+            out.append(int(part))
+        elif classes is not None and part in classes:
+            out.append(classes.index(part))
+        else:
+            raise IgradError(
+                f"--target {part!r} is neither a class index nor a class name of the checkpoint"
+                + ("" if classes else " (the checkpoint lists no class names)")
+            )
+    if len(out) == 1:
+        return out * n_images
+    if len(out) != n_images:
+        raise IgradError(f"--target gives {len(out)} classes for {n_images} images (give one, or one per image)")
+    return out
+
+
+def _image_size(config: dict[str, Any], model_name: str) -> int:
+    size = config.get("image_size")
+    if isinstance(size, int):
+        return size
+    if isinstance(size, list | tuple) and size:
+        return int(size[-1])
+    return 32 if str(model_name).startswith("cifar") else 224
+
+
+def _normalization(config: dict[str, Any], path: str) -> tuple[list[float], list[float]]:
+    if "mean" in config and "std" in config:
+        return list(config["mean"]), list(config["std"])
+    if "data" in config:
+        from ..data import normalization_for
+
+        mean, std = normalization_for(config["data"])
+        return list(mean), list(std)
+    raise IgradError(f"checkpoint {path} config has no mean/std to normalise the images with")
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Row labels for checkpoints: their run folder names, made unique."""
+    names = [Path(p).resolve().parent.name or Path(p).stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [Path(p).stem if i == 0 else f"{Path(p).stem} ({i + 1})" for i, p in enumerate(paths)]
+    if len(set(names)) < len(names):
+        names = ["checkpoint", "compare"][: len(paths)]
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute the maps, write overlays, the grid figure and explain.json."""
+    from ..checkpoint import load_model
+    from ..provenance import atomic_write_json, provenance
+    from ..saliency import METHODS
+    from ..visualize import explain, explanation_figure, method_options, render, save_figure, save_image
+
+    methods = _parse_methods(args.methods)
+    if args.batch_size < 1:
+        raise IgradError(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise IgradError(f"--device {args.device!r} is not a torch device") from exc
+    paths = [args.checkpoint] + ([args.compare] if args.compare else [])
+    loaded = [load_model(p, map_location=device) for p in paths]
+    model0, config0 = loaded[0]
+    size = args.size or _image_size(config0, config0.get("model", ""))
+    if size < 1:
+        raise IgradError(f"--size must be positive, got {size}")
+    mean, std = _normalization(config0, args.checkpoint)
+    classes = config0.get("classes")
+    classes = list(classes) if isinstance(classes, list | tuple) else None
+
+    raw = _load_images(args.images, size).to(device)
+    x = (raw - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None]
+    target = _parse_target(args.target, len(args.images), classes)
+    with torch.no_grad():
+        predicted = [m(x).argmax(1).tolist() for m, _ in loaded]
+    if target is None:
+        target = predicted[0]  # the same class for every checkpoint, so that the rows compare like with like
+    kwargs = {name: method_options(name, batch_size=args.batch_size) for name in methods}
+    labels = _labels(paths)
+    out = Path(args.out)
+    rows, files = [], []
+    stems = _unique_stems(args.images)
+    scale = max(1, 224 // size)
+    for label, (model, _config) in zip(labels, loaded, strict=True):
+        exps = explain(model, x, target, methods, target_layer=args.target_layer, method_kwargs=kwargs)
+        rows.append((label, exps))
+        for i, stem in enumerate(stems):
+            for name in methods:
+                f = out / _safe(label) / f"{stem}_{_safe(name)}.png"
+                save_image(f, render(exps[name], raw, i), scale=scale)
+                files.append(str(f))
+    fig = explanation_figure(raw.cpu(), rows, class_names=classes)
+    save_figure(fig, out / "grid.png")
+    files.append(str(out / "grid.png"))
+    summary = {
+        "checkpoints": dict(zip(labels, paths, strict=True)),
+        "images": list(args.images),
+        "image_size": size,
+        "methods": methods,
+        "signed": {n: METHODS[n].signed for n in methods},
+        "target": target,
+        "predicted": dict(zip(labels, predicted, strict=True)),
+        "class_names": [classes[t] for t in target] if classes else None,
+        "files": files,
+        "provenance": provenance({"command": "explain", **vars(args)}),
+    }
+    atomic_write_json(out / "explain.json", summary)
+    print(f"wrote {len(files)} images to {out} (grid: {out / 'grid.png'})")
+    return 0
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def _unique_stems(paths: list[str]) -> list[str]:
+    stems: list[str] = []
+    for p in paths:
+        stem = _safe(Path(p).stem)
+        base, k = stem, 2
+        while stem in stems:
+            stem, k = f"{base}_{k}", k + 1
+        stems.append(stem)
+    return stems

@@ -1,0 +1,529 @@
+"""Saliency metrics of SPEC 4: Average Drop / Gain / Increase and RISE insertion / deletion.
+
+Notation: ``x`` the model's normalised input ``[B, C, H, W]``, ``S`` the saliency maps ``[B, H, W]``,
+``c`` the target class of each sample, ``p`` the class-``c`` softmax probability on ``x``.
+
+* :func:`confidence_metrics`: ``o`` the same probability on ``norm(raw(x) ⊙ S)`` (the map multiplies
+  the raw [0, 1] pixels, all channels alike, and the result is normalised again), then per sample
+  ``ad = 100·max(0, p − o)/p``, ``ag = 100·max(0, o − p)/(1 − p)``, ``ai = 100·1[o > p]``.
+* :func:`insertion` / :func:`deletion`: pixels ranked by decreasing ``S`` (ties by position), ``s``
+  pixels per step, ``n = ceil(HW/s)`` steps, ``n + 1`` points; AUC ``(Σa − a₀/2 − a_n/2)/n·100``.
+
+Every function returns per-sample values (the metric over N images is their mean, see
+:func:`summarize`) and runs batched: the perturbed images of many samples and steps are packed into
+forward batches of ``batch_size`` under :func:`torch.inference_mode`, with BatchNorm/dropout in eval
+mode (the model's modes are restored afterwards). The names of :data:`METRICS` feed the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import IgradError, check_images, resolve_target, unknown_name
+
+__all__ = [
+    "Metric",
+    "METRICS",
+    "SUBSTRATES",
+    "SCORES",
+    "CurveResult",
+    "MetricResults",
+    "confidence_metrics",
+    "insertion",
+    "deletion",
+    "causal_curves",
+    "compute_metrics",
+    "resolve_metrics",
+    "gaussian_blur",
+    "blur_kernel",
+    "summarize",
+]
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SubstrateFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric of the registry: its name (CLI), title (tables), and which direction is better."""
+
+    name: str
+    title: str
+    higher_is_better: bool
+    kind: str  # "confidence" (from confidence_metrics) or "curve" (insertion/deletion)
+    description: str
+
+
+#: The metric registry (also the choices of ``igrad evaluate --metrics``), in table order.
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("ad", "AD", False, "confidence", "Average Drop: 100·max(0, p − o)/p"),
+        Metric("ag", "AG", True, "confidence", "Average Gain: 100·max(0, o − p)/(1 − p)"),
+        Metric("ai", "AI", True, "confidence", "Average Increase: 100·1[o > p]"),
+        Metric("ins", "Insertion", True, "curve", "RISE insertion AUC ×100 (blurred substrate)"),
+        Metric("del", "Deletion", False, "curve", "RISE deletion AUC ×100 (zero substrate)"),
+    )
+}
+
+
+def resolve_metrics(spec: str | Iterable[str]) -> list[str]:
+    """Metric names from ``"all"``, a comma-separated string or a sequence; unknown names raise."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return list(METRICS)
+    if not names:
+        raise IgradError(f"no metric given; choose from {', '.join(METRICS)} or 'all'")
+    out: list[str] = []
+    for n in names:
+        key = n.lower()
+        if key not in METRICS:
+            raise unknown_name("metric", n, METRICS)
+        if key not in out:
+            out.append(key)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# scores and substrates
+
+
+def _softmax_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]
+
+
+def _logit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return logits.float().gather(1, target[:, None])[:, 0]
+
+
+#: Scores of a curve point: ``fn(logits [m, K], target [m]) -> [m]``.
+SCORES: dict[str, ScoreFn] = {"prob": _softmax_prob, "logit": _logit}
+
+
+def blur_kernel(size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """The ``size×size`` kernel ``k(i, j) ∝ exp(−((i−r)² + (j−r)²)/(2σ²))``, ``r = size//2``, Σk = 1."""
+    r = (size - 1) / 2
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - r) ** 2) / (2 * sigma**2))
+    k = g[:, None] * g[None, :]
+    return k / k.sum()
+
+
+def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Each channel of ``x`` convolved with :func:`blur_kernel` (zero padding, same size): the
+    insertion substrate of SPEC 4 (RISE), applied to the normalised image."""
+    c = x.shape[1]
+    k = blur_kernel(size, sigma).to(device=x.device, dtype=x.dtype)
+    return F.conv2d(x, k.expand(c, 1, size, size), padding=size // 2, groups=c)
+
+
+def _channel_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+
+
+#: Substrates (what removed pixels become / what insertion starts from), on the normalised image.
+#: ``zero``: 0 in normalised space (the data set's mean colour); ``blur``: :func:`gaussian_blur`;
+#: ``mean``: the image's own per-channel mean. A callable ``fn(x) -> tensor like x`` is accepted too.
+SUBSTRATES: dict[str, SubstrateFn] = {"zero": torch.zeros_like, "blur": gaussian_blur, "mean": _channel_mean}
+
+
+def _substrate(spec: str | SubstrateFn, x: torch.Tensor) -> torch.Tensor:
+    if callable(spec):
+        fn = spec
+    elif isinstance(spec, str) and spec in SUBSTRATES:
+        fn = SUBSTRATES[spec]
+    else:
+        raise unknown_name("substrate", str(spec), SUBSTRATES)
+    out = fn(x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise IgradError(f"substrate must return a tensor shaped like x {tuple(x.shape)}, got {shape}")
+    if not bool(torch.isfinite(out).all()):
+        raise IgradError("substrate returned non-finite values")
+    return out.to(x.dtype)
+
+
+def _score_fn(spec: str | ScoreFn) -> ScoreFn:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and spec in SCORES:
+        return SCORES[spec]
+    raise unknown_name("score", str(spec), SCORES)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation and batched forwards
+
+
+def _check_maps(maps: object, x: torch.Tensor, *, unit: bool = False) -> torch.Tensor:
+    """Validate saliency maps for images ``x``: ``[B, H, W]`` floats, finite (and in [0, 1] if ``unit``)."""
+    b, _, h, w = x.shape
+    if not isinstance(maps, torch.Tensor):
+        raise IgradError(f"maps must be a torch.Tensor of shape [B, H, W] = [{b}, {h}, {w}], got {type(maps).__name__}")
+    if tuple(maps.shape) != (b, h, w):
+        hint = " (squeeze the channel dimension: maps[:, 0])" if maps.dim() == 4 and maps.shape[1] == 1 else ""
+        raise IgradError(
+            f"maps must have shape [B, H, W] = [{b}, {h}, {w}] to match x {tuple(x.shape)}, "
+            f"got {tuple(maps.shape)}{hint}"
+        )
+    if not maps.is_floating_point():
+        maps = maps.float()
+    finite = torch.isfinite(maps)
+    if not bool(finite.all()):
+        bad = sorted({int(i) for i in (~finite).flatten(1).any(1).nonzero()[:, 0].tolist()})
+        raise IgradError(f"maps contain NaN or inf values (samples {bad[:10]}{'...' if len(bad) > 10 else ''})")
+    if unit and (float(maps.min()) < -1e-6 or float(maps.max()) > 1 + 1e-6):
+        raise IgradError(
+            f"maps must lie in [0, 1] (they multiply the raw pixels), got range "
+            f"[{float(maps.min()):.4g}, {float(maps.max()):.4g}]; min-max normalise them first"
+        )
+    if unit:
+        maps = maps.clamp(0, 1)
+    return maps.to(device=x.device, dtype=x.dtype)
+
+
+def _check_target(target: object, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Class indices ``[batch]`` (range-checked later against the logits), or ``None`` (predicted)."""
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise IgradError("target must be class indices, got a bool")
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=device)
+    try:
+        t = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise IgradError(f"target must be class indices, got {type(target).__name__}") from exc
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise IgradError(f"target must hold integer class indices, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise IgradError(f"target must have shape [{batch}] (one class per sample), got {tuple(t.shape)}")
+    return t.long()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; restore each module's own flag afterwards (also on error)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    logits = model(images)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise IgradError(f"the model must return logits [B, num_classes] for a batch of {images.shape[0]}, got {shape}")
+    return logits
+
+
+def _predicted(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([_forward(model, x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _stats(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, x: torch.Tensor) -> tuple:
+    c = x.shape[1]
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1)
+    if m.numel() == 1:
+        m = m.expand(c)
+    if s.numel() == 1:
+        s = s.expand(c)
+    if m.numel() != c or s.numel() != c:
+        raise IgradError(f"mean and std need one value per channel ({c}), got {m.numel()} and {s.numel()}")
+    if not bool((s > 0).all()):
+        raise IgradError(f"std must be positive, got {s.tolist()}")
+    return m.view(1, c, 1, 1), s.view(1, c, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Average Drop / Gain / Increase
+
+
+def confidence_metrics(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None,
+    *,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Per-sample ``p``, ``o``, ``ad``, ``ag``, ``ai`` (SPEC 4), each a float tensor ``[B]`` on CPU.
+
+    ``p = softmax(f(x))_c``, ``o = softmax(f(x̃))_c`` with ``x̃ = (((x·std + mean) ⊙ S) − mean)/std``
+    (``S`` broadcast over channels); ``p`` and ``o`` are probabilities in [0, 1]. Then
+    ``ad = 100·max(0, p − o)/p``, ``ag = 100·max(0, o − p)/(1 − p)``, ``ai = 100·1[o > p]``, so
+    that AD, AG and AI over a set of images are the means of these values. A zero denominator
+    (``p = 0`` in ``ad``, ``p = 1`` in ``ag``) has a zero numerator; its term is 0.
+    ``target`` is class indices ``[B]`` (an ``int`` for all; ``None``: the predicted class).
+    """
+    x = check_images(x)
+    maps = _check_maps(maps, x, unit=True)
+    batch_size = _check_batch_size(batch_size)
+    t = _check_target(target, x.shape[0], x.device)
+    m, s = _stats(mean, std, x)
+    p_parts, o_parts = [], []
+    with _eval_mode(model), torch.inference_mode():
+        if t is None:
+            t = _predicted(model, x, batch_size)
+        half = max(1, batch_size // 2)  # each chunk forwards its originals and masked copies together
+        for i in range(0, x.shape[0], half):
+            xi, si, ti = x[i : i + half], maps[i : i + half, None], t[i : i + half]
+            masked = ((xi * s + m) * si - m) / s
+            logits = _forward(model, torch.cat([xi, masked]))
+            both = torch.cat([ti, ti])
+            prob = _softmax_prob(logits, resolve_target(both, logits))
+            p_parts.append(prob[: len(ti)])
+            o_parts.append(prob[len(ti) :])
+    p = torch.cat(p_parts).double().cpu()
+    o = torch.cat(o_parts).double().cpu()
+    zero = torch.zeros_like(p)
+    ad = 100 * torch.where(p > 0, (p - o).clamp(min=0) / p.clamp(min=torch.finfo(p.dtype).tiny), zero)
+    ag = 100 * torch.where(p < 1, (o - p).clamp(min=0) / (1 - p).clamp(min=torch.finfo(p.dtype).tiny), zero)
+    ai = 100 * (o > p).double()
+    return {"p": p.float(), "o": o.float(), "ad": ad.float(), "ag": ag.float(), "ai": ai.float()}
+
+
+# --------------------------------------------------------------------------------------------------
+# insertion / deletion
+
+
+class CurveResult(NamedTuple):
+    """Result of :func:`insertion` / :func:`deletion`: ``auc`` ``[B]`` (×100) and ``curves`` ``[B, n+1]``."""
+
+    auc: torch.Tensor
+    curves: torch.Tensor
+
+
+def _ranks(maps: torch.Tensor) -> torch.Tensor:
+    """``rank[b, q]`` = position of pixel ``q`` (row-major) in the order of decreasing saliency,
+    ties broken by pixel position (the earlier pixel first)."""
+    flat = maps.flatten(1)
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks
+
+
+def _num_steps(hw: int, width: int, step: int | None) -> tuple[int, int]:
+    if step is None:
+        step = width
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise IgradError(f"step must be a positive number of pixels (or None for the image width), got {step!r}")
+    return step, math.ceil(hw / step)
+
+
+def causal_curves(
+    model: nn.Module,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    step: int,
+    batch_size: int = 64,
+    score: str | ScoreFn = "prob",
+) -> torch.Tensor:
+    """Scores ``a[b, k]``, ``k = 0..n``, of the images that take the ``min(k·s, HW)`` most salient
+    pixels (all channels) from ``end`` and the others from ``start``; ``[B, n+1]`` float on CPU.
+
+    The ``B·(n+1)`` images are built on the fly, chunk by chunk, and forwarded ``batch_size`` at a
+    time, so a forward batch mixes steps and samples. (Low-level: inputs are not validated here.)
+    """
+    b, c, h, w = start.shape
+    hw = h * w
+    n = math.ceil(hw / step)
+    ranks = _ranks(maps)
+    score_fn = _score_fn(score)
+    total = b * (n + 1)
+    out = torch.empty(total, dtype=torch.float32)
+    for lo in range(0, total, batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, total), device=start.device)
+        sample, k = idx // (n + 1), idx % (n + 1)
+        changed = ranks[sample] < (k * step).clamp(max=hw)[:, None]  # [m, HW]
+        images = torch.where(changed.view(-1, 1, h, w), end[sample], start[sample])
+        logits = _forward(model, images)
+        values = score_fn(logits, resolve_target(target[sample], logits))
+        if not isinstance(values, torch.Tensor) or values.shape != (len(idx),):
+            got = getattr(values, "shape", type(values).__name__)
+            raise IgradError(f"score must return one value per image [{len(idx)}], got {got}")
+        out[lo : lo + len(idx)] = values.float().cpu()
+    return out.view(b, n + 1)
+
+
+def _auc(curves: torch.Tensor) -> torch.Tensor:
+    """``(Σ_k a_k − a_0/2 − a_n/2)/n × 100`` per row (trapezoid rule with spacing 1/n)."""
+    n = curves.shape[1] - 1
+    c = curves.double()
+    return ((c.sum(1) - c[:, 0] / 2 - c[:, -1] / 2) / n * 100).float()
+
+
+def _causal_metric(
+    mode: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None,
+    step: int | None,
+    batch_size: int,
+    substrate: str | SubstrateFn,
+    score: str | ScoreFn,
+) -> CurveResult:
+    x = check_images(x)
+    maps = _check_maps(maps, x)
+    batch_size = _check_batch_size(batch_size)
+    step, _ = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
+    t = _check_target(target, x.shape[0], x.device)
+    _score_fn(score)
+    with _eval_mode(model), torch.inference_mode():
+        base = _substrate(substrate, x)
+        if t is None:
+            t = _predicted(model, x, batch_size)
+        start, end = (x, base) if mode == "deletion" else (base, x)
+        curves = causal_curves(model, start, end, maps, t, step=step, batch_size=batch_size, score=score)
+    return CurveResult(_auc(curves), curves)
+
+
+def deletion(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None,
+    *,
+    step: int | None = None,
+    batch_size: int = 64,
+    substrate: str | SubstrateFn = "zero",
+    score: str | ScoreFn = "prob",
+) -> CurveResult:
+    """RISE deletion (SPEC 4): per sample, the scores ``a_k`` of ``x`` with its ``min(k·s, HW)`` most
+    salient pixels (decreasing ``S``, ties by position, all channels) replaced by the substrate
+    (default ``zero``: 0 in normalised space), ``k = 0..n``, ``n = ceil(HW/s)``, ``s = step`` (default:
+    the image width). Returns ``(auc, curves)``: ``auc = (Σa − a₀/2 − a_n/2)/n·100`` ``[B]`` (lower is
+    better) and ``curves`` ``[B, n+1]``. ``score``: ``prob`` (class-``c`` softmax probability),
+    ``logit``, or ``fn(logits, target) -> [m]``. ``target=None`` uses the predicted class.
+    """
+    return _causal_metric("deletion", model, x, maps, target, step, batch_size, substrate, score)
+
+
+def insertion(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None,
+    *,
+    step: int | None = None,
+    batch_size: int = 64,
+    substrate: str | SubstrateFn = "blur",
+    score: str | ScoreFn = "prob",
+) -> CurveResult:
+    """RISE insertion (SPEC 4): per sample, the scores ``a_k`` of the substrate (default ``blur``:
+    :func:`gaussian_blur` of the normalised image, 11×11, σ = 5, zero padding) with the
+    ``min(k·s, HW)`` most salient pixels of ``x`` put back, ``k = 0..n``. Same ranking, steps, scores
+    and AUC as :func:`deletion`; higher is better. Returns ``(auc, curves)``.
+    """
+    return _causal_metric("insertion", model, x, maps, target, step, batch_size, substrate, score)
+
+
+# --------------------------------------------------------------------------------------------------
+# all metrics at once, and aggregation
+
+
+@dataclass
+class MetricResults:
+    """Per-sample values ``values[name]`` ``[B]`` and curves ``curves["ins"|"del"]`` ``[B, n+1]``."""
+
+    values: dict[str, torch.Tensor]
+    curves: dict[str, torch.Tensor]
+
+
+def compute_metrics(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None,
+    metrics: str | Iterable[str] = "all",
+    *,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    step: int | None = None,
+    batch_size: int = 64,
+) -> MetricResults:
+    """The metrics named in ``metrics`` (see :data:`METRICS`) for one batch, with SPEC 4 defaults."""
+    names = resolve_metrics(metrics)
+    values: dict[str, torch.Tensor] = {}
+    curves: dict[str, torch.Tensor] = {}
+    if any(METRICS[n].kind == "confidence" for n in names):
+        conf = confidence_metrics(model, x, maps, target, mean=mean, std=std, batch_size=batch_size)
+        values.update({n: conf[n] for n in names if METRICS[n].kind == "confidence"})
+    for name, fn in (("ins", insertion), ("del", deletion)):
+        if name in names:
+            res = fn(model, x, maps, target, step=step, batch_size=batch_size)
+            values[name], curves[name] = res.auc, res.curves
+    return MetricResults({n: values[n] for n in names}, curves)
+
+
+def summarize(
+    values: torch.Tensor | Sequence[float],
+    *,
+    ci: str = "normal",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | int | None]:
+    """Mean over samples with a ``level`` confidence interval: ``{"mean", "ci_low", "ci_high", "n"}``.
+
+    ``ci="normal"``: ``mean ± z·sd/√N`` (``sd`` with N − 1, ``z`` the normal quantile, 1.96 at 95%);
+    ``ci="bootstrap"``: the percentile interval of ``n_boot`` resampled means (seeded by ``seed``).
+    With fewer than two samples the interval is ``None``.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if v.numel() == 0:
+        raise IgradError("cannot summarise an empty set of values")
+    if not bool(torch.isfinite(v).all()):
+        raise IgradError("cannot summarise non-finite values")
+    if not 0 < level < 1:
+        raise IgradError(f"level must be in (0, 1), got {level}")
+    n = int(v.numel())
+    mean = float(v.mean())
+    low = high = None
+    if n >= 2:
+        if ci == "normal":
+            half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * float(v.std()) / math.sqrt(n)
+            low, high = mean - half, mean + half
+        elif ci == "bootstrap":
+            gen = torch.Generator().manual_seed(seed)
+            rows = max(1, 2_000_000 // n)  # resample in chunks to bound memory
+            parts = []
+            for i in range(0, n_boot, rows):
+                parts.append(v[torch.randint(0, n, (min(rows, n_boot - i), n), generator=gen)].mean(1))
+            means = torch.cat(parts)
+            q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+            low, high = (float(a) for a in torch.quantile(means, q))
+        else:
+            raise unknown_name("confidence interval", ci, ("normal", "bootstrap"))
+    elif ci not in ("normal", "bootstrap"):
+        raise unknown_name("confidence interval", ci, ("normal", "bootstrap"))
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": n}

@@ -1,0 +1,255 @@
+"""The saliency base class, its registry, and the steps every method shares (SPEC 3).
+
+Every method is called the same way::
+
+    with create_method("gradcam", model) as m:
+        maps = m(x, target)        # float [B, H, W] in [0, 1] at the input resolution
+
+``x`` is the model's (normalised) input ``[B, C, H, W]``; ``target`` is as in :func:`igrad.gradient`
+(``None``: each sample's arg-max class; an ``int``; one class per sample). A method computes a raw map
+per sample (at the target layer's resolution for the CAM family), which the base class then
+upsamples bilinearly to ``H×W`` (``align_corners=False``, as OpenCV's ``INTER_LINEAR``) and min-max
+normalises per image, ``S ← (S − min S) / (max S − min S)`` (a constant map, e.g. all zero, gives 0).
+
+While a call runs the model is in eval mode (maps describe the model as it is used); every module's
+``training`` flag is restored afterwards, also when the call raises. Hooks are owned by the method:
+registered on ``__enter__`` (or for the duration of one call when used without ``with``) and removed
+on ``__exit__``, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IgradError, check_images, unknown_name
+from ..models import default_target_layer
+
+__all__ = [
+    "METHODS",
+    "SaliencyMethod",
+    "TargetLike",
+    "create_method",
+    "register_method",
+    "normalize_maps",
+    "upsample",
+    "resolve_layer",
+    "eval_mode",
+    "progress_bar",
+]
+
+TargetLike = int | torch.Tensor | list[int] | None
+
+#: Saliency methods by name, in the order of SPEC 3 (feeds the CLI's choices).
+METHODS: dict[str, type[SaliencyMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[SaliencyMethod]], type[SaliencyMethod]]:
+    """Class decorator: register a :class:`SaliencyMethod` subclass under ``name``."""
+
+    def deco(cls: type[SaliencyMethod]) -> type[SaliencyMethod]:
+        if name in METHODS:
+            raise IgradError(f"saliency method {name!r} is already registered")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def create_method(
+    name: str, model: nn.Module, target_layer: nn.Module | str | None = None, **kwargs: Any
+) -> SaliencyMethod:
+    """Build the saliency method ``name`` for ``model``.
+
+    ``target_layer``: a module of ``model`` or its dotted name; ``None`` takes
+    :func:`igrad.default_target_layer` (CAM family) and must stay ``None`` for the methods that use no
+    layer (``gradient``, ``guided``, ``smoothgrad``). Other keyword arguments go to the method (e.g.
+    ``batch_size`` for ``scorecam``, ``ablationcam`` and ``smoothgrad``).
+    """
+    if name not in METHODS:
+        raise unknown_name("saliency method", name, METHODS)
+    cls = METHODS[name]
+    try:
+        inspect.signature(cls).bind(model, target_layer, **kwargs)
+    except TypeError as exc:
+        options = [p for p in inspect.signature(cls).parameters if p not in ("model", "target_layer")]
+        raise IgradError(
+            f"bad arguments for saliency method {name!r}: {exc}; its options: {', '.join(options) or 'none'}"
+        ) from exc
+    return cls(model, target_layer, **kwargs)
+
+
+# -- shared steps ------------------------------------------------------------------------------------
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation of ``[B, H, W]`` maps to [0, 1]: ``(S − min S) / (max S − min S)``,
+    and 0 where the map is constant (an all-zero map stays 0)."""
+    flat = maps.flatten(1)
+    lo = flat.amin(dim=1)
+    span = flat.amax(dim=1) - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = (maps - lo[:, None, None]) / safe[:, None, None]
+    return torch.where(span[:, None, None] > 0, out, torch.zeros_like(out))
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``[B, h, w]`` maps to ``size`` (``align_corners=False`` equals OpenCV's
+    ``cv2.resize(..., INTER_LINEAR)``, which pytorch-grad-cam uses); a no-op at equal size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+
+
+def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
+    """``(module, dotted name)`` of a target layer given as a module of ``model``, a dotted name (integer
+    parts index ``nn.Sequential``/``nn.ModuleList``), or ``None`` for the model's default layer."""
+    if layer is None:
+        layer = default_target_layer(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(layer, nn.Module):
+        if id(layer) not in names:
+            raise IgradError(f"the target layer {type(layer).__name__} is not a module of {type(model).__name__}")
+        return layer, names[id(layer)]
+    if not isinstance(layer, str):
+        raise IgradError(f"target_layer must be a module, a dotted name or None, got {type(layer).__name__}")
+    module: nn.Module = model
+    for part in layer.split(".") if layer else []:
+        child = module._modules.get(part)
+        if child is None and isinstance(module, nn.Sequential | nn.ModuleList) and part.lstrip("-").isdigit():
+            with contextlib.suppress(IndexError):
+                child = module[int(part)]
+        if child is None:
+            known = [n for n in names.values() if n]
+            close = difflib.get_close_matches(layer, known, n=5, cutoff=0.6)
+            hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
+            top = ", ".join(repr(n) for n, _ in model.named_children())
+            raise IgradError(
+                f"{type(model).__name__} has no target layer {layer!r}.{hint} "
+                f"Its top-level modules: {top} (see model.named_modules() for all)."
+            )
+        module = child
+    return module, names.get(id(module), layer)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, then restore every module's ``training`` flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
+    """A tqdm bar over ``total`` batches: ``progress=None`` shows it only on a terminal and when
+    there is more than one batch; ``True``/``False`` force it on/off."""
+    from tqdm import tqdm
+
+    disable: bool | None = not progress if progress is not None else (None if total > 1 else True)
+    return tqdm(total=total, desc=desc, unit="batch", disable=disable, leave=False)
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+# -- the base class ----------------------------------------------------------------------------------
+
+
+class SaliencyMethod:
+    """Base of every saliency method: call shape, checks, hook ownership, eval mode, normalisation.
+
+    Subclasses implement :meth:`_raw_maps` ``(x, target) -> [B, h, w]`` (any resolution) and, when they
+    hook a layer, :meth:`_attach` / :meth:`_detach`. ``signed`` methods (the gradient family) also
+    give a signed attribution ``[B, C, H, W]`` through :meth:`attribute`.
+    """
+
+    name: ClassVar[str] = ""
+    #: the method has a signed per-pixel attribution (shown with a diverging colour map)
+    signed: ClassVar[bool] = False
+    #: the method reads a target layer
+    uses_layer: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise IgradError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        if self.uses_layer:
+            self.layer, self.layer_name = resolve_layer(model, target_layer)
+        elif target_layer is not None:
+            raise IgradError(f"saliency method {self.name!r} uses no target layer; leave target_layer as None")
+        else:
+            self.layer, self.layer_name = None, None
+        self._depth = 0  # nesting of with-blocks / calls that hold the hooks
+        self._in_channels = _first_conv_channels(model)
+
+    def __repr__(self) -> str:
+        layer = f", layer={self.layer_name!r}" if self.layer_name is not None else ""
+        return f"{type(self).__name__}({type(self.model).__name__}{layer})"
+
+    # -- hook ownership ------------------------------------------------------------------------------
+    def __enter__(self) -> SaliencyMethod:
+        if self._depth == 0:
+            self._attach()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._detach()
+
+    def _attach(self) -> None:
+        """Register the hooks this method needs (none by default)."""
+
+    def _detach(self) -> None:
+        """Remove every hook registered by :meth:`_attach`."""
+
+    def _clear(self) -> None:
+        """Drop per-call state (cached activations, gradients)."""
+
+    # -- calls ---------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """Saliency maps ``[B, H, W]`` in [0, 1]: the raw maps, upsampled and min-max normalised."""
+        raw = self._run(self._raw_maps, x, target)
+        return normalize_maps(upsample(raw.detach().float(), tuple(x.shape[-2:])))
+
+    def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """The signed attribution ``[B, C, H, W]`` (only for ``signed`` methods)."""
+        if not self.signed:
+            raise IgradError(f"saliency method {self.name!r} has no signed attribution; call it for its maps")
+        return self._run(self._attribute, x, target).detach()
+
+    def _run(self, fn: Callable[[torch.Tensor, TargetLike], torch.Tensor], x: torch.Tensor, target: TargetLike):
+        check_images(x)
+        if self._in_channels is not None and x.shape[1] != self._in_channels:
+            raise IgradError(
+                f"images have {x.shape[1]} channels but {type(self.model).__name__} expects {self._in_channels} "
+                f"(x has shape {tuple(x.shape)}, expected [B, {self._in_channels}, H, W])"
+            )
+        with self, eval_mode(self.model):
+            try:
+                return fn(x, target)
+            finally:
+                self._clear()
+
+    def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        raise NotImplementedError

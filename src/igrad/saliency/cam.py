@@ -1,0 +1,377 @@
+"""The CAM family (SPEC 3): each method only computes its channel weights ``w [B, K]`` (or its map).
+
+Notation: ``A_k`` the k-th channel ``[h, w]`` of the target layer's activation, ``g_k = ∂y_c/∂A_k``
+(the logit of the target class, pre-softmax), ``S = Σ_k w_k A_k``. Every map except ``cam`` is then
+passed through ReLU (as in each method's paper and in pytorch-grad-cam), upsampled and min-max
+normalised by :class:`~igrad.saliency.base.SaliencyMethod`.
+
+Differences of definition from pytorch-grad-cam 1.5.7 (``pytorch_grad_cam``), all deliberate:
+
+* min-max normalisation: theirs is ``(S − min) / (max − min + 1e-7)`` (twice: before their cv2 resize
+  and after); ours is exact (SPEC 3), 0 for a constant map. They differ by a relative ``1e-7/(max − min)``.
+* ``gradcam++``: theirs adds ``1e-6`` to the denominator of ``a_kij`` (it matters: gradients of a
+  network are often ~1e-3, so ``g² ≈ 1e-6``); ours is the SPEC formula, ``eps=0`` by default
+  (``GradCAMPlusPlus(eps=1e-6)`` reproduces theirs).
+* ``scorecam``: theirs upsamples the masks with ``nn.UpsamplingBilinear2d`` (``align_corners=True``)
+  and normalises them with ``+1e-8``; ours upsamples like every map (``align_corners=False``)
+  (``ScoreCAM(mask_align_corners=True)`` reproduces theirs). They score each image's masks in
+  batches of 16 (a Python loop per image); ours packs the masks of all images into full batches.
+* ``ablationcam``: theirs replaces an ablated channel by 0 if the minimum of the *whole ablation batch*
+  is 0, else by ``min − 1e7``; ours always zeroes it (SPEC). Same result for post-ReLU layers. Theirs
+  re-runs the whole network for every ablation; ours runs only the layers after the target layer
+  (:mod:`igrad.saliency.split`).
+* ``cam``: not in pytorch-grad-cam; no ReLU (Zhou et al.'s class activation map is signed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IgradError, resolve_target
+from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
+from .split import LayerSplit, SplitError
+
+__all__ = [
+    "CAMContext",
+    "CAMMethod",
+    "CAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "AblationCAM",
+]
+
+
+@dataclass
+class CAMContext:
+    """What a CAM method sees: the input, the target layer's activation ``A [B, K, h, w]`` (detached),
+    its gradient ``g = ∂y_c/∂A`` (``None`` for gradient-free methods), the logits and the target classes."""
+
+    x: torch.Tensor
+    activation: torch.Tensor
+    gradient: torch.Tensor | None
+    logits: torch.Tensor
+    target: torch.Tensor
+
+
+class CAMMethod(SaliencyMethod):
+    """A class-activation-map method on a target layer (torch-cam style).
+
+    Owns one forward hook on the target layer that records its output during the method's own forward
+    pass (and hands a copy downstream, so that an in-place operation after the layer, e.g.
+    DenseNet's ``F.relu(..., inplace=True)``, cannot alter the recorded activation). Subclasses
+    implement :meth:`weights` ``(ctx) -> [B, K]``, or :meth:`cam` for maps that are not
+    ``Σ_k w_k A_k``.
+    """
+
+    #: the method needs ``g = ∂y_c/∂A`` (one backward pass)
+    needs_gradient: ClassVar[bool] = True
+    #: the map goes through ReLU before upsampling
+    relu: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
+        super().__init__(model, target_layer)
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._recording = False
+        self._recorded: list[torch.Tensor] = []
+
+    def _attach(self) -> None:
+        self._handle = self.layer.register_forward_hook(self._hook)
+
+    def _detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._recorded = []
+        self._recording = False
+
+    def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor | None:
+        if not self._recording:
+            return None
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise IgradError(
+                f"target layer {self.layer_name!r} must output feature maps [B, K, h, w] for {self.name}, got {shape}"
+            )
+        self._recorded.append(output)
+        return output.clone()
+
+    def _forward(self, x: torch.Tensor, target: TargetLike) -> CAMContext:
+        """One forward (and, if needed, one backward to the target layer) for the whole batch."""
+        self._recorded = []
+        self._recording = True
+        try:
+            with torch.enable_grad() if self.needs_gradient else torch.no_grad():
+                logits = self.model(x.detach().requires_grad_(self.needs_gradient))
+        finally:
+            self._recording = False
+        if len(self._recorded) != 1:
+            what = "not called" if not self._recorded else f"called {len(self._recorded)} times"
+            raise IgradError(
+                f"target layer {self.layer_name!r} was {what} in the forward pass; choose a layer that runs once"
+            )
+        act = self._recorded[0]
+        t = resolve_target(target, logits)
+        grad = None
+        if self.needs_gradient:
+            score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
+            (grad,) = torch.autograd.grad(score, act)
+        return CAMContext(x.detach(), act.detach(), grad, logits.detach(), t)
+
+    def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        ctx = self._forward(x, target)
+        cam = self.cam(ctx)
+        return F.relu(cam) if self.relu else cam
+
+    def cam(self, ctx: CAMContext) -> torch.Tensor:
+        """The map at the layer's resolution, ``S = Σ_k w_k A_k``, ``[B, h, w]``."""
+        w = self.weights(ctx)
+        return torch.einsum("bk,bkhw->bhw", w.to(ctx.activation.dtype), ctx.activation)
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        """Channel weights ``[B, K]``."""
+        raise NotImplementedError
+
+
+@register_method("cam")
+class CAM(CAMMethod):
+    """CAM (Zhou et al. 2016): ``S = Σ_k w_{c,k} A_k`` with ``w`` the linear head that follows global
+    average pooling of the target layer. No ReLU (the map is signed before normalisation).
+
+    Refused, with an :class:`IgradError`, unless the logits equal ``W · mean_ij(A) + b`` for a linear
+    layer of the model with ``K`` inputs (checked numerically on every batch).
+    """
+
+    needs_gradient = False
+    relu = False
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        a, logits = ctx.activation, ctx.logits
+        k = a.shape[1]
+        heads = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.in_features == k]
+        why = f"no nn.Linear with {k} inputs follows it"
+        for head in reversed(heads):
+            if head.out_features != logits.shape[1]:
+                continue
+            predicted = F.linear(a.mean(dim=(2, 3)), head.weight, head.bias)
+            scale = max(1.0, float(logits.abs().max()))
+            if torch.allclose(predicted, logits, rtol=1e-4, atol=1e-4 * scale):
+                return head.weight.detach()[ctx.target]
+            why = "the logits are not a linear function of its global average pool"
+        raise IgradError(
+            f"cam needs a model whose target layer ({self.layer_name!r}) is followed by global average pooling and "
+            f"one linear layer (CAM, Zhou et al.); in {type(self.model).__name__} {why}. Use gradcam instead."
+        )
+
+
+@register_method("gradcam")
+class GradCAM(CAMMethod):
+    """Grad-CAM: ``α_k = mean_ij g_kij``, ``S = ReLU(Σ_k α_k A_k)``."""
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        return ctx.gradient.mean(dim=(2, 3))
+
+
+@register_method("gradcam++")
+class GradCAMPlusPlus(CAMMethod):
+    """Grad-CAM++: ``a_kij = g² / (2g² + (Σ_ij A_k) g³ + eps)`` (0 where ``g = 0`` or the denominator is
+    0), ``w_k = Σ_ij a_kij ReLU(g_kij)``, ``S = ReLU(Σ_k w_k A_k)``. ``eps=0`` is the SPEC formula;
+    ``eps=1e-6`` is pytorch-grad-cam's."""
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None, *, eps: float = 0.0) -> None:
+        super().__init__(model, target_layer)
+        self.eps = float(eps)
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        a, g = ctx.activation, ctx.gradient
+        g2 = g * g
+        denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + self.eps
+        ok = (g != 0) & (denom != 0)
+        aij = torch.where(ok, g2 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(g))
+        return (aij * F.relu(g)).sum(dim=(2, 3))
+
+
+@register_method("xgradcam")
+class XGradCAM(CAMMethod):
+    """XGrad-CAM: ``w_k = Σ_ij (A_kij / (Σ_ij A_kij + ε)) g_kij``, ``ε = 1e-7``, ``S = ReLU(Σ_k w_k A_k)``."""
+
+    eps: ClassVar[float] = 1e-7
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        a, g = ctx.activation, ctx.gradient
+        return (a * g).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + self.eps)
+
+
+@register_method("layercam")
+class LayerCAM(CAMMethod):
+    """LayerCAM: ``S = ReLU(Σ_k ReLU(g_k) ⊙ A_k)`` (element-wise weights)."""
+
+    def cam(self, ctx: CAMContext) -> torch.Tensor:
+        return (F.relu(ctx.gradient) * ctx.activation).sum(dim=1)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+@register_method("scorecam")
+class ScoreCAM(CAMMethod):
+    """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if constant),
+    ``s_k = y_c(x ⊙ M_k)`` (the logit, on the model's normalised input), ``w = softmax_k(s)``,
+    ``S = ReLU(Σ_k w_k A_k)``.
+
+    All ``B·K`` masked images of a call are packed into forward batches of ``batch_size``. A constant
+    channel gives ``M_k = 0`` and ``x ⊙ M_k = 0`` for every image, so those share one forward of a
+    zero image (exact). ``mask_align_corners=True`` upsamples the masks like pytorch-grad-cam.
+    """
+
+    needs_gradient = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str | None = None,
+        *,
+        batch_size: int = 64,
+        mask_align_corners: bool = False,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, target_layer)
+        self.batch_size = _check_batch_size(batch_size)
+        self.mask_align_corners = bool(mask_align_corners)
+        self.progress = progress
+
+    def masks(self, activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
+        m = upsample(activation, size, align_corners=self.mask_align_corners)
+        flat = m.flatten(1)
+        lo = flat.amin(1)[:, None, None]
+        span = (flat.amax(1) - flat.amin(1))[:, None, None]
+        return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        x, a, t = ctx.x, ctx.activation, ctx.target
+        b, k = a.shape[:2]
+        size = tuple(x.shape[-2:])
+        flat = a.flatten(2)
+        constant = flat.amax(2) == flat.amin(2)
+        scores = torch.empty(b, k, dtype=torch.float32, device=x.device)
+        rows = (~constant).flatten().nonzero()[:, 0]
+        batches = (len(rows) + self.batch_size - 1) // self.batch_size
+        with torch.inference_mode(), progress_bar(batches + bool(constant.any()), "scorecam", self.progress) as bar:
+            if constant.any():
+                zero = self.model(torch.zeros_like(x[:1]))[0].float()
+                scores[constant] = zero[t[:, None].expand(b, k)[constant]]
+                bar.update()
+            for start in range(0, len(rows), self.batch_size):
+                r = rows[start : start + self.batch_size]
+                img, ch = r // k, r % k
+                masked = x[img] * self.masks(a[img, ch], size)[:, None].to(x.dtype)
+                scores.view(-1)[r] = self.model(masked).gather(1, t[img, None])[:, 0].float()
+                bar.update()
+        return torch.softmax(scores, dim=1)
+
+
+@register_method("ablationcam")
+class AblationCAM(CAMMethod):
+    """Ablation-CAM: ``w_k = (y_c − y_c^(k)) / y_c``, ``y_c^(k)`` the logit with channel ``k`` of the
+    target layer's output set to 0, ``S = ReLU(Σ_k w_k A_k)``.
+
+    Only the layers *after* the target layer run for the ablations: the model is split at the layer
+    with ``torch.fx`` (:class:`~igrad.saliency.split.LayerSplit`), and the ``B·K`` ablated copies of the
+    recorded activation go through the tail in batches of ``batch_size``. A channel that is already all
+    zero cannot change the logit, so its weight is 0 without a forward. Where the model cannot be
+    traced (data-dependent Python control flow) or the traced tail does not reproduce the logits, it
+    falls back, with a warning, to running the whole model with a forward hook that replaces the
+    layer's output by the ablated copies (correct, but as slow as pytorch-grad-cam).
+    ``y_c = 0`` is replaced by the smallest normal float of its sign.
+    """
+
+    needs_gradient = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str | None = None,
+        *,
+        batch_size: int = 256,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, target_layer)
+        self.batch_size = _check_batch_size(batch_size)
+        self.progress = progress
+        self._split: LayerSplit | None = None
+        self._split_failed: str | None = None
+
+    def split(self) -> LayerSplit | None:
+        """The model split at the target layer (traced once, cached), or ``None`` where it cannot be."""
+        if self._split is None and self._split_failed is None:
+            try:
+                self._split = LayerSplit(self.model, self.layer_name)
+            except SplitError as exc:
+                self._split_failed = str(exc)
+                warnings.warn(
+                    f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
+                )
+        return self._split
+
+    def weights(self, ctx: CAMContext) -> torch.Tensor:
+        x, a, t = ctx.x, ctx.activation, ctx.target
+        b, k = a.shape[:2]
+        y = ctx.logits.gather(1, t[:, None])[:, 0].float()
+        run = self._tail_runner(ctx)
+        scores = y[:, None].expand(b, k).clone()  # a channel that is all zero: ablating it changes nothing
+        rows = (a.flatten(2) != 0).any(2).flatten().nonzero()[:, 0]
+        batches = (len(rows) + self.batch_size - 1) // self.batch_size
+        with torch.inference_mode(), progress_bar(batches, "ablationcam", self.progress) as bar:
+            for start in range(0, len(rows), self.batch_size):
+                r = rows[start : start + self.batch_size]
+                img, ch = r // k, r % k
+                ablated = a[img].clone()
+                ablated[torch.arange(len(r), device=a.device), ch] = 0
+                scores.view(-1)[r] = run(img, ablated).gather(1, t[img, None])[:, 0].float()
+                bar.update()
+        tiny = torch.finfo(y.dtype).tiny
+        denom = torch.where(y == 0, torch.full_like(y, tiny), y)
+        return (y[:, None] - scores) / denom[:, None]
+
+    def _tail_runner(self, ctx: CAMContext):  # noqa: ANN202
+        """``run(img, ablated) -> logits``: the logits for ablated activations of images ``img``."""
+        split = self.split()
+        if split is not None:
+            try:
+                with torch.inference_mode():
+                    extra = split.externals(ctx.x)
+                    reproduced = split.tail(ctx.activation, *extra)
+                scale = max(1.0, float(ctx.logits.abs().max()))
+                if not torch.allclose(reproduced, ctx.logits, rtol=1e-4, atol=1e-4 * scale):
+                    raise SplitError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
+            except SplitError as exc:
+                warnings.warn(
+                    f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
+                )
+                self._split, self._split_failed = None, str(exc)
+            else:
+                return lambda img, ablated: split.tail(ablated, *[e[img] for e in extra])
+        return lambda img, ablated: self._replace_run(ctx.x[img], ablated)
+
+    def _replace_run(self, x: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+        """The whole model on ``x`` with the target layer's output replaced by ``ablated``."""
+        handle = self.layer.register_forward_hook(lambda m, i, o: ablated)
+        try:
+            return self.model(x)
+        finally:
+            handle.remove()

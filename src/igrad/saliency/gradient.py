@@ -1,0 +1,172 @@
+"""The gradient family (SPEC 3), on the core engine :func:`igrad.gradient` / :func:`igrad.input_gradients`.
+
+Each method has a signed attribution ``[B, C, H, W]`` (:meth:`~SaliencyMethod.attribute`), shown with a
+diverging colour map; its saliency map (for display and metrics) is ``max_channel |attribution|``,
+min-max normalised per image.
+
+* ``gradient``: ``δx = ∂y_c/∂x``.
+* ``guided``: ``δᴳx``, guided backpropagation (ReLU and ReLU6 rules of SPEC 1), exactly the core engine's.
+* ``smoothgrad``: ``(1/n) Σ_j δx(x + ε_j)``, ``ε_j ~ N(0, σ²)``, ``σ = 0.15 · (max x − min x)`` per image;
+  the class is resolved once on the clean image.
+* ``guided-gradcam``: ``δᴳx ⊙ gradcam`` (Grad-CAM upsampled to ``H×W``, broadcast over channels).
+
+Gradients use the running BatchNorm statistics (``stats="running"``) in eval mode, and refuse
+non-linearities other than ReLU/ReLU6 unless named in ``allow`` (see :func:`igrad.gradient`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import IgradError, resolve_target
+from ..gradients import gradient
+from .base import SaliencyMethod, TargetLike, normalize_maps, progress_bar, register_method, upsample
+from .cam import GradCAM, _check_batch_size
+
+__all__ = ["GradientMethod", "Gradient", "Guided", "SmoothGrad", "GuidedGradCAM", "signed_map"]
+
+
+def signed_map(attribution: torch.Tensor) -> torch.Tensor:
+    """A signed display map ``[B, H, W]`` in [-1, 1] of an attribution ``[B, C, H, W]``: at each pixel the
+    channel value of largest magnitude (sign kept), divided by the image's largest magnitude (0 if all zero)."""
+    idx = attribution.abs().argmax(dim=1, keepdim=True)
+    m = attribution.gather(1, idx)[:, 0]
+    peak = m.abs().flatten(1).amax(1)[:, None, None]
+    return torch.where(peak > 0, m / torch.where(peak > 0, peak, 1.0), 0.0)
+
+
+class GradientMethod(SaliencyMethod):
+    """A method with a signed input attribution; its map is ``max_channel |attribution|``."""
+
+    signed = True
+    uses_layer = False
+
+    def __init__(
+        self, model: nn.Module, target_layer: nn.Module | str | None = None, *, allow: Iterable[str] = ()
+    ) -> None:
+        super().__init__(model, target_layer)
+        self.allow = tuple(allow)
+
+    def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        return self._attribute(x, target).abs().amax(dim=1)
+
+
+@register_method("gradient")
+class Gradient(GradientMethod):
+    """The standard input gradient ``δx = ∂y_c/∂x`` (the logit, pre-softmax)."""
+
+    def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        return gradient(self.model, x, target, allow=self.allow)
+
+
+@register_method("guided")
+class Guided(GradientMethod):
+    """The guided-backpropagation input gradient ``δᴳx`` of SPEC 1 (:func:`igrad.gradient` with ``guided=True``)."""
+
+    def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        return gradient(self.model, x, target, guided=True, allow=self.allow)
+
+
+@register_method("smoothgrad")
+class SmoothGrad(GradientMethod):
+    """SmoothGrad: the mean of ``δx`` over ``n_samples`` noisy copies ``x + ε``, ``ε ~ N(0, σ²)``,
+    ``σ = noise_level · (max x_i − min x_i)`` per image (``noise_level = 0.15``).
+
+    The copies of all images are packed into batches of ``batch_size``. The noise is drawn from a
+    ``torch.Generator`` seeded with ``seed`` at every call, one ``[n, C, H, W]`` block per image in
+    batch order, so a call is reproducible and does not depend on ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str | None = None,
+        *,
+        n_samples: int = 50,
+        noise_level: float = 0.15,
+        batch_size: int = 64,
+        seed: int = 0,
+        progress: bool | None = None,
+        allow: Iterable[str] = (),
+    ) -> None:
+        super().__init__(model, target_layer, allow=allow)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise IgradError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if not noise_level >= 0:
+            raise IgradError(f"noise_level must be >= 0, got {noise_level!r}")
+        self.n_samples = n_samples
+        self.noise_level = float(noise_level)
+        self.batch_size = _check_batch_size(batch_size)
+        self.seed = int(seed)
+        self.progress = progress
+
+    def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        with torch.no_grad():
+            t = resolve_target(target, self.model(x))
+        b, n = x.shape[0], self.n_samples
+        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        sigma = self.noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+
+        def copies() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for i in range(b):
+                noise = torch.randn((n, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+                yield x[i] + sigma[i] * noise, t[i].expand(n)
+
+        total = torch.zeros_like(x)
+        owner = torch.arange(b, device=x.device).repeat_interleave(n)
+        batches = (b * n + self.batch_size - 1) // self.batch_size
+        done = 0
+        with progress_bar(batches, "smoothgrad", self.progress) as bar:
+            for xs, ts in _rebatch(copies(), self.batch_size):
+                g = gradient(self.model, xs, ts, allow=self.allow)
+                total.index_add_(0, owner[done : done + len(xs)], g)
+                done += len(xs)
+                bar.update()
+        return total / n
+
+
+def _rebatch(
+    blocks: Iterator[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Regroup a stream of ``(x, t)`` blocks into batches of exactly ``size`` rows (the last may be smaller)."""
+    xs: list[torch.Tensor] = []
+    ts: list[torch.Tensor] = []
+    held = 0
+    for x, t in blocks:
+        while len(x):
+            take = min(size - held, len(x))
+            xs.append(x[:take])
+            ts.append(t[:take])
+            x, t, held = x[take:], t[take:], held + take
+            if held == size:
+                yield torch.cat(xs), torch.cat(ts)
+                xs, ts, held = [], [], 0
+    if held:
+        yield torch.cat(xs), torch.cat(ts)
+
+
+@register_method("guided-gradcam")
+class GuidedGradCAM(GradCAM):
+    """Guided Grad-CAM: ``δᴳx ⊙ gradcam``, with ``gradcam`` the normalised map ``[B, H, W]`` of Grad-CAM
+    at the target layer broadcast over channels (its per-image scale does not change the final map)."""
+
+    signed: ClassVar[bool] = True
+
+    def __init__(
+        self, model: nn.Module, target_layer: nn.Module | str | None = None, *, allow: Iterable[str] = ()
+    ) -> None:
+        super().__init__(model, target_layer)
+        self.allow = tuple(allow)
+
+    def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        ctx = self._forward(x, target)
+        cam = normalize_maps(upsample(torch.relu(self.cam(ctx)), tuple(x.shape[-2:])))
+        guided = gradient(self.model, x, ctx.target, guided=True, allow=self.allow)
+        return guided * cam[:, None].to(guided.dtype)
+
+    def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
+        return self._attribute(x, target).abs().amax(dim=1)
