@@ -12,6 +12,7 @@ from torch import nn
 
 import igrad
 from igrad import IgradError, UnsupportedActivationError
+from references import batch_statistics, frozen_copy, plain_input_gradient
 
 
 def snapshot(model: nn.Module):
@@ -72,8 +73,7 @@ def test_standard_gradient_matches_plain_autograd():
     torch.manual_seed(1)
     model = igrad.create_model("cifar_resnet18", width=0.125, num_classes=5).eval().double()
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
-    xg = x.clone().requires_grad_(True)
-    (ref,) = torch.autograd.grad(model(xg)[torch.arange(4), torch.tensor([0, 1, 2, 3])].sum(), xg)
+    ref = plain_input_gradient(model, x, torch.tensor([0, 1, 2, 3]))
     ours = igrad.gradient(model, x, torch.tensor([0, 1, 2, 3]))
     torch.testing.assert_close(ours, ref)
     # target None = argmax, int = same class for all
@@ -210,29 +210,15 @@ def test_batch_frozen_equals_eval_mode_with_batch_statistics_loaded():
     model = SmallCNN(functional=True).train().double()
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 1, 2, 3, 0, 1])
-    # independent reference: record each BatchNorm's batch statistics, load them as running statistics,
-    # and differentiate the eval-mode network (whose statistics are constants by construction)
-    stats = {}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, inp, name=name: stats.__setitem__(
-                name, (inp[0].mean((0, 2, 3)), inp[0].var((0, 2, 3), unbiased=False))
-            )
-        )
-        for name, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm2d)
-    ]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    frozen_ref = copy.deepcopy(model).eval()
-    for name, (mean, var) in stats.items():
-        bn = frozen_ref.get_submodule(name)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+    # independent reference: load each BatchNorm's batch statistics as running statistics and
+    # differentiate the eval-mode copy (whose statistics are constants by construction)
+    frozen_ref = frozen_copy(model, batch_statistics(model, x))
     for guided in (False, True):
-        ref = igrad.gradient(frozen_ref, x, target, guided=guided)
+        ref = (
+            plain_input_gradient(frozen_ref, x, target)
+            if not guided
+            else igrad.gradient(frozen_ref, x, target, guided=True)
+        )
         ours = igrad.gradient(model, x, target, guided=guided, stats="batch-frozen")
         torch.testing.assert_close(ours, ref)
     # and the coupled train-mode gradient is different (the samples interact through the statistics)

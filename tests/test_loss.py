@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import igrad
+from references import batch_statistics, frozen_copy, plain_input_gradient
 
 
 class Tiny(nn.Module):
@@ -23,38 +24,6 @@ class Tiny(nn.Module):
         x = F.relu(self.b1(self.c1(x)))
         x = F.relu6(self.b2(self.c2(x)) * 3)
         return self.fc(x.mean((2, 3)))
-
-
-def plain_standard_gradient(model, x, y):
-    """δx by plain autograd (no igrad): the reference for the finite differences."""
-    xg = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(model(xg).gather(1, y[:, None]).sum(), xg, create_graph=True)
-    return g
-
-
-def frozen_copy(model, x):
-    """An eval-mode copy whose running statistics are the batch statistics of ``model`` on ``x``."""
-    ref = copy.deepcopy(model).eval()
-    stats = {}
-    handles = [
-        m.register_forward_pre_hook(
-            lambda mod, inp, n=n: stats.__setitem__(
-                n, (inp[0].detach().mean((0, 2, 3)), inp[0].detach().var((0, 2, 3), unbiased=False))
-            )
-        )
-        for n, m in model.named_modules()
-        if isinstance(m, nn.BatchNorm2d)
-    ]
-    try:
-        model.train()
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    for n, (mean, var) in stats.items():
-        ref.get_submodule(n).running_mean.copy_(mean)
-        ref.get_submodule(n).running_var.copy_(var)
-    return ref
 
 
 @pytest.mark.parametrize("error", ["cosine", "mse", "mae"])
@@ -82,16 +51,11 @@ def test_parameter_gradient_matches_central_finite_differences(error, stats):
     err = igrad.ERRORS[error]
 
     # SPEC 1: ∇θ L_R is exact "up to the held-constant statistics": batch statistics measured at θ0
-    frozen = frozen_copy(model, x) if stats == "batch-frozen" else None
+    frozen = batch_statistics(model, x) if stats == "batch-frozen" else {}
 
     def value():
-        ref = copy.deepcopy(model).eval()
-        if frozen is not None:
-            for n, m in frozen.named_modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    ref.get_submodule(n).running_mean.copy_(m.running_mean)
-                    ref.get_submodule(n).running_var.copy_(m.running_var)
-        return err(plain_standard_gradient(ref, x, y).flatten(1), guided.flatten(1)).mean()
+        ref = frozen_copy(model, frozen)
+        return err(plain_input_gradient(ref, x, y, create_graph=True).flatten(1), guided.flatten(1)).mean()
 
     torch.testing.assert_close(value().detach(), l_r.detach())
     h = 1e-6

@@ -1,0 +1,35 @@
+# igrad: `make demo` (set up + run the short demonstration), `make test` (set up + lint + tests).
+# Each target creates its own virtual environment on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The real CIFAR-100 image-folder copy, when it sits beside the project; else the demo downloads
+# CIFAR-100 with torchvision and real-data tests are skipped (with the reason printed).
+IGRAD_DATA ?= $(abspath $(wildcard ../shared/data/cifar100))
+export IGRAD_DATA
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/igrad demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) --out runs/demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q -rs
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/train_step.py --width 0.5
+	$(BIN)/python benchmarks/saliency.py
+	$(BIN)/python benchmarks/metrics.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

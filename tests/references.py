@@ -1,0 +1,50 @@
+"""Independent references shared by the tests (plain autograd, no igrad)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def batch_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each BatchNorm's batch mean and biased variance in a training-mode forward of ``model`` on ``x``
+    (recorded with plain forward-pre hooks that are removed afterwards)."""
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name):
+        def hook(mod, inp):
+            z = inp[0].detach()
+            stats[name] = (z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+    ]
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(x)  # a copy: the model's own running statistics stay as they are
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def frozen_copy(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """An eval-mode copy of ``model`` normalising with the given statistics: differentiating it by plain
+    autograd gives per-sample input gradients with those statistics held constant."""
+    ref = copy.deepcopy(model).eval()
+    for name, (mean, var) in stats.items():
+        ref.get_submodule(name).running_mean.copy_(mean)
+        ref.get_submodule(name).running_var.copy_(var)
+    return ref
+
+
+def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False):
+    """``∂ y_target / ∂ x`` by plain autograd."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg, create_graph=create_graph)
+    return g
