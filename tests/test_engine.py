@@ -195,7 +195,7 @@ def test_torchvision_densenet_functional_relu_is_guided():
     torch.manual_seed(5)
     model = torchvision.models.densenet121(num_classes=3).eval()
     x = torch.randn(1, 3, 32, 32)
-    rules = igrad.BackwardRules(guided=True)
+    rules = igrad.BackwardRules()
     with rules:
         model(x)
     n_modules = sum(isinstance(m, nn.ReLU) for m in model.modules())

@@ -43,6 +43,7 @@ def input_gradients(
     stats: str = "running",
     update_stats: bool = False,
     allow: Iterable[str] = (),
+    parameter_path: bool = True,
 ) -> InputGradients:
     """Standard and/or guided input gradients of ``y_target`` from **one** forward pass.
 
@@ -53,10 +54,18 @@ def input_gradients(
     pass never does (it is a fixed target).
 
     With ``update_stats=False`` (the default) a training-mode model's BatchNorm buffers and counters
-    are left untouched.
+    are left untouched. ``parameter_path=False`` declares that ``logits`` will feed no loss (only the
+    gradients will): a later ``backward()`` then skips the forward graph (see :mod:`igrad.rules`).
     """
     check_images(x)
-    rules = BackwardRules(guided=guided, stats=stats, update_stats=update_stats, allow=allow, model=model)
+    rules = BackwardRules(
+        stats=stats,
+        update_stats=update_stats,
+        allow=allow,
+        model=model,
+        double_backward=create_graph or guided_graph,
+        parameter_path=parameter_path,
+    )
     keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
     with keep, torch.enable_grad():
         xg = x.detach().requires_grad_(True)

@@ -115,6 +115,7 @@ class GradientAlignmentLoss(nn.Module):
             stats=self.stats,
             update_stats=not two_passes,
             allow=self.allow,
+            parameter_path=not two_passes,
         )
         errors = ERRORS[self.error](res.standard.flatten(1), res.guided.flatten(1))  # type: ignore[union-attr]
         return errors.mean(), res.logits if logits is None else logits

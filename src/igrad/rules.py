@@ -1,21 +1,22 @@
 """Backward rules: the one place that changes how gradients flow through a model.
 
-Two rules, both switched per backward pass over a *single* recorded forward graph:
+A :class:`BackwardRules` context records a forward pass whose backward rules are switched per
+*pass* (a :class:`Phase`), so that a single recorded forward graph serves the guided gradient, the
+standard gradient (with ``create_graph=True``) and the final ``loss.backward()``:
 
-* **Guided rectifier rule** (SPEC 1). For ReLU ``a = max(z, 0)`` the guided backward is
-  ``δz = max(δa, 0) · 1[z > 0]``; for ReLU6 ``a = min(max(z, 0), 6)`` it is ``δz = max(δa, 0) · 1[0 < z < 6]``.
-  Both equal the ordinary backward applied to ``max(δa, 0)``, so the rule is a gradient hook on the
-  rectifier's *output* that clamps the incoming gradient at zero while the guided pass runs, and does
-  nothing during any other pass. The same forward graph therefore serves the standard gradient
-  (``create_graph=True``), the guided gradient, and the final ``loss.backward()``.
-* **BatchNorm statistics rule** (SPEC 1, "statistics held constant"). In the ``batch-frozen`` mode a
-  training-mode ``F.batch_norm`` runs the native kernel in an autograd function whose backward is
-  ``δx = δy · γ / sqrt(σ²_B + ε)`` (statistics constant: per-sample gradients) during the input-gradient
-  passes, and the exact train-mode backward during ``loss.backward()`` (so the cross-entropy still
-  gets its true gradient). In the
-  ``running`` mode every ``F.batch_norm`` uses the running statistics (eval-mode normalisation).
+* **Guided rectifier rule** (SPEC 1). ReLU ``a = max(z, 0)``: ``δz = max(δa, 0) · 1[z > 0]``;
+  ReLU6 ``a = min(max(z, 0), 6)``: ``δz = max(δa, 0) · 1[0 < z < 6]`` in the guided pass, and the
+  ordinary ``δz = δa · mask`` otherwise. The mask is saved as a boolean constant, so the standard
+  pass's recorded graph does not lead back into the forward graph.
+* **BatchNorm statistics rule** (SPEC 1, "statistics held constant"). In the input-gradient passes
+  ``δx = δy · γ / sqrt(σ² + ε)`` with the statistics constant (per-sample gradients): the batch
+  statistics of this forward (``batch-frozen``) or the running ones (``running``). In
+  ``loss.backward()`` the exact backward of the normalisation that ran (train-mode for
+  ``batch-frozen``, so the cross-entropy gets its true gradient).
+* **Convolution double backward**: for the standard pass taken with ``create_graph=True`` a cheaper
+  exact double backward built on the native weight-gradient kernel (see :class:`_Conv2d`).
 
-Rectifiers are recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
+Everything is recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
 (``nn.ReLU``, ``nn.ReLU6``, in-place or not) and functional forms (``F.relu``, ``torch.relu``,
 ``Tensor.relu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``, the in-place variants) are all covered without
 touching the model: no module is replaced, no flag flipped, no hook registered on the model.
@@ -59,8 +60,12 @@ class Phase(enum.Enum):
     GUIDED = "guided"  # the guided input gradient δᴳx
 
 
-_RELU_FUNCS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_}
-_RELU6_FUNCS = {F.relu6}
+#: Rectifier calls and their upper bound (``None``: ReLU, ``6.0``: ReLU6; ``F.hardtanh(x, 0, 6)`` too).
+_RECTIFIERS: dict[Callable[..., Any], float | None] = {
+    **dict.fromkeys((F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_)),
+    F.relu6: 6.0,
+}
+_INPLACE = {torch.relu_, torch.Tensor.relu_, F.relu_}
 
 #: Non-linearities without a guided rule, by the name used in ``allow`` and error messages, with the
 #: module classes that call them (for naming the culprit module).
@@ -102,6 +107,10 @@ def _hardtanh_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[flo
 @dataclass
 class _State:
     phase: Phase = Phase.FREE
+    # False when the recorded forward feeds nothing but the input-gradient passes: loss.backward() then
+    # reaches its activations only through rectifier masks and constant statistics (zero derivative),
+    # so its rules skip that work instead of back-propagating zeros through the whole network.
+    parameter_path: bool = True
 
 
 class BackwardRules(TorchFunctionMode):
@@ -109,7 +118,7 @@ class BackwardRules(TorchFunctionMode):
 
     Use it around the forward call only, then run the backward passes inside :meth:`phase`::
 
-        rules = BackwardRules(guided=True, stats="batch-frozen")
+        rules = BackwardRules(stats="batch-frozen")
         with rules:
             logits = model(x)
         with rules.phase(Phase.GUIDED):
@@ -117,8 +126,6 @@ class BackwardRules(TorchFunctionMode):
 
     Parameters
     ----------
-    guided:
-        register the guided rectifier rule (needed for any guided pass).
     stats:
         ``"running"``: training-mode ``batch_norm`` calls use the running statistics, as in eval mode
         (no statistics update). ``"batch-frozen"``: batch statistics, held constant in the
@@ -130,21 +137,28 @@ class BackwardRules(TorchFunctionMode):
         names of non-linearities (see :data:`NONLINEARITIES`) to let through with their ordinary backward.
     model:
         optional, only used to name the offending module in error messages.
+    double_backward:
+        the standard pass will be taken with ``create_graph=True``: use the cheaper exact convolution
+        double backward and route eval-mode BatchNorm through the constant-statistics rule.
+    parameter_path:
+        ``False`` when this forward's output feeds no loss directly (only the input gradients taken on
+        it do): ``loss.backward()`` then skips the forward graph, whose contribution is exactly zero.
     """
 
     def __init__(
         self,
         *,
-        guided: bool = False,
         stats: str = "running",
         update_stats: bool = False,
         allow: Iterable[str] = (),
         model: nn.Module | None = None,
+        double_backward: bool = False,
+        parameter_path: bool = True,
     ) -> None:
         super().__init__()
+        self.double_backward = double_backward
         if stats not in STATS_MODES:
             raise IgradError(f"unknown statistics mode {stats!r}; choose one of {', '.join(STATS_MODES)}")
-        self.guided = guided
         self.stats = stats
         self.update_stats = update_stats
         self.model = model
@@ -155,14 +169,24 @@ class BackwardRules(TorchFunctionMode):
                 f"unknown non-linearity name(s) in allow: {', '.join(sorted(unknown))}; "
                 f"known: {', '.join(sorted(NONLINEARITIES))}"
             )
-        self._state = _State()
+        self._state = _State(parameter_path=parameter_path)
         self.rectifiers = 0  # rectifier calls seen (for diagnostics and tests)
 
     # -- hooks: they consult the shared state, so one recorded graph serves every pass -------------
-    def _rectifier_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
-        if self._state.phase is Phase.GUIDED:
-            return grad.clamp(min=0)
-        return None
+    def _conv2d(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> torch.Tensor:
+        if isinstance(padding, str) or not (input.requires_grad or weight.requires_grad):
+            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        conf = (_pair(stride), _pair(padding), _pair(dilation), groups)
+        return _Conv2d.apply(input, weight, bias, conf, self._state)
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -184,19 +208,29 @@ class BackwardRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return self._batch_norm(*args, **kwargs)
-        rectifier = func in _RELU_FUNCS or func in _RELU6_FUNCS
+        if func is F.conv2d and self.double_backward:
+            return self._conv2d(*args, **kwargs)
         if func is F.hardtanh:
-            rectifier = _hardtanh_bounds(args, kwargs) == (0.0, 6.0)
-            if not rectifier:
+            if _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
                 self._refuse("hardtanh", func)
-        elif not rectifier and func in _OTHER_FUNCS:
-            self._refuse(_OTHER_FUNCS[func], func)
-        out = func(*args, **kwargs)
-        if rectifier:
-            self.rectifiers += 1
-            if self.guided and isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(self._rectifier_hook)
-        return out
+                return func(*args, **kwargs)
+            upper: float | None = 6.0
+        elif func in _RECTIFIERS:
+            upper = _RECTIFIERS[func]
+        else:
+            if func in _OTHER_FUNCS:
+                self._refuse(_OTHER_FUNCS[func], func)
+            return func(*args, **kwargs)
+        self.rectifiers += 1
+        x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+        if not isinstance(x, torch.Tensor) or not x.requires_grad or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        inplace = func in _INPLACE or bool(kwargs.get("inplace", False))
+        if func in (F.relu, F.relu6) and len(args) > 1:
+            inplace = bool(args[1])
+        elif func is F.hardtanh and len(args) > 3:
+            inplace = bool(args[3])
+        return _Rectifier.apply(x, upper, inplace, self._state)
 
     def _refuse(self, name: str, func: Callable[..., Any]) -> None:
         if name in self.allow:
@@ -225,38 +259,77 @@ class BackwardRules(TorchFunctionMode):
         momentum: float = 0.1,
         eps: float = 1e-5,
     ) -> torch.Tensor:
-        if not training or self.stats == "coupled":
-            if training and not self.update_stats:
+        have_running = running_mean is not None and running_var is not None
+        if not training:  # eval-mode normalisation: constants already
+            if not self.double_backward:
+                return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+            return _Normalize.apply(input, weight, bias, running_mean, running_var, False, momentum, eps, self._state)
+        if self.stats == "coupled":
+            if not self.update_stats:
                 running_mean = running_var = None  # batch statistics, no buffer update
-            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if self.stats == "running" and running_mean is not None and running_var is not None:
-            return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+        if self.stats == "running" and have_running:
+            return _Normalize.apply(input, weight, bias, running_mean, running_var, False, momentum, eps, self._state)
         # batch-frozen (also "running" for a BatchNorm without running statistics, whose eval mode
         # uses batch statistics too)
-        update = self.update_stats and running_mean is not None and running_var is not None
-        return _FrozenStatisticsBatchNorm.apply(
+        update = self.update_stats and have_running
+        return _Normalize.apply(
             input,
             weight,
             bias,
             running_mean if update else None,
             running_var if update else None,
+            True,
             momentum,
             eps,
             self._state,
         )
 
 
-class _FrozenStatisticsBatchNorm(torch.autograd.Function):
-    """Training-mode batch normalisation whose backward rule depends on the phase.
+class _Rectifier(torch.autograd.Function):
+    """ReLU (``upper=None``) or ReLU6 (``upper=6``), in place or not, with the phase's backward rule:
+    ``δz = max(δa, 0) · mask`` in the guided pass, ``δz = δa · mask`` otherwise, where
+    ``mask = 1[z > 0]`` (ReLU) or ``1[0 < z < 6]`` (ReLU6), read off the saved output ``a`` (``a > 0``
+    iff ``z > 0``; ``0 < a < 6`` iff ``0 < z < 6``) by the native fused kernels. The output is saved
+    detached: a constant, so the standard pass's recorded graph does not lead back into the forward."""
 
-    Forward: the native fused kernel, ``y = (x − μ_B) · γ / sqrt(σ²_B + ε) + β`` (running statistics
-    updated as usual when given). Backward:
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, upper: float | None, inplace: bool, state: _State) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        if inplace:
+            out = x.clamp_(min=0.0, max=upper)
+            ctx.mark_dirty(out)
+        else:
+            out = x.clamp(min=0.0, max=upper)
+        ctx.save_for_backward(out.detach())
+        ctx.state, ctx.upper = state, upper
+        return out
 
-    * ``Phase.FREE`` (``loss.backward()``): the exact train-mode backward, through ``μ_B`` and ``σ²_B``;
-    * ``Phase.STANDARD`` / ``Phase.GUIDED`` (the input-gradient passes): ``δx = δy · γ / sqrt(σ²_B + ε)``,
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        phase = ctx.state.phase
+        if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
+            return None, None, None, None
+        (out,) = ctx.saved_tensors
+        if phase is Phase.GUIDED:
+            grad = grad.clamp(min=0)
+        if ctx.upper is None:
+            return torch.ops.aten.threshold_backward(grad, out, 0), None, None, None
+        return torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper), None, None, None
+
+
+class _Normalize(torch.autograd.Function):
+    """Batch normalisation ``y = (x − μ) · γ / sqrt(σ² + ε) + β`` with the phase's backward rule.
+
+    ``train=True``: ``μ, σ²`` are this batch's statistics (native kernel; running statistics updated
+    when given). ``train=False``: the running statistics (eval-mode normalisation). Backward:
+
+    * ``Phase.FREE`` (``loss.backward()``): the exact backward of what ran: for ``train=True`` through
+      ``μ_B`` and ``σ²_B``, as ordinary training; skipped when the forward feeds no loss directly;
+    * ``Phase.STANDARD`` / ``Phase.GUIDED`` (the input-gradient passes): ``δx = δy · γ / sqrt(σ² + ε)``,
       the statistics held constant. Written with differentiable ops, so the standard pass taken with
       ``create_graph=True`` is differentiable in ``γ`` (and, through ``δy``, in every other parameter),
-      while ``μ_B``, ``σ²_B`` stay constants: ``∇θ L_R`` is exact up to the held-constant statistics.
+      while ``μ, σ²`` stay constants: ``∇θ L_R`` is exact up to the held-constant statistics.
     """
 
     @staticmethod
@@ -267,28 +340,122 @@ class _FrozenStatisticsBatchNorm(torch.autograd.Function):
         bias: torch.Tensor | None,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
+        train: bool,
         momentum: float,
         eps: float,
         state: _State,
     ) -> torch.Tensor:
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.state, ctx.eps, ctx.has_bias = state, eps, bias is not None
+        ctx.set_materialize_grads(False)
+        if train:
+            out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+            var = None
+        else:
+            assert running_mean is not None and running_var is not None
+            out = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+            mean, var = running_mean.clone(), running_var.clone()
+            invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd, var)
+        ctx.state, ctx.eps, ctx.train = state, eps, train
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        none5 = (None,) * 5
-        if ctx.state.phase is Phase.FREE:
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        none6 = (None,) * 6
+        phase = ctx.state.phase
+        if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
+            return (None, None, None, *none6)
+        x, weight, mean, invstd, var = ctx.saved_tensors
+        if phase is Phase.FREE:
             mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
-            )
-            return (gx, gw, gb, *none5)
+            if ctx.train:
+                gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                    grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+                )
+            else:
+                gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                    grad, x, weight, mean, var, None, None, False, ctx.eps, mask
+                )
+            return (gx, gw, gb, *none6)
         shape = [1, -1] + [1] * (x.dim() - 2)
         scale = invstd if weight is None else weight * invstd
-        return (grad * scale.view(shape), None, None, *none5)
+        return (grad * scale.view(shape), None, None, *none6)
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conf: tuple[Any, ...], mask: list[bool], bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    stride, padding, dilation, groups = conf
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if bias else None, stride, padding, dilation, False, [0, 0], groups, mask
+    )
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose *standard* input-gradient pass records a cheap, exact double backward.
+
+    Autograd's generic double backward of a convolution computes the weight term with a convolution
+    over batch-and-channel-swapped tensors, which is slow on CPUs. Here the standard pass taken with
+    ``create_graph=True`` returns ``δx = convᵀ(δy, W)`` through :class:`_ConvInputGrad`, whose own
+    backward uses the native kernels: ``∂/∂δy = conv(·, W)`` and ``∂/∂W = weight-gradient(δy, ·)``.
+    Every other pass uses the native ``convolution_backward``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conf: tuple[Any, ...],
+        state: _State,
+    ) -> torch.Tensor:
+        stride, padding, dilation, groups = conf
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+        ctx.conf, ctx.state, ctx.has_bias = conf, state, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        phase = ctx.state.phase
+        if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
+            return None, None, None, None, None
+        x, weight = ctx.saved_tensors
+        if phase is not Phase.FREE:  # an input-gradient pass: no parameter gradients
+            if phase is Phase.STANDARD and torch.is_grad_enabled():
+                return _ConvInputGrad.apply(grad, weight, x.detach(), ctx.conf), None, None, None, None
+            return _conv_backward(grad, x, weight, ctx.conf, [True, False, False], False)[0], None, None, None, None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = _conv_backward(grad, x, weight, ctx.conf, mask, ctx.has_bias)
+        return gx, gw, gb, None, None
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """``δx = convᵀ(δy, W)`` as a differentiable function of ``(δy, W)`` (see :class:`_Conv2d`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, conf: tuple[Any, ...]
+    ) -> torch.Tensor:
+        ctx.save_for_backward(grad, weight)
+        ctx.conf = conf
+        return _conv_backward(grad, x, weight, conf, [True, False, False], False)[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gg: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        g_grad = g_weight = None
+        if ctx.needs_input_grad[0]:
+            g_grad = F.conv2d(gg, weight, None, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            g_weight = _conv_backward(grad, gg, weight, ctx.conf, [False, True, False], False)[1]
+        return g_grad, g_weight, None, None
 
 
 def has_training_batchnorm(model: nn.Module) -> bool:
