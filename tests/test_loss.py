@@ -183,3 +183,24 @@ def test_regularised_training_raises_gradient_alignment_on_held_out_inputs():
         cos_reg, acc_reg = train_quadrants(lam=1.0, stats=stats)
         assert acc_reg > 0.9, (stats, acc_reg)
         assert cos_reg > cos_base + 0.3, (stats, cos_base, cos_reg)
+
+
+@pytest.mark.parametrize("stats", ["running", "batch-frozen"])
+def test_loss_under_bf16_autocast_tracks_float32(stats):
+    """Mixed precision (the trainer's --amp) runs the same rules; bf16 results stay close to float32."""
+    torch.manual_seed(3)
+    model = igrad.create_model("cifar_resnet18", width=0.125, num_classes=10).train()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    crit = igrad.GradientAlignmentLoss(stats=stats)
+    l32, _ = crit(model, x, y)
+    l32.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l16, logits = crit(twin, x, y)
+    assert logits.dtype == torch.bfloat16
+    l16.float().backward()
+    assert abs(l16.item() - l32.item()) < 0.05
+    g32 = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    g16 = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None])
+    assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.9

@@ -186,6 +186,11 @@ class BackwardRules(TorchFunctionMode):
         if isinstance(padding, str) or not (input.requires_grad or weight.requires_grad):
             return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         conf = (_pair(stride), _pair(padding), _pair(dilation), groups)
+        device = input.device.type
+        if torch.is_autocast_enabled(device):  # cast as autocast would, so every kernel sees one dtype
+            dtype = torch.get_autocast_dtype(device)
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         return _Conv2d.apply(input, weight, bias, conf, self._state)
 
     @contextlib.contextmanager
