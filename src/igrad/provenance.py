@@ -47,8 +47,8 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
         "seed": seed,
         "versions": {
             "igrad": __version__,
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
             "python": platform.python_version(),
         },
         "commit": git_commit(),

@@ -24,6 +24,8 @@ Resuming (``fit(config, resume=RUN_DIR)``) restores model, optimiser, scheduler,
 position inside the epoch. All randomness of a step (data order, augmentation, dropout) is derived
 from ``(seed, epoch, step, rank)``, so a resumed run ends with the same weights as an uninterrupted
 one, and two CPU runs of the same config give identical logs (the ``time`` fields aside).
+A NaN or infinite loss (or weight) stops the run with :class:`NonFiniteLossError` naming the step,
+before that step's update, leaving the last good checkpoint in place.
 
 Several processes: ``torchrun --nproc_per_node=N -m igrad train ...``. Each global batch is split
 between the ranks (rank ``r`` takes samples ``r, r+N, ...``; ``batch_size`` is the global batch),
@@ -96,17 +98,19 @@ METRIC_KEYS = (
     "l_c",
     "l_r",
     "train_acc",
+    "samples",
     "test_acc",
     "cos",
     "val_acc",
     "val_cos",
     "time",
+    "train_time",
     "elapsed",
 )
 
 #: Config fields that may differ from the saved config when resuming a run.
 RESUME_OVERRIDES = frozenset(
-    {"epochs", "device", "threads", "checkpoint_every", "download", "data_root", "eval_batch_size", "out"}
+    {"epochs", "device", "threads", "checkpoint_every", "data", "download", "data_root", "eval_batch_size", "out"}
 )
 
 
@@ -174,7 +178,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build a config from plain values (TOML, JSON, CLI), checking names and types."""
+        """Build a config from plain values (TOML, JSON, CLI), checking names and types. Exactly these
+        values over the paper defaults: a ``preset`` key is recorded, not applied (use
+        :meth:`preset_config`, as the CLI does)."""
         known = {f.name for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         kwargs = {}
@@ -780,6 +786,9 @@ class _Trainer:
         if steps < 1:
             raise IgradError(f"the training split has {n} images, too few for a batch of {c.batch_size}")
         self.steps_per_epoch = min(steps, c.steps_per_epoch) if c.steps_per_epoch else steps
+        # on a GPU the uint8 training images (150 MB for CIFAR) live there, and are augmented there
+        small = d.train.images.numel() <= 2**31
+        self.images = d.train.images.to(self.device) if self.device.type == "cuda" and small else d.train.images
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov
         )
@@ -795,6 +804,7 @@ class _Trainer:
         self.last_lr = c.lr * lr_factor(0, c, self.steps_per_epoch)  # rate of the latest step (for the log)
         self.elapsed = 0.0  # seconds of training before this process (resumed runs)
         self._since = time.perf_counter()
+        self.saved = "no checkpoint had been written yet"
         if state is not None:
             self._restore(state)
         self.ddp: nn.Module = self.model
@@ -830,7 +840,7 @@ class _Trainer:
             "model_kwargs": c.model_kwargs,
             "num_classes": self.num_classes,
             "classes": list(d.classes),
-            "image_size": list(d.train.images.shape[1:]),
+            "image_shape": list(d.train.images.shape[1:]),  # [C, H, W]
             "mean": list(d.mean),
             "std": list(d.std),
             "data": str(Path(c.data).resolve()) if Path(c.data).is_dir() else c.data,
@@ -845,7 +855,7 @@ class _Trainer:
         mismatch = [
             k
             for k, v in self.config.to_dict().items()
-            if k not in RESUME_OVERRIDES and k in saved and k not in ("mean", "std", "data") and saved[k] != v
+            if k not in RESUME_OVERRIDES and k in saved and k not in ("mean", "std") and saved[k] != v
         ]
         if mismatch:
             k = mismatch[0]
@@ -871,6 +881,7 @@ class _Trainer:
         self.history = list(state.get("history", []))
         self.best = dict(state.get("best", {}))
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.saved = f"the checkpoint it resumed from ({self.run_dir / 'last.pt'}) is kept"
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -904,8 +915,7 @@ class _Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self._elapsed(),
-            # plain types only: provenance() holds torch.__version__, a str subclass weights_only refuses
-            "provenance": json.loads(json.dumps(provenance(cfg, self.config.seed), default=str)),
+            "provenance": provenance(cfg, self.config.seed),
         }
 
     def _write_logs(self, status: str) -> None:
@@ -946,9 +956,7 @@ class _Trainer:
     def _train_epoch(self) -> None:
         c, d = self.config, self.data
         epoch = self.epoch  # 0-based; the log calls it epoch + 1
-        order = torch.randperm(
-            len(d.train), generator=torch.Generator().manual_seed(_derive_seed(c.seed, epoch, _ORDER))
-        )
+        order = self._epoch_order(epoch)
         self.model.train()
         start = time.perf_counter()
         bar = tqdm(
@@ -973,9 +981,8 @@ class _Trainer:
                     c.checkpoint_every
                     and self.global_step % c.checkpoint_every == 0
                     and self.step_in_epoch < self.steps_per_epoch
-                    and self.writes
                 ):
-                    save_checkpoint(self.run_dir / "last.pt", self._checkpoint_state())
+                    self._save(best=False)
         finally:
             bar.close()
         train_time = time.perf_counter() - start
@@ -989,6 +996,7 @@ class _Trainer:
             "l_c": float(s[1] / s[4]),
             "l_r": float(s[2] / s[4]) if c.lam > 0 else None,
             "train_acc": float(s[3] / s[4]),
+            "samples": int(s[4]),
             **record,
             "time": round(time.perf_counter() - start, 3),
             "train_time": round(train_time, 3),
@@ -1002,24 +1010,31 @@ class _Trainer:
         improved = not self.best or record[key] > self.best["value"]
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key, "value": record[key]}
+        self._save(best=improved)
         if self.writes:
-            state = self._checkpoint_state()
-            save_checkpoint(self.run_dir / "last.pt", state)
-            if improved:
-                save_checkpoint(self.run_dir / "best.pt", state)
             self._write_logs("running")
             print(_summary_line(record, c.epochs), flush=True)
 
-    def _train_step(self, order: torch.Tensor, epoch: int, step: int) -> None:
+    def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of global batch ``step``: augmented, normalised images and labels."""
         c, d, dist = self.config, self.data, self.dist
         batch = order[step * c.batch_size : (step + 1) * c.batch_size]
         gen = torch.Generator().manual_seed(_derive_seed(c.seed, epoch, step, _AUG))
         # augmentation parameters are drawn for the global batch, so they do not depend on the world size
-        images = d.train.images[batch]
+        images = self.images[batch.to(self.images.device)]
         x = augment(images, padding=c.crop_padding, flip=c.flip, rotation=c.rotation, generator=gen)
-        x = x[dist.rank :: dist.world]
+        x = normalize(x[dist.rank :: dist.world].to(self.device, non_blocking=True), d.mean, d.std)
         y = d.train.labels[batch][dist.rank :: dist.world].to(self.device, non_blocking=True)
-        x = normalize(x.to(self.device, non_blocking=True), d.mean, d.std)
+        return x, y
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The data order of ``epoch`` (the same on every rank)."""
+        g = torch.Generator().manual_seed(_derive_seed(self.config.seed, epoch, _ORDER))
+        return torch.randperm(len(self.data.train), generator=g)
+
+    def _train_step(self, order: torch.Tensor, epoch: int, step: int) -> None:
+        c, dist = self.config, self.dist
+        x, y = self._batch(order, epoch, step)
         torch.manual_seed(_derive_seed(c.seed, epoch, step, dist.rank, _DROPOUT))
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, c.amp):
@@ -1051,20 +1066,29 @@ class _Trainer:
         self.scheduler.step()
         self.sums += step_sums
 
+    def _save(self, best: bool) -> None:
+        """Write last.pt (and best.pt) from rank 0, after checking that every weight is finite (all ranks)."""
+        bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            self._stop(f"non-finite weights ({bad[0]}) after global step {self.global_step}")
+        if self.writes:
+            state = self._checkpoint_state()
+            save_checkpoint(self.run_dir / "last.pt", state)
+            if best:
+                save_checkpoint(self.run_dir / "best.pt", state)
+        where = f"step {self.step_in_epoch} of epoch {self.epoch + 1}" if self.step_in_epoch else f"epoch {self.epoch}"
+        self.saved = f"the last good checkpoint {self.run_dir / 'last.pt'} (end of {where}) is kept"
+
     def _non_finite(self, epoch: int, step: int, s: torch.Tensor) -> None:
         c = self.config
-        last = self.run_dir / "last.pt"
-        kept = (
-            f"the last good checkpoint {last} (epoch {self.history[-1]['epoch']}) is kept"
-            if self.history or last.exists()
-            else "no checkpoint had been written yet"
-        )
-        message = (
+        self._stop(
             f"non-finite loss at epoch {epoch + 1}, step {step + 1} of {self.steps_per_epoch} "
             f"(global step {self.global_step + 1}): L = {float(s[0] / s[4]):g}, L_C = {float(s[1] / s[4]):g}"
             + (f", L_R = {float(s[2] / s[4]):g}" if c.lam > 0 else "")
-            + f"; training stopped, {kept}. Try a lower --lr or --lam."
         )
+
+    def _stop(self, what: str) -> None:
+        message = f"{what}; training stopped, {self.saved}. Try a lower --lr or --lam."
         if self.writes:
             self._write_logs(f"stopped: {message}")
         raise NonFiniteLossError(message)

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         metavar="RUN_DIR|CKPT",
-        help=f"continue a run from its last.pt (only {', '.join(sorted(RESUME_OVERRIDES))} may be changed)",
+        help=f"continue a run from its last.pt, in that folder (only {', '.join(sorted(RESUME_OVERRIDES))} "
+        "may be changed)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("config fields (defaults: the preset's)")
