@@ -70,6 +70,8 @@ def resolve_target(target: object, logits: torch.Tensor) -> torch.Tensor:
             t = t.expand(batch)
         if t.shape != (batch,):
             raise IgradError(f"target must have shape [{batch}] (one class per sample), got {tuple(t.shape)}")
+    if t.is_inference():  # made under torch.inference_mode(): autograd may not save it
+        t = t.clone()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
         bad = t[(t < 0) | (t >= num_classes)][0].item()
         raise IgradError(f"target class {bad} is out of range for a model with {num_classes} classes")

@@ -137,7 +137,7 @@ def evaluate_model(
     per-sample values for paired comparisons. With ``accuracy=True`` the top-1 accuracy is measured
     on the whole split; ``cos(δx, δᴳx)`` (:func:`igrad.gradient_cosine`) on the subset.
     """
-    from .saliency import create_method
+    from .saliency import METHODS, create_method
 
     method_names = resolve_methods(methods)
     metric_names = resolve_metrics(metrics)
@@ -156,8 +156,6 @@ def evaluate_model(
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
     if mean_t.numel() != c or std_t.numel() != c:
         raise IgradError(f"mean and std need one value per channel ({c}), got {mean_t.numel()} and {std_t.numel()}")
-    from .saliency import METHODS
-
     kwargs: dict[str, dict[str, Any]] = {}
     for name in method_names:
         accepted = inspect.signature(METHODS[name]).parameters
@@ -170,7 +168,7 @@ def evaluate_model(
     acc = _accuracy(model, split, mean_t, std_t, batch_size * 4) if accuracy else None
     per_sample: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metric_names} for m in method_names}
     curve_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in method_names}
-    seconds = {m: 0.0 for m in method_names}
+    seconds = {m: {"saliency": 0.0, "metrics": 0.0} for m in method_names}
     cos_parts: list[torch.Tensor] = []
     subset_correct = 0
     targets_used: list[torch.Tensor] = []
@@ -201,13 +199,15 @@ def evaluate_model(
                     torch.manual_seed(run_seed)
                     with create_method(name, model, **kw) as m:
                         maps = m(x, tgt)
+                t1 = time.perf_counter()
                 try:
                     res = compute_metrics(
                         model, x, maps.detach(), tgt, metric_names, mean=mean, std=std, step=step, batch_size=batch_size
                     )
                 except IgradError as exc:
                     raise IgradError(f"method {name!r}: {exc}") from exc
-                seconds[name] += time.perf_counter() - t0
+                seconds[name]["saliency"] += t1 - t0
+                seconds[name]["metrics"] += time.perf_counter() - t1
                 for k, v in res.values.items():
                     per_sample[name][k].append(v)
                 for k, cv in res.curves.items():
