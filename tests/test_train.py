@@ -25,24 +25,10 @@ import igrad
 from igrad.checkpoint import load_checkpoint, load_model, save_checkpoint
 from igrad.cli import main
 from igrad.train import METRIC_KEYS, TrainConfig, fit, lr_factor
+from references import CLASSES, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["ant", "bee", "cat", "dog"]
 _USER_CACHE = os.environ.get("IGRAD_CACHE")
-
-
-def write_folder(root: Path, n_train: int = 12, n_test: int = 4, size: int = 12, seed: int = 0) -> Path:
-    """A learnable image folder: class c has a bright channel c % 3 (and a brighter one for c >= 3)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c, name in enumerate(CLASSES):
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-                img[..., c % 3] += 110 + 50 * (c // 3)
-                Image.fromarray(img).save(d / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(autouse=True)
