@@ -343,4 +343,6 @@ def test_cifar_networks_follow_spec2():
     assert igrad.default_target_layer(m) == "features.18"
     tv = igrad.create_model("tv:vgg11", num_classes=7)
     assert igrad.default_target_layer(tv) == f"features.{len(tv.features) - 1}"
+    dense = igrad.create_model("tv:densenet121", num_classes=3)
+    assert igrad.default_target_layer(dense) == "features.norm5"
     assert "cifar_resnet18" in igrad.list_models() and "tv:resnet50" in igrad.list_models(torchvision=True)

@@ -5,8 +5,8 @@ for CAM methods, a diverging map for signed gradients), grid.png (rows = images,
 with --compare, the two checkpoints' rows side by side: the paper's qualitative figure) and
 explain.json (targets, predictions, files, provenance).
 
-Images are resized to the model's input size (--size, else the checkpoint's image_size, else 32 for
-the CIFAR networks and 224 otherwise) and normalised with the checkpoint's mean/std.
+Images are resized to the model's input size (--size, else the checkpoint's image_shape, else 32x32
+for the CIFAR networks and 224x224 otherwise) and normalised with the checkpoint's mean/std.
 
 example:
   igrad explain --checkpoint runs/base/best.pt cat.png dog.png --methods gradcam,scorecam --out maps/
@@ -49,13 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", metavar="NAME", help="dotted module name (default: the model's last stage)")
     parser.add_argument("--size", type=int, metavar="PX", help="resize images to PX x PX (default: see above)")
     parser.add_argument(
-        "--batch-size", type=int, default=64, help="forward batch of scorecam, ablationcam, smoothgrad (default 64)"
+        "--batch-size", type=int, help="forward batch of scorecam, ablationcam, smoothgrad (default: each method's own)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
-def _load_images(paths: list[str], size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+def _load_images(paths: list[str], size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Raw pixels in [0, 1], ``[N, channels, H, W]`` (RGB, or grey for 1 channel; antialiased bilinear resize)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import resize
 
     out = []
@@ -64,10 +66,12 @@ def _load_images(paths: list[str], size: int) -> torch.Tensor:
         if not path.is_file():
             raise IgradError(f"image {p} does not exist")
         try:
-            img = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as exc:
-            raise IgradError(f"cannot read image {p}: {str(exc).splitlines()[0]}") from exc
-        out.append(resize(img, [size, size], antialias=True))
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("L" if channels == 1 else "RGB")).reshape(im.height, im.width, -1)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise IgradError(f"cannot read image {p}: {exc}") from exc
+        img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        out.append(resize(img, list(size), antialias=True))
     return torch.stack(out).float() / 255
 
 
@@ -104,13 +108,17 @@ def _parse_target(text: str | None, n_images: int, classes: list[str] | None) ->
     return out
 
 
-def _image_size(config: dict[str, Any], model_name: str) -> int:
+def _image_size(config: dict[str, Any], model_name: str) -> tuple[int, int]:
+    """``(H, W)`` the model was trained on: the checkpoint's ``image_shape`` ``[C, H, W]`` (or ``image_size``),
+    else 32×32 for the CIFAR networks and 224×224 otherwise."""
+    shape = config.get("image_shape")
+    if isinstance(shape, list | tuple) and len(shape) == 3:
+        return int(shape[1]), int(shape[2])
     size = config.get("image_size")
     if isinstance(size, int):
-        return size
-    if isinstance(size, list | tuple) and size:
-        return int(size[-1])
-    return 32 if str(model_name).startswith("cifar") else 224
+        return size, size
+    side = 32 if str(model_name).startswith("cifar") else 224
+    return side, side
 
 
 def _normalization(config: dict[str, Any], path: str) -> tuple[list[float], list[float]]:
@@ -142,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from ..visualize import explain, explanation_figure, method_options, render, save_figure, save_image
 
     methods = _parse_methods(args.methods)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise IgradError(f"--batch-size must be positive, got {args.batch_size}")
     try:
         device = torch.device(args.device)
@@ -151,26 +159,29 @@ def run(args: argparse.Namespace) -> int:
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     loaded = [load_model(p, map_location=device) for p in paths]
     model0, config0 = loaded[0]
-    size = args.size or _image_size(config0, config0.get("model", ""))
-    if size < 1:
-        raise IgradError(f"--size must be positive, got {size}")
+    if args.size is not None and args.size < 1:
+        raise IgradError(f"--size must be positive, got {args.size}")
+    size = (args.size, args.size) if args.size else _image_size(config0, config0.get("model", ""))
     mean, std = _normalization(config0, args.checkpoint)
     classes = config0.get("classes")
     classes = list(classes) if isinstance(classes, list | tuple) else None
 
-    raw = _load_images(args.images, size).to(device)
+    shape = config0.get("image_shape")
+    channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
+    raw = _load_images(args.images, size, channels).to(device)
     x = (raw - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None]
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
         predicted = [m(x).argmax(1).tolist() for m, _ in loaded]
     if target is None:
         target = predicted[0]  # the same class for every checkpoint, so that the rows compare like with like
-    kwargs = {name: method_options(name, batch_size=args.batch_size) for name in methods}
+    options = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    kwargs = {name: method_options(name, **options) for name in methods}
     labels = _labels(paths)
     out = Path(args.out)
     rows, files = [], []
     stems = _unique_stems(args.images)
-    scale = max(1, 224 // size)
+    scale = max(1, 224 // min(size))
     for label, (model, _config) in zip(labels, loaded, strict=True):
         exps = explain(model, x, target, methods, target_layer=args.target_layer, method_kwargs=kwargs)
         rows.append((label, exps))
@@ -185,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "checkpoints": dict(zip(labels, paths, strict=True)),
         "images": list(args.images),
-        "image_size": size,
+        "image_size": list(size),
         "methods": methods,
         "signed": {n: METHODS[n].signed for n in methods},
         "target": target,

@@ -51,7 +51,7 @@ def infer_target_layer(model: nn.Module) -> str | None:
         return "layer4"
     features = children.get("features")
     if isinstance(features, nn.Sequential) and len(features) > 0:
-        return f"features.{len(features) - 1}"
+        return f"features.{list(features._modules)[-1]}"  # DenseNet names its children (norm5)
     last = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d):

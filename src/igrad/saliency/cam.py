@@ -26,6 +26,7 @@ Differences of definition from pytorch-grad-cam 1.5.7 (``pytorch_grad_cam``), al
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -126,7 +127,9 @@ class CAMMethod(SaliencyMethod):
         grad = None
         if self.needs_gradient:
             score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-            (grad,) = torch.autograd.grad(score, act)
+            (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+            if grad is None:
+                raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
         return CAMContext(x.detach(), act.detach(), grad, logits.detach(), t)
 
     def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
@@ -329,7 +332,7 @@ class AblationCAM(CAMMethod):
         return self._split
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        x, a, t = ctx.x, ctx.activation, ctx.target
+        a, t = ctx.activation, ctx.target
         b, k = a.shape[:2]
         y = ctx.logits.gather(1, t[:, None])[:, 0].float()
         run = self._tail_runner(ctx)
@@ -348,7 +351,7 @@ class AblationCAM(CAMMethod):
         denom = torch.where(y == 0, torch.full_like(y, tiny), y)
         return (y[:, None] - scores) / denom[:, None]
 
-    def _tail_runner(self, ctx: CAMContext):  # noqa: ANN202
+    def _tail_runner(self, ctx: CAMContext) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``run(img, ablated) -> logits``: the logits for ablated activations of images ``img``."""
         split = self.split()
         if split is not None:

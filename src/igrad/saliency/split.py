@@ -49,7 +49,9 @@ class LayerSplit:
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...) on untraceable code
-            raise SplitError(f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})")
+            raise SplitError(
+                f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})"
+            ) from exc
         nodes = list(graph.nodes)
         hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
         if len(hits) != 1:

@@ -1,0 +1,145 @@
+"""`igrad explain` and the pictures of igrad.visualize."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+import igrad
+from igrad.checkpoint import save_checkpoint
+from igrad.cli import main
+from igrad.saliency import signed_map
+from igrad.visualize import cam_overlay, denormalize, qualitative_figure, save_image, signed_image
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+def _checkpoint(path, seed):
+    torch.manual_seed(seed)
+    model = igrad.create_model("cifar_resnet18", num_classes=10, width=0.125)
+    config = {
+        "model": "cifar_resnet18",
+        "model_kwargs": {"width": 0.125},
+        "num_classes": 10,
+        "mean": MEAN,
+        "std": STD,
+        "classes": CLASSES,
+    }
+    save_checkpoint(path, {"model": model.state_dict(), "config": config})
+    return model.eval()
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    base = _checkpoint(tmp_path / "base" / "best.pt", 0)
+    reg = _checkpoint(tmp_path / "reg" / "best.pt", 1)
+    rng = np.random.default_rng(0)
+    images = []
+    for name, size in [("cat.png", 40), ("dog.png", 32)]:
+        save_image(tmp_path / name, rng.random((size, size, 3)))
+        images.append(str(tmp_path / name))
+    return tmp_path, base, reg, images
+
+
+def test_explain_compare_writes_overlays_grid_and_summary(setup, capsys):
+    tmp, base, _reg, images = setup
+    out = tmp / "out"
+    rc = main([
+        "explain", "--checkpoint", str(tmp / "base" / "best.pt"), "--compare", str(tmp / "reg" / "best.pt"),
+        *images, "--methods", "gradcam,guided", "--target", "class3", "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    for label in ("base", "reg"):
+        for stem in ("cat", "dog"):
+            for method in ("gradcam", "guided"):
+                img = imread(out / label / f"{stem}_{method}.png")
+                assert img.shape[:2] == (224, 224)  # 32 px, enlarged 7x
+    grid = imread(out / "grid.png")
+    assert grid.shape[0] > 300 and grid.shape[1] > 300
+    summary = json.loads((out / "explain.json").read_text())
+    assert summary["target"] == [3, 3] and summary["methods"] == ["gradcam", "guided"]
+    assert summary["signed"] == {"gradcam": False, "guided": True}
+    assert set(summary["predicted"]) == {"base", "reg"} and "provenance" in summary
+    assert "wrote 9 images" in capsys.readouterr().out
+
+    # the overlay is the JET blend of the gradcam map of the base model on the resized, normalised image
+    from PIL import Image
+    from torchvision.transforms.v2.functional import resize
+
+    raw = []
+    for path in images:
+        with Image.open(path) as im:
+            pixels = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        raw.append(resize(pixels, [32, 32], antialias=True).float() / 255)
+    raw = torch.stack(raw)
+    x = (raw - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    cam = igrad.saliency.create_method("gradcam", base)(x, 3)
+    expected = cam_overlay(raw[0], cam[0]).repeat(7, 0).repeat(7, 1)
+    diff = np.abs(imread(out / "base" / "cat_gradcam.png")[..., :3] - expected)
+    # PNG rounding (1/255); a map value on a colour-table boundary may flip one step of the 256-entry JET table
+    assert (diff <= 1 / 255 + 1e-6).mean() > 0.99 and diff.max() < 0.02
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--methods", "gradcm"], "unknown saliency method 'gradcm'"),
+    (["--target", "1,2,3"], "3 classes for 2 images"),
+    (["--target", "zebra"], "neither a class index nor a class name"),
+    (["--target-layer", "layer9"], "no target layer 'layer9'"),
+    (["--methods", "cam", "--target", "10"], "out of range"),
+])  # fmt: skip
+def test_explain_errors(setup, capsys, extra, match):
+    tmp, _, _, images = setup
+    rc = main(["explain", "--checkpoint", str(tmp / "base" / "best.pt"), *images, "--out", str(tmp / "o"), *extra])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+def test_explain_missing_inputs(setup, capsys):
+    tmp, _, _, images = setup
+    (tmp / "bad.png").write_bytes(b"not a png")
+    assert (
+        main(["explain", "--checkpoint", str(tmp / "base" / "best.pt"), str(tmp / "bad.png"), "--out", str(tmp / "o")])
+        == 2
+    )
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["explain", "--checkpoint", str(tmp / "nope.pt"), *images, "--out", str(tmp / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["explain", "--checkpoint", str(tmp / "base" / "best.pt"), "nope.png", "--out", str(tmp / "o")]) == 2
+    assert "image nope.png does not exist" in capsys.readouterr().err
+
+
+def test_qualitative_figure_layout(setup):
+    tmp, base, reg, _ = setup
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    methods = ["gradient", "guided", "gradcam", "scorecam"]
+    fig = qualitative_figure(
+        {"baseline": base, "regularised": reg}, x, [1, 2, 3], methods, MEAN, STD, tmp / "q.png", class_names=CLASSES
+    )
+    axes = fig.get_axes()
+    assert len(axes) == 3 * 2 * (1 + len(methods))  # rows: image × model; columns: image + methods
+    assert [a.get_title() for a in axes[:5]] == ["image", *methods]
+    assert axes[0].get_ylabel() == "baseline\nclass1" and axes[5].get_ylabel() == "regularised\nclass1"
+    assert imread(tmp / "q.png").shape[2] in (3, 4)
+
+
+def test_overlay_and_signed_pictures_hand_computed():
+    image = torch.full((3, 2, 2), 0.2)
+    cam = torch.tensor([[0.0, 1.0], [0.5, 0.0]])
+    out = cam_overlay(image, cam)
+    from matplotlib import colormaps
+
+    jet = colormaps["jet"]
+    assert np.allclose(out[0, 1], 0.5 * np.array(jet(1.0)[:3]) + 0.1)
+    assert np.allclose(out[0, 0], 0.5 * np.array(jet(0.0)[:3]) + 0.1)
+    attr = torch.tensor([[[[1.0, -4.0]], [[-2.0, 0.0]]]])  # [1, 2, 1, 2]: per pixel, the channel of largest |.|
+    assert torch.equal(signed_map(attr), torch.tensor([[[-0.5, -1.0]]]))
+    pic = signed_image(torch.tensor([[-1.0, 0.0, 1.0]]))
+    assert pic[0, 0, 2] > pic[0, 0, 0] and pic[0, 2, 0] > pic[0, 2, 2]  # blue negative, red positive
+    assert np.allclose(pic[0, 1], pic[0, 1].mean(), atol=0.05)  # 0 is (nearly) white/grey
+    x = torch.tensor([[[[0.0]], [[1.0]], [[-10.0]]]])
+    assert torch.allclose(denormalize(x, MEAN, STD), torch.tensor([[[[0.5]], [[0.6]], [[0.0]]]]))
