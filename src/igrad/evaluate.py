@@ -27,8 +27,9 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
-from .metrics import METRICS, _eval_mode, compute_metrics, resolve_metrics, summarize
+from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from .rules import eval_mode
 
 __all__ = [
     "TARGETS",
@@ -98,7 +99,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def _accuracy(model: nn.Module, split: Any, mean: torch.Tensor, std: torch.Tensor, batch_size: int) -> float:
     device = _device_of(model)
     correct = 0
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for i in range(0, len(split), batch_size):
             x = _normalise(split.images[i : i + batch_size].to(device), mean, std)
             pred = model(x).argmax(1).cpu()
@@ -177,7 +178,7 @@ def evaluate_model(
 
     total = len(indices) * len(method_names)
     bar = tqdm(total=total, unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True)
-    with bar, _eval_mode(model):
+    with bar, eval_mode(model):
         for chunk, lo in enumerate(range(0, len(indices), batch_size)):
             idx = indices[lo : lo + batch_size]
             x = _normalise(split.images[idx].to(device), mean_t, std_t)

@@ -17,10 +17,9 @@ mode (the model's modes are restored afterwards). The names of :data:`METRICS` f
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
+from .rules import eval_mode
 
 __all__ = [
     "Metric",
@@ -212,18 +212,6 @@ def _check_target(target: object, batch: int, device: torch.device) -> torch.Ten
     return t.long()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode; restore each module's own flag afterwards (also on error)."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     logits = model(images)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
@@ -286,7 +274,7 @@ def confidence_metrics(
     t = _check_target(target, x.shape[0], x.device)
     m, s = _stats(mean, std, x)
     p_parts, o_parts = [], []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         if t is None:
             t = _predicted(model, x, batch_size)
         half = max(1, batch_size // 2)  # each chunk forwards its originals and masked copies together
@@ -398,7 +386,7 @@ def _causal_metric(
     step, _ = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
     t = _check_target(target, x.shape[0], x.device)
     _score_fn(score)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         base = _substrate(substrate, x)
         if t is None:
             t = _predicted(model, x, batch_size)

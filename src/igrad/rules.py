@@ -46,6 +46,7 @@ __all__ = [
     "BackwardRules",
     "NONLINEARITIES",
     "preserve_batchnorm_counters",
+    "eval_mode",
 ]
 
 #: Statistics modes for the regulariser's input-gradient passes (SPEC 1).
@@ -483,3 +484,16 @@ def preserve_batchnorm_counters(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, then restore every module's own ``training`` flag
+    (also on error, and also where submodules had modes different from the root's)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

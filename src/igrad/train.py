@@ -44,7 +44,7 @@ import sys
 import time
 import tomllib
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from .gradients import gradient_cosine
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss
 from .models import create_model
 from .provenance import atomic_write_json, atomic_write_text, provenance
-from .rules import STATS_MODES
+from .rules import STATS_MODES, eval_mode
 
 __all__ = [
     "TrainConfig",
@@ -570,7 +570,7 @@ def evaluate_accuracy(
     index = torch.arange(len(split)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(index) == 0:
         raise IgradError("evaluate_accuracy: no images to evaluate")
-    with _eval_mode(model):
+    with eval_mode(model):
         return _correct(model, split, index, mean, std, batch_size, device, False) / len(index)
 
 
@@ -584,7 +584,7 @@ def mean_gradient_cosine(
 ) -> float:
     """Mean over samples of ``cos(δx_i, δᴳx_i)`` for the ground-truth classes ``y`` (SPEC 1 diagnostic),
     with ``model`` in eval mode (restored afterwards)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return float(_cos_sum(model, x, y, batch_size, allow)) / len(y)
 
 
@@ -595,16 +595,6 @@ def _cos_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
             gradient_cosine(model, x[start : start + batch_size], y[start : start + batch_size], allow=allow).sum()
         )
     return total
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
@@ -818,7 +808,7 @@ class _Trainer:
         non-linearity problems surface here, before the run folder is created."""
         d, c = self.data, self.config
         x, y = eval_tensors(d.train, d.mean, d.std, torch.arange(min(2, len(d.train))), self.device)
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             try:
                 with torch.no_grad():
                     logits = self.model(x)
@@ -1098,7 +1088,7 @@ class _Trainer:
         dist.broadcast_buffers(self.model)  # one set of BatchNorm statistics for every rank
         model = self.model
         out: dict[str, Any] = {}
-        with _eval_mode(model):
+        with eval_mode(model):
             for name, split, cos_index in (("test", d.test, self.cos_index), ("val", d.val, self.val_cos_index)):
                 if split is None:
                     continue

@@ -29,8 +29,8 @@ from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
 from .provenance import atomic_write_bytes
+from .rules import eval_mode
 from .saliency import METHODS, create_method, signed_map
-from .saliency.base import eval_mode
 
 __all__ = [
     "Explanation",

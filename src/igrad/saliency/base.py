@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import IgradError, check_images, unknown_name
 from ..models import default_target_layer
+from ..rules import eval_mode
 
 __all__ = [
     "METHODS",
@@ -138,18 +139,6 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.M
             )
         module = child
     return module, names.get(id(module), layer)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, then restore every module's ``training`` flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
