@@ -69,6 +69,7 @@ def input_gradients(
     keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
     with keep, torch.enable_grad():
         xg = x.detach().requires_grad_(True)
+        rules.input = xg
         with rules:
             logits = model(xg)
         t = resolve_target(target, logits)

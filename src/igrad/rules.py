@@ -171,6 +171,7 @@ class BackwardRules(TorchFunctionMode):
                 f"known: {', '.join(sorted(NONLINEARITIES))}"
             )
         self._state = _State(parameter_path=parameter_path)
+        self.input: torch.Tensor | None = None  # the leaf the input gradients are taken for, if known
         self.rectifiers = 0  # rectifier calls seen (for diagnostics and tests)
 
     # -- hooks: they consult the shared state, so one recorded graph serves every pass -------------
@@ -192,7 +193,9 @@ class BackwardRules(TorchFunctionMode):
             dtype = torch.get_autocast_dtype(device)
             input, weight = input.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        return _Conv2d.apply(input, weight, bias, conf, self._state)
+        # the leaf the input gradients are taken for: loss.backward() never needs its gradient
+        leaf = input is self.input
+        return _Conv2d.apply(input, weight, bias, conf, self._state, leaf)
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -418,26 +421,32 @@ class _Conv2d(torch.autograd.Function):
         bias: torch.Tensor | None,
         conf: tuple[Any, ...],
         state: _State,
+        leaf: bool,
     ) -> torch.Tensor:
         stride, padding, dilation, groups = conf
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight)
-        ctx.conf, ctx.state, ctx.has_bias = conf, state, bias is not None
+        ctx.conf, ctx.state, ctx.has_bias, ctx.leaf = conf, state, bias is not None, leaf
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         phase = ctx.state.phase
+        none3 = (None, None, None)
         if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
-            return None, None, None, None, None
+            return None, None, *none3
         x, weight = ctx.saved_tensors
         if phase is not Phase.FREE:  # an input-gradient pass: no parameter gradients
             if phase is Phase.STANDARD and torch.is_grad_enabled():
-                return _ConvInputGrad.apply(grad, weight, x.detach(), ctx.conf), None, None, None, None
-            return _conv_backward(grad, x, weight, ctx.conf, [True, False, False], False)[0], None, None, None, None
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+                return _ConvInputGrad.apply(grad, weight, x.detach(), ctx.conf), None, None, *none3
+            return _conv_backward(grad, x, weight, ctx.conf, [True, False, False], False)[0], None, None, *none3
+        mask = [
+            ctx.needs_input_grad[0] and not ctx.leaf,
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ]
         gx, gw, gb = _conv_backward(grad, x, weight, ctx.conf, mask, ctx.has_bias)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, *none3
 
 
 class _ConvInputGrad(torch.autograd.Function):
