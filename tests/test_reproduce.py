@@ -1,0 +1,157 @@
+"""`igrad reproduce`: the demo preset end to end on tiny generated data (report structure, every
+number finite, reuse on a second call), the ablation's grid and choice, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from igrad.cli import main
+from igrad.errors import IgradError
+from igrad.reproduce import FIGURE_METHODS, LABELS, NETWORKS, PRESETS, ablation, preset_settings, reproduce
+from references import write_folder
+
+TINY_TRAIN = {"width": 0.125, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "cos_samples": 8}
+TINY_EVAL = {"limit": 6, "batch_size": 6}
+
+
+def _numbers(obj, path=""):
+    """Every int/float leaf of a JSON object, with its path."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, int | float):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture()
+def data(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGRAD_CACHE", str(tmp_path / "cache"))
+    return write_folder(tmp_path / "data", n_train=8, n_test=4, size=12)
+
+
+def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, data):
+    out = tmp_path / "rep"
+    kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=2, lam=0.5, quiet=True, progress=False)
+    report = reproduce("demo", data, out, **kw)
+
+    # files: report, results, per-network evaluations with curves, figures, run folders
+    assert (out / "report.md").is_file() and (out / "results.json").is_file()
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["kind"] == "igrad.reproduce" and stored["provenance"]["versions"]["torch"]
+    assert list(stored["networks"]) == list(NETWORKS)
+    for net in NETWORKS:
+        entry = stored["networks"][net]
+        assert (out / entry["figure"]["path"]).stat().st_size > 1000
+        assert len(entry["figure"]["indices"]) == 2
+        for label in LABELS:
+            assert (out / entry["curves"][label]).stat().st_size > 1000
+            assert (out / "runs" / net / label / "last.pt").is_file()
+            assert entry["trained"][label] is True and entry["evaluation_reused"][label] is False
+        assert entry["runs"]["baseline"]["lam"] == 0 and entry["runs"]["regularised"]["lam"] == 0.5
+        assert entry["runs"]["regularised"]["config"]["model"] == net
+        assert entry["runs"]["baseline"]["steps"] == 2  # the caller's budget wins over the preset's per network
+        # the same test subset for both models, every method with every metric
+        base, reg = (json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in LABELS)
+        assert base["data"]["indices"] == reg["data"]["indices"] and base["data"]["n"] == 6
+        assert set(base["results"]) == set(PRESETS["demo"]["evaluate"]["methods"])
+        assert all(set(d) == {"ad", "ag", "ai", "ins", "del"} for d in base["results"].values())
+        cmp = entry["comparison"]
+        assert cmp["paired"] and set(cmp["methods"]) == set(base["results"])
+        w = entry["wins"]
+        assert w["cells"] == 5 * len(base["results"]) == w["regularised"] + w["baseline"] + w["tie"]
+    numbers = list(_numbers(stored))
+    assert len(numbers) > 100
+    bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
+    assert not bad
+    assert 0 <= stored["networks"][NETWORKS[0]]["runs"]["baseline"]["accuracy"] <= 1
+
+    # report.md: one SPEC 5 table per network, every method a row, every numeric cell finite
+    md = (out / "report.md").read_text()
+    for heading in [f"## {n}" for n in NETWORKS] + ["## Configuration", "## Machine and versions"]:
+        assert heading in md
+    assert "igrad reproduce --preset demo" in md and "wall time" in md
+    for method in PRESETS["demo"]["evaluate"]["methods"]:
+        rows = [line for line in md.splitlines() if line.startswith(f"| {method} |")]
+        assert len(rows) == len(NETWORKS)
+        for row in rows:
+            cells = [c.strip().strip("*\\") for c in row.strip("|").split("|")[1:]]
+            assert len(cells) == 10 and all(math.isfinite(float(c)) for c in cells)
+    for key in ("top-1 accuracy (%)", "mean cos(δx, δᴳx)"):
+        rows = [line for line in md.splitlines() if line.startswith(f"| {key} |")]
+        assert len(rows) == len(NETWORKS)
+        for row in rows:
+            assert all(math.isfinite(float(c.strip().strip("*\\"))) for c in row.strip("|").split("|")[1:])
+    assert not re.search(r"\bnan\b|\binf\b", md, re.IGNORECASE)
+    assert FIGURE_METHODS == ("gradient", "guided", "gradcam", "scorecam")
+
+    # a second call trains nothing and reuses the evaluations; the numbers are the same
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")}
+    again = reproduce("demo", data, out, **kw)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")} == stamps
+    for net in NETWORKS:
+        assert again["networks"][net]["trained"] == {lb: False for lb in LABELS}
+        assert again["networks"][net]["evaluation_reused"] == {lb: True for lb in LABELS}
+        assert again["networks"][net]["table"] == report["networks"][net]["table"]
+
+    # a changed config is refused, not silently reused
+    with pytest.raises(IgradError, match="cannot resume"):
+        reproduce("demo", data, out, **{**kw, "train": {**TINY_TRAIN, "batch_size": 4}})
+
+
+def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
+    out = tmp_path / "abl"
+    report = ablation(
+        "demo",
+        data,
+        out,
+        lambdas=(0.0, 0.5),
+        errors=("cosine", "mse"),
+        train=TINY_TRAIN,
+        evaluation={"limit": 4, "batch_size": 4},
+        quiet=True,
+        progress=False,
+    )
+    rows = report["networks"][NETWORKS[0]]["rows"]
+    assert [(r["lam"], r["error"]) for r in rows] == [(0.0, None), (0.5, "cosine"), (0.5, "mse")]
+    for r in rows:
+        assert r["n"] == 4 and set(r["gradcam"]) == {"ad", "ag", "ai", "ins", "del"}
+        assert 0 <= r["val_acc"] <= 1 and -1 <= r["val_cos"] <= 1
+    saved = json.loads((out / "ablation" / "results.json").read_text())
+    assert all(math.isfinite(v) for _, v in _numbers(saved))
+    # runs trained with different errors really differ in config
+    assert {
+        json.loads((out / "ablation" / "runs" / NETWORKS[0] / n / "run.json").read_text())["provenance"]["config"][
+            "error"
+        ]
+        for n in ("cosine-lam0.5", "mse-lam0.5")
+    } == {"cosine", "mse"}
+    chosen = report["networks"][NETWORKS[0]]["chosen"]
+    assert chosen["lam"] in (0.0, 0.5)
+    md = (out / "ablation" / "report.md").read_text()
+    assert md.count("| 0.5 |") == 2 and "validation split" in md
+
+    # bad input: one line, exit status 2
+    assert main(["reproduce", "--preset", "demo", "--data", str(data), "--out", str(out), "--networks", "resnet9"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet9" in err and "Traceback" not in err
+
+
+def test_preset_settings_are_data_and_checked():
+    s = preset_settings("cpu", train={"epochs": 1}, evaluation={"limit": 10}, lam=0.1)
+    assert s["train"]["epochs"] == 1 and s["evaluate"]["limit"] == 10 and s["lam"] == 0.1
+    assert PRESETS["cpu"]["train"]["epochs"] != 1  # a copy
+    with pytest.raises(IgradError, match="preset"):
+        preset_settings("tiny")
+    with pytest.raises(IgradError, match="λ > 0"):
+        preset_settings("demo", lam=0)
+    with pytest.raises(IgradError, match="evaluation setting"):
+        preset_settings("demo", evaluation={"limt": 3})
