@@ -17,7 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/igrad demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) --out runs/demo
+	$(BIN)/igrad reproduce --preset demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) \
+		--out runs/reproduce-demo --threads 1
+	@echo "report: runs/reproduce-demo/report.md"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
