@@ -30,6 +30,7 @@ from .gradients import gradient_cosine
 from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from .rules import eval_mode
+from .train import evaluate_accuracy, normalize
 
 __all__ = [
     "TARGETS",
@@ -87,24 +88,9 @@ def _seed_for(seed: int, method: str, chunk: int) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009 + chunk) % (2**31 - 1)
 
 
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images.float().div(255) - mean) / std
-
-
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _accuracy(model: nn.Module, split: Any, mean: torch.Tensor, std: torch.Tensor, batch_size: int) -> float:
-    device = _device_of(model)
-    correct = 0
-    with eval_mode(model), torch.inference_mode():
-        for i in range(0, len(split), batch_size):
-            x = _normalise(split.images[i : i + batch_size].to(device), mean, std)
-            pred = model(x).argmax(1).cpu()
-            correct += int((pred == split.labels[i : i + batch_size]).sum())
-    return correct / len(split)
 
 
 def evaluate_model(
@@ -166,7 +152,7 @@ def evaluate_model(
         kwargs[name] = {**kw, **(method_kwargs or {}).get(name, {})}
 
     started = time.perf_counter()
-    acc = _accuracy(model, split, mean_t, std_t, batch_size * 4) if accuracy else None
+    acc = evaluate_accuracy(model, split, mean, std, batch_size=batch_size * 4, device=device) if accuracy else None
     per_sample: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metric_names} for m in method_names}
     curve_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in method_names}
     seconds = {m: {"saliency": 0.0, "metrics": 0.0} for m in method_names}
@@ -181,7 +167,7 @@ def evaluate_model(
     with bar, eval_mode(model):
         for chunk, lo in enumerate(range(0, len(indices), batch_size)):
             idx = indices[lo : lo + batch_size]
-            x = _normalise(split.images[idx].to(device), mean_t, std_t)
+            x = normalize(split.images[idx].to(device), mean, std)
             labels = split.labels[idx].to(device)
             with torch.no_grad():  # not inference_mode: the targets feed autograd below
                 pred = model(x).argmax(1)
