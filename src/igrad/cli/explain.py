@@ -169,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     shape = config0.get("image_shape")
     channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
     raw = _load_images(args.images, size, channels).to(device)
-    x = (raw - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None]
+    from ..train import normalize
+
+    x = normalize(raw, mean, std)
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
         predicted = [m(x).argmax(1).tolist() for m, _ in loaded]
