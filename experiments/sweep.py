@@ -20,7 +20,7 @@ from pathlib import Path
 
 from igrad.data import data_root_from_env
 from igrad.provenance import atomic_write_json, provenance
-from igrad.train import TrainConfig, fit
+from igrad.train import TrainConfig, fit_or_resume
 
 
 def main() -> None:
@@ -62,9 +62,8 @@ def main() -> None:
     for name, extra in runs.items():
         out = Path(args.out) / name.replace(",", "_").replace("=", "")
         config = TrainConfig.preset_config("cpu", **common, **extra, out=str(out))
-        last = out / "last.pt"
         t0 = time.time()
-        result = fit(None if last.is_file() else config, resume=last if last.is_file() else None, quiet=True)
+        result = fit_or_resume(config, quiet=True)
         final = result.final
         rows[name] = {
             "test_acc": result.test_acc,

@@ -30,6 +30,10 @@ def test_demo_runs_both_models_and_reports_finite_numbers(tmp_path, monkeypatch,
     stamp = (out / "baseline" / "last.pt").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "baseline" / "last.pt").stat().st_mtime_ns == stamp
+    # ... and a run folder trained with other settings is refused, never reported under the new ones
+    changed = [*argv[:-2], "0.25", "--quiet"]
+    assert main(changed) == 2
+    assert "cannot resume" in capsys.readouterr().err
 
 
 def test_cli_help_lists_commands_and_errors_are_one_line(tmp_path, capsys):

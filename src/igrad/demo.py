@@ -10,7 +10,7 @@ from typing import Any
 
 from .loss import DEFAULT_LAMBDA
 from .provenance import atomic_write_json, provenance
-from .train import TrainConfig, fit
+from .train import TrainConfig, fit_or_resume
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -45,7 +45,7 @@ def run_demo(
 ) -> DemoResult:
     """Train ``model`` twice from the same seed (``λ = 0`` and ``λ = lam``) with the reduced-budget
     recipe cut to ``epochs × steps_per_epoch`` steps, and write ``out/demo.json``. A finished run is
-    reused, an interrupted one resumed."""
+    reused, an interrupted one resumed, one trained with other settings refused."""
     out = Path(out)
     rows = {}
     for name, value in (("baseline", 0.0), ("regularised", lam)):
@@ -61,8 +61,7 @@ def run_demo(
             seed=seed,
             out=str(out / name),
         )
-        last = out / name / "last.pt"
-        result = fit(None if last.is_file() else config, resume=last if last.is_file() else None, quiet=quiet)
+        result = fit_or_resume(config, quiet=quiet)
         rows[name] = {"lam": value, "test_acc": result.test_acc, "cos": result.cos, "run_dir": str(result.run_dir)}
     demo = DemoResult(rows["baseline"], rows["regularised"])
     atomic_write_json(out / "demo.json", {"results": rows, **provenance(config.to_dict(), seed)})

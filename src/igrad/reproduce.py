@@ -44,7 +44,7 @@ from .errors import IgradError, unknown_name
 from .evaluate import _sha256, compare_results, compare_table, evaluate_checkpoint, select_indices, write_comparison
 from .metrics import METRICS
 from .provenance import atomic_write_json, atomic_write_text, provenance
-from .train import TrainConfig, config_to_toml, fit, normalize, prepare_data
+from .train import TrainConfig, config_to_toml, fit_or_resume, normalize, prepare_data
 
 __all__ = [
     "NETWORKS",
@@ -211,7 +211,7 @@ def _train(config: TrainConfig, quiet: bool) -> tuple[Any, bool]:
     returns the :class:`igrad.train.RunResult` and whether a step was trained by this call."""
     last = Path(config.out) / "last.pt"
     before = last.stat().st_mtime_ns if last.is_file() else None
-    result = fit(config, resume=last if last.is_file() else None, quiet=quiet)
+    result = fit_or_resume(config, quiet=quiet)
     trained = before is None or last.stat().st_mtime_ns != before
     return result, trained
 

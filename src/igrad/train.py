@@ -80,6 +80,7 @@ __all__ = [
     "eval_tensors",
     "evaluate_accuracy",
     "mean_gradient_cosine",
+    "fit_or_resume",
     "lr_factor",
     "config_from_toml",
     "config_to_toml",
@@ -1174,3 +1175,11 @@ def saved_config(state: Mapping[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` saved in a checkpoint (the extra keys of its config dict left out)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in state["config"].items() if k in names})
+
+
+def fit_or_resume(config: TrainConfig, *, quiet: bool = False) -> RunResult:
+    """:func:`fit` ``config`` in its run folder ``config.out``: a finished run is reused (nothing trained),
+    an interrupted one resumed from its ``last.pt``, a folder trained with another config refused
+    (:class:`IgradError`)."""
+    last = Path(config.out) / "last.pt"
+    return fit(config, resume=last if last.is_file() else None, quiet=quiet)
