@@ -285,6 +285,10 @@ def test_scorecam_packs_masks_into_full_batches(cifar_resnet):
     sizes = []
     h = cifar_resnet.conv1.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
     try:
+        with create_method("scorecam", cifar_resnet, batch_size=100, fold_batchnorm=False) as m:
+            m(x, 0)
+        folded_sizes = list(sizes)
+        sizes.clear()
         with create_method("scorecam", cifar_resnet, batch_size=100) as m:
             m(x, 0)
     finally:
@@ -294,4 +298,77 @@ def test_scorecam_packs_masks_into_full_batches(cifar_resnet):
     live = int((flat.amax(2) > flat.amin(2)).sum())  # non-constant channels over all images
     dead = live < a.shape[0] * a.shape[1]
     expected = [3] + [1] * dead + [100] * (live // 100) + ([live % 100] if live % 100 else [])
-    assert sizes == expected
+    assert folded_sizes == expected
+    assert sizes == [3]  # with BatchNorm folded, the masked batches run through the copy, not the model
+
+
+def _with_batchnorm_statistics(model, seed):
+    """``model`` with random BatchNorm running statistics and affine parameters (a fresh network's are
+    0/1, which would make folding them trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                n = bn.num_features
+                bn.running_mean.copy_(0.3 * torch.randn(n, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                bn.weight.copy_(0.5 + torch.rand(n, generator=g))
+                bn.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def test_scorecam_folded_batchnorm_parity():
+    """The default (BatchNorm folded into the convolutions for the masked forwards) against
+    pytorch-grad-cam, which runs the model as is, on a network with non-trivial BatchNorm statistics."""
+    torch.manual_seed(5)
+    model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 6)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    t = torch.tensor([1, 4, 0, 9])
+    with create_method("scorecam", model, mask_align_corners=True) as m:
+        ours = m(x, t)
+        assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m._folded[1].modules())
+    theirs = _theirs("ScoreCAM", model, model.layer4, x, t)
+    assert (ours - theirs).abs().max() < ATOL
+
+
+def test_scorecam_refolds_after_a_weight_change():
+    torch.manual_seed(8)
+    model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 9)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    with create_method("scorecam", model) as m:
+        before = m(x, 3)
+        with torch.no_grad():
+            model.layer3[0].bn1.running_mean.add_(2.0)  # in place: the cached copy is now stale
+        after = m(x, 3)
+    with create_method("scorecam", model, fold_batchnorm=False) as m:
+        reference = m(x, 3)
+    assert (after - reference).abs().max() < ATOL
+    assert (before - reference).abs().max() > 1e-3  # the change mattered, so the test can tell
+
+
+class _DataDependent(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        a = F.relu(self.bn(self.conv(x)))
+        if a.sum() > 0:
+            a = a * 2
+        return self.fc(a.mean((2, 3)))
+
+
+def test_scorecam_untraceable_model_falls_back_to_the_model():
+    torch.manual_seed(11)
+    model = _with_batchnorm_statistics(_DataDependent(), 12)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(13))
+    with pytest.warns(UserWarning, match="scoring with the model as is"):
+        with create_method("scorecam", model, "bn") as m:
+            fallback = m(x, 2)
+    with create_method("scorecam", model, "bn", fold_batchnorm=False) as m:
+        plain = m(x, 2)
+    assert torch.equal(fallback, plain)

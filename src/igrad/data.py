@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,15 @@ import torch
 
 from .errors import IgradError
 
-__all__ = ["Split", "load_split", "data_root_from_env", "NORMALIZATION", "normalization_for"]
+__all__ = [
+    "Split",
+    "load_split",
+    "data_root_from_env",
+    "NORMALIZATION",
+    "normalization_for",
+    "normalize",
+    "eval_tensors",
+]
 
 #: Per-channel normalisation (mean, std) of the training sets (SPEC 2).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -173,3 +182,28 @@ def load_split(
     if not folder.is_dir():
         raise IgradError(f"data folder {base} has no {split}/ subfolder (expected train/ and test/ or val/)")
     return _folder_split(folder)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, or a float
+    tensor already in ``[0, 1]``)."""
+    x = images.float().div_(255) if not images.is_floating_point() else images.float()
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s) if x is not images else (x - m) / s
+
+
+def eval_tensors(
+    split: Split,
+    mean: Sequence[float],
+    std: Sequence[float],
+    indices: torch.Tensor | Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float images ``[N, C, H, W]`` and labels ``[N]`` of ``split`` (or of ``indices`` of it),
+    as the model sees them at evaluation (no augmentation)."""
+    images, labels = split.images, split.labels
+    if indices is not None:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images, labels = images[index], labels[index]
+    return normalize(images.to(device), mean, std), labels.to(device)

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from .rules import eval_mode
-from .train import evaluate_accuracy, normalize
+from .train import evaluate_accuracy
 
 __all__ = [
     "TARGETS",

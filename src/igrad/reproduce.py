@@ -40,11 +40,12 @@ from typing import Any
 import torch
 
 from . import loss as _loss
+from .data import normalize
 from .errors import IgradError, unknown_name
 from .evaluate import _sha256, compare_results, compare_table, evaluate_checkpoint, select_indices, write_comparison
 from .metrics import METRICS
 from .provenance import atomic_write_json, atomic_write_text, provenance
-from .train import TrainConfig, config_to_toml, fit_or_resume, normalize, prepare_data
+from .train import TrainConfig, config_to_toml, fit_or_resume, prepare_data
 
 __all__ = [
     "NETWORKS",

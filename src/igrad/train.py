@@ -56,7 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Split, load_split, normalization_for
+from .data import Split, eval_tensors, load_split, normalization_for, normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss
@@ -76,8 +76,6 @@ __all__ = [
     "fit",
     "prepare_data",
     "augment",
-    "normalize",
-    "eval_tensors",
     "evaluate_accuracy",
     "mean_gradient_cosine",
     "fit_or_resume",
@@ -412,31 +410,6 @@ def prepare_data(config: TrainConfig) -> TrainData:
             raise IgradError(f"val_fraction {config.val_fraction} holds out no image of {len(train)}")
         train, val = _subset(train, keep), _subset(train, held)
     return TrainData(train, test, val, tuple(float(m) for m in mean), tuple(float(s) for s in std))
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, or a float
-    tensor already in ``[0, 1]``)."""
-    x = images.float().div_(255) if not images.is_floating_point() else images.float()
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s) if x is not images else (x - m) / s
-
-
-def eval_tensors(
-    split: Split,
-    mean: Sequence[float],
-    std: Sequence[float],
-    indices: torch.Tensor | Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised float images ``[N, C, H, W]`` and labels ``[N]`` of ``split`` (or of ``indices`` of it),
-    as the model sees them at evaluation (no augmentation)."""
-    images, labels = split.images, split.labels
-    if indices is not None:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        images, labels = images[index], labels[index]
-    return normalize(images.to(device), mean, std), labels.to(device)
 
 
 def cos_subset(n: int, samples: int, seed: int) -> torch.Tensor:

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     shape = config0.get("image_shape")
     channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
     raw = _load_images(args.images, size, channels).to(device)
-    from ..train import normalize
+    from ..data import normalize
 
     x = normalize(raw, mean, std)
     target = _parse_target(args.target, len(args.images), classes)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import IgradError, resolve_target
 from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
-from .split import LayerSplit, SplitError
+from .split import LayerSplit, SplitError, fold_batchnorm
 
 __all__ = [
     "CAMContext",
@@ -239,6 +239,13 @@ class ScoreCAM(CAMMethod):
     All ``B·K`` masked images of a call are packed into forward batches of ``batch_size``. A constant
     channel gives ``M_k = 0`` and ``x ⊙ M_k = 0`` for every image, so those share one forward of a
     zero image (exact). ``mask_align_corners=True`` upsamples the masks like pytorch-grad-cam.
+
+    ``fold_batchnorm=True`` (default) scores the masked images with a copy of the model whose eval-mode
+    BatchNorm layers are folded into the preceding convolutions (:func:`~igrad.saliency.split.fold_batchnorm`:
+    the same function up to float rounding, one pass less per layer). The copy is used only after it
+    reproduces the call's own logits (``rtol = 1e-4``); it is rebuilt when a weight changes. Where the
+    model cannot be traced or the copy disagrees, the model itself runs (with a warning).
+    ``fold_batchnorm=False`` always runs the model as is.
     """
 
     needs_gradient = False
@@ -250,12 +257,46 @@ class ScoreCAM(CAMMethod):
         *,
         batch_size: int = 64,
         mask_align_corners: bool = False,
+        fold_batchnorm: bool = True,
         progress: bool | None = None,
     ) -> None:
         super().__init__(model, target_layer)
         self.batch_size = _check_batch_size(batch_size)
         self.mask_align_corners = bool(mask_align_corners)
+        self.fold_batchnorm = bool(fold_batchnorm)
         self.progress = progress
+        self._folded: tuple[tuple[tuple[int, int], ...], nn.Module] | None = None
+        self._fold_failed: str | None = None
+
+    def scorer(self, ctx: CAMContext) -> nn.Module:
+        """The network that scores the masked images: the BatchNorm-folded copy when it is enabled, can
+        be built and reproduces ``ctx.logits``; otherwise the model."""
+        if not self.fold_batchnorm or self._fold_failed is not None:
+            return self.model
+        state = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
+        if self._folded is not None and self._folded[0] == state:
+            return self._folded[1]
+        try:
+            folded = fold_batchnorm(self.model)
+            with torch.inference_mode():
+                reproduced = folded(ctx.x)
+            scale = max(1.0, float(ctx.logits.abs().max()))
+            if not (
+                isinstance(reproduced, torch.Tensor)
+                and reproduced.shape == ctx.logits.shape
+                and torch.allclose(reproduced, ctx.logits, rtol=1e-4, atol=1e-4 * scale)
+            ):
+                raise SplitError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
+        except SplitError as exc:
+            self._fold_failed = str(exc)
+            warnings.warn(f"scorecam: {exc}; scoring with the model as is", stacklevel=4)
+            return self.model
+        self._folded = (state, folded)
+        return folded
+
+    def _detach(self) -> None:
+        super()._detach()
+        self._folded = None  # the copy's weights are released with the hooks
 
     def masks(self, activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
@@ -274,9 +315,10 @@ class ScoreCAM(CAMMethod):
         scores = torch.empty(b, k, dtype=torch.float32, device=x.device)
         rows = (~constant).flatten().nonzero()[:, 0]
         batches = (len(rows) + self.batch_size - 1) // self.batch_size
+        net = self.scorer(ctx)
         with torch.inference_mode(), progress_bar(batches + bool(constant.any()), "scorecam", self.progress) as bar:
             if constant.any():
-                zero = self.model(torch.zeros_like(x[:1]))[0].float()
+                zero = net(torch.zeros_like(x[:1]))[0].float()
                 scores[constant] = zero[t[:, None].expand(b, k)[constant]]
                 bar.update()
             for start in range(0, len(rows), self.batch_size):
@@ -285,7 +327,7 @@ class ScoreCAM(CAMMethod):
                 masked = x[img] * self.masks(a[img, ch], size)[:, None].to(x.dtype)
                 # channels-last: the layout CPU convolution kernels run fastest (same values)
                 masked = masked.contiguous(memory_format=torch.channels_last)
-                scores.view(-1)[r] = self.model(masked).gather(1, t[img, None])[:, 0].float()
+                scores.view(-1)[r] = net(masked).gather(1, t[img, None])[:, 0].float()
                 bar.update()
         return torch.softmax(scores, dim=1)
 

@@ -1,4 +1,5 @@
-"""Split a model at a layer with ``torch.fx``, to run only the part after it (used by ``ablationcam``).
+"""``torch.fx`` tools for the methods that run a model many times: split a model at a layer, to run only
+the part after it (``ablationcam``), and fold eval-mode BatchNorm into the convolutions (``scorecam``).
 
 Why fx: Ablation-CAM needs the logits for ``B·K`` ablated copies of the target layer's output. Running
 the whole model on ``B·K`` inputs with a hook that swaps the layer's output (pytorch-grad-cam's way)
@@ -14,6 +15,12 @@ layer's output (the *tail*) can be cut out exactly, functional calls included:
   indexed per image. Most models (ResNet, VGG, DenseNet, MobileNet at their default layers) have none.
 
 The submodules of the tail are the model's own (shared parameters, hooks fire as usual).
+
+:func:`fold_batchnorm` returns a copy of an eval-mode model in which every ``Conv → BatchNorm`` pair
+is one convolution with ``W' = W·γ/√(σ²+ε)`` and ``b' = (b − μ)·γ/√(σ²+ε) + β`` (the same function
+up to float rounding; torch's own ``torch.fx.experimental.optimization.fuse``), with the copy's hooks
+removed. It saves the BatchNorm pass of every forward; callers check the copy against the model's
+own logits before using it.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
-__all__ = ["LayerSplit", "SplitError"]
+__all__ = ["LayerSplit", "SplitError", "fold_batchnorm"]
 
 
 class SplitError(Exception):
@@ -107,3 +115,21 @@ class LayerSplit:
             if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != x.shape[0]:
                 raise SplitError(f"a value that bypasses layer {self.layer!r} is not a per-image tensor")
         return values
+
+
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A traced copy of ``model`` (eval mode) with each ``Conv``/``Linear`` followed by its ``BatchNorm``
+    folded into one layer, and no hooks. Raises :class:`SplitError` when the model cannot be copied or
+    traced, or is in training mode (its BatchNorm then uses batch statistics: nothing to fold)."""
+    if any(m.training for m in model.modules()):
+        raise SplitError(f"{type(model).__name__} is in training mode; BatchNorm is folded only in eval mode")
+    try:
+        folded = fuse(model, inplace=False)
+    except Exception as exc:  # deepcopy or fx tracing can fail in many ways on arbitrary models
+        raise SplitError(f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})") from exc
+    for m in folded.modules():  # the deep copy carries the model's hooks (ours included): drop them
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+        m._backward_hooks.clear()
+        m._backward_pre_hooks.clear()
+    return folded
