@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,10 @@ def bench_curves(args):
     step = 32
     n_points = math.ceil(32 * 32 / step) + 1
     print(f"data: {what}; {args.n} images 3x32x32; model: cifar_resnet18 width {args.width} (untrained)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; step {step} px, {n_points} points/curve")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpus = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f}"
+    print(f"torch {torch.__version__}, {cpus}")
+    print(f"step {step} px, {n_points} points/curve")
     print(f"forwards per method: {2 * args.n * n_points} (insertion + deletion)")
     k = igrad.metrics.blur_kernel().float()[None, None].repeat(3, 1, 1, 1)
     t_igrad = t_base = 0.0
@@ -150,9 +154,12 @@ def main():
     )
     p.add_argument("--blocks", type=int, default=8, help="interleaving blocks (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--evaluate", type=int, default=0, metavar="N", help="also time igrad evaluate on N images")
     p.add_argument("--skip-curves", action="store_true", help="only the --evaluate timing")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.skip_curves:
         bench_curves(args)
     if args.evaluate:

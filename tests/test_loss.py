@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import igrad
+from igrad import IgradError
 from references import batch_statistics, frozen_copy, plain_input_gradient
 
 
@@ -204,3 +205,36 @@ def test_loss_under_bf16_autocast_tracks_float32(stats):
     g16 = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None])
     assert g16.dtype == torch.float32 and torch.isfinite(g16).all()
     assert F.cosine_similarity(g16, g32, dim=0) > 0.9
+
+
+def test_sync_batchnorm_outside_distributed_is_plain_batchnorm():
+    """nn.SyncBatchNorm without a process group uses F.batch_norm, which the rules intercept: the loss
+    and its parameter gradients equal those of the same network with nn.BatchNorm2d."""
+    torch.manual_seed(4)
+    plain = Tiny().double().train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert isinstance(synced.b1, nn.SyncBatchNorm)
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    crit = igrad.GradientAlignmentLoss(stats="batch-frozen")
+    for model in (plain, synced):
+        l_r, logits = crit(model, x, y)
+        (F.cross_entropy(logits, y) + l_r).backward()
+    for (n, a), b in zip(plain.named_parameters(), synced.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
+
+
+class _SynchronisedStatistics(nn.Module):
+    """What nn.SyncBatchNorm does under torch.distributed (world > 1): its statistics come from
+    torch.batch_norm_stats and its own autograd function, not from F.batch_norm."""
+
+    def forward(self, x):
+        mean, invstd = torch.batch_norm_stats(x, 1e-5)
+        return F.relu((x - mean[None, :, None, None]) * invstd[None, :, None, None]).mean((2, 3))
+
+
+def test_synchronised_batchnorm_is_refused_with_a_clear_error():
+    model = _SynchronisedStatistics().train()
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(IgradError, match="SyncBatchNorm with synchronised statistics"):
+        igrad.GradientAlignmentLoss()(model, x, torch.tensor([0, 1, 2, 0]))

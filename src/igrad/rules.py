@@ -217,6 +217,14 @@ class BackwardRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return self._batch_norm(*args, **kwargs)
+        if func is torch.batch_norm_stats:
+            # SyncBatchNorm's synchronised path (training under torch.distributed, world > 1): its own
+            # autograd function couples the samples of all processes and has no double backward
+            raise IgradError(
+                "SyncBatchNorm with synchronised statistics (training under torch.distributed) is not "
+                "supported by the backward rules: the statistics modes need each process's own BatchNorm "
+                "(use nn.BatchNorm2d; igrad train's DDP keeps per-process statistics)"
+            )
         if func is F.conv2d and self.double_backward:
             return self._conv2d(*args, **kwargs)
         if func is F.hardtanh:
