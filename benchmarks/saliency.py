@@ -26,6 +26,7 @@ import time
 import torch
 
 import igrad
+from igrad.data import NORMALIZATION, data_root_from_env, load_split, normalize
 from igrad.saliency import create_method
 
 PAIRS = {
@@ -93,7 +94,15 @@ def main(argv=None):
     else:
         model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width).eval()
         desc = f"cifar_resnet18 width {args.width}, random weights"
-    x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    root = data_root_from_env()
+    if root is not None:  # real test images (a trained model's activations on noise are atypical)
+        split = load_split(root, "test")
+        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(args.seed))[: args.images]
+        x = normalize(split.images[idx], *NORMALIZATION["cifar100"])
+        desc += f"; CIFAR-100 test images from {root}"
+    else:
+        x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+        desc += "; random tensors as images (set IGRAD_DATA for real ones)"
     with torch.no_grad():
         t = model(x).argmax(1)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
