@@ -528,8 +528,11 @@ def _report_markdown(report: Mapping[str, Any], out: Path) -> str:
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
     """The chosen setting on the validation split: among ``λ > 0`` rows whose validation accuracy is at
-    most ``acc_margin`` (absolute) below the ``λ = 0`` row's, the one winning most Grad-CAM metrics
-    against ``λ = 0``; ties broken by validation accuracy, then by mean cos."""
+    most ``acc_margin`` (absolute) below the ``λ = 0`` row's, the one with the most Grad-CAM metrics
+    *clearly* better than ``λ = 0`` (paired 95% interval of the per-image difference excluding 0),
+    then the most metrics better at all, then validation accuracy, then mean cos. When no setting is
+    clearly better on any metric, the choice says so (``"clear": 0`` and a ``"note"``): the
+    differences are then within the noise of the split, and the pick means little."""
     base = next((r for r in rows if r["lam"] == 0), None)
     if base is None:
         return None
@@ -537,18 +540,24 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
     for r in rows:
         if r["lam"] == 0 or r["val_acc"] < base["val_acc"] - acc_margin:
             continue
-        wins = sum(
-            1
-            for k, s in r["gradcam"].items()
-            if (s["mean"] > base["gradcam"][k]["mean"]) == METRICS[k].higher_is_better
-            and s["mean"] != base["gradcam"][k]["mean"]
-        )
-        key = (wins, r["val_acc"], r["val_cos"])
+        vs = r.get("vs_baseline", {})
+        wins = sum(1 for e in vs.values() if e["better"] == "ours")
+        clear = sum(1 for e in vs.values() if e["better"] == "ours" and e.get("significant"))
+        key = (clear, wins, r["val_acc"], r["val_cos"])
         if best_key is None or key > best_key:
             best, best_key = r, key
     if best is None:
         return {"lam": 0.0, "error": None, "wins": 0, "reason": "every λ > 0 lost more than the accuracy margin"}
-    return {"lam": best["lam"], "error": best["error"], "wins": best_key[0], "of": len(best["gradcam"])}
+    chosen = {
+        "lam": best["lam"],
+        "error": best["error"],
+        "clear": best_key[0],
+        "wins": best_key[1],
+        "of": len(best["gradcam"]),
+    }
+    if best_key[0] == 0:
+        chosen["note"] = "no setting is clearly better than λ = 0 on any Grad-CAM metric: within the split's noise"
+    return chosen
 
 
 def ablation(
@@ -610,6 +619,7 @@ def ablation(
     }
     for net in nets:
         rows = []
+        base_res: dict[str, Any] | None = None
         for lam, err in grid:
             name = f"lam{lam:g}" if lam == 0 else f"{err}-lam{lam:g}"
             config = train_config(settings, net, data, lam, root / "runs" / net / name).replace(error=err)
@@ -621,7 +631,11 @@ def ablation(
             res = None
             if stored.is_file():
                 old = json.loads(stored.read_text(encoding="utf-8"))
-                if old.get("reproduce", {}).get("evaluate") == key and old.get("sha256") == _sha256(checkpoint):
+                if (
+                    old.get("reproduce", {}).get("evaluate") == key
+                    and old.get("sha256") == _sha256(checkpoint)
+                    and "per_sample" in old
+                ):
                     res = old
             if res is None:
                 if not quiet:
@@ -644,7 +658,8 @@ def ablation(
                     config=cfg,
                     source=f"{data} (validation split, val_fraction {config.val_fraction})",
                 )
-                res = {k: res[k] for k in ("model", "data", "settings", "results", "timing", "provenance")}
+                kept = ("model", "data", "settings", "results", "per_sample", "timing", "provenance")
+                res = {k: res[k] for k in kept}
                 res["sha256"] = _sha256(checkpoint)
                 res["reproduce"] = {"evaluate": key}
                 atomic_write_json(stored, res)
@@ -662,6 +677,10 @@ def ablation(
                     "n": res["data"]["n"],
                 }
             )
+            if lam == 0:
+                base_res = res
+            elif base_res is not None:  # paired against λ = 0 on the same validation images
+                rows[-1]["vs_baseline"] = compare_results(base_res, res, ci=ev["ci"])["methods"]["gradcam"]
         report["networks"][net] = {"rows": rows, "chosen": _ablation_choice(rows, acc_margin)}
     report["wall_time_s"] = time.perf_counter() - started
     report["provenance"] = provenance({"preset": preset, "settings": settings, "data": data}, ev["seed"])
@@ -669,6 +688,13 @@ def ablation(
     atomic_write_json(root / "results.json", report)
     atomic_write_text(root / "report.md", _ablation_markdown(report))
     return report
+
+
+def _ablation_mark(entry: Mapping[str, Any] | None) -> str:
+    """`` +``/`` −`` for a metric clearly better/worse than λ = 0 (paired interval excluding 0)."""
+    if not entry or not entry.get("significant"):
+        return ""
+    return " +" if entry["better"] == "ours" else " −"
 
 
 def _ablation_markdown(report: Mapping[str, Any]) -> str:
@@ -682,7 +708,9 @@ def _ablation_markdown(report: Mapping[str, Any]) -> str:
         f"- measured on the validation split (val_fraction {t['val_fraction']} of the training set, "
         f"{s['evaluate']['limit']} images for Grad-CAM's metrics), never on the test subset of the main table",
         f"- choice: among λ > 0 within {100 * report['acc_margin']:.0f} accuracy points of λ = 0, the setting "
-        "winning most Grad-CAM metrics against λ = 0 (ties: validation accuracy, then cos)",
+        "with the most Grad-CAM metrics clearly better than λ = 0 (paired 95% interval excluding 0), then the "
+        "most better at all (ties: validation accuracy, then cos)",
+        "- a cell marked + (−) is clearly better (worse) than λ = 0 on the same images",
         f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
         "",
     ]
@@ -700,7 +728,8 @@ def _ablation_markdown(report: Mapping[str, Any]) -> str:
             "|---:|---|---:|---:|" + "---:|" * len(keys) + "---:|",
         ]
         for r in rows:
-            cells = " | ".join(f"{r['gradcam'][k]['mean']:.2f}" for k in keys)
+            vs = r.get("vs_baseline", {})
+            cells = " | ".join(f"{r['gradcam'][k]['mean']:.2f}" + _ablation_mark(vs.get(k)) for k in keys)
             lines.append(
                 f"| {r['lam']:g} | {r['error'] or '-'} | {100 * r['val_acc']:.2f} | {r['val_cos']:.4f} | {cells} | "
                 f"{100 * r['test_acc']:.2f} |"
