@@ -68,9 +68,11 @@ def load_images(n, seed):
 
 def bench_curves(args):
     torch.manual_seed(args.seed)
-    model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width).eval()
+    model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width).eval().to(args.device)
     x, y, what = load_images(args.n, args.seed)
     maps = torch.rand(args.n, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1))
+    x, y, maps = x.to(args.device), y.to(args.device), maps.to(args.device)
+    what += f"; device {args.device}"
     step = 32
     n_points = math.ceil(32 * 32 / step) + 1
     print(f"data: {what}; {args.n} images 3x32x32; model: cifar_resnet18 width {args.width} (untrained)")
@@ -79,7 +81,7 @@ def bench_curves(args):
     print(f"torch {torch.__version__}, {cpus}")
     print(f"step {step} px, {n_points} points/curve")
     print(f"forwards per method: {2 * args.n * n_points} (insertion + deletion)")
-    k = igrad.metrics.blur_kernel().float()[None, None].repeat(3, 1, 1, 1)
+    k = igrad.metrics.blur_kernel().float()[None, None].repeat(3, 1, 1, 1).to(args.device)
     t_igrad = t_base = 0.0
     n_base = min(args.baseline_images, args.n)
     block = max(1, math.ceil(args.n / args.blocks))
@@ -155,6 +157,7 @@ def main():
     p.add_argument("--blocks", type=int, default=8, help="interleaving blocks (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--evaluate", type=int, default=0, metavar="N", help="also time igrad evaluate on N images")
     p.add_argument("--skip-curves", action="store_true", help="only the --evaluate timing")
     args = p.parse_args()

@@ -62,11 +62,18 @@ def run_theirs(model, name, x, t, their_batch):
         return torch.from_numpy(cam(x, targets))
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def best_time(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -82,6 +89,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--checkpoint", help="an igrad checkpoint (a cifar_resnet18) instead of random weights")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,6 +111,8 @@ def main(argv=None):
     else:
         x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
         desc += "; random tensors as images (set IGRAD_DATA for real ones)"
+    model, x = model.to(args.device), x.to(args.device)
+    desc += f"; device {args.device}"
     with torch.no_grad():
         t = model(x).argmax(1)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -124,7 +134,7 @@ def main(argv=None):
         target = TARGETS.get(name, 1.0)
         ok = ratio >= target
         failed += [] if ok else [name]
-        diff = float((ours - theirs).abs().max())
+        diff = float((ours.cpu() - theirs.cpu()).abs().max())
         print(
             f"{name:<12} {args.images / ours_s:>12.1f} {args.images / theirs_s:>10.1f} {ratio:>6.1f}x "
             f"{'>=' + format(target, 'g'):>7} {diff:>10.1e}{'' if ok else '  BELOW TARGET'}",
