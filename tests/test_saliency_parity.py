@@ -287,10 +287,21 @@ def test_scorecam_packs_masks_into_full_batches(cifar_resnet):
     try:
         with create_method("scorecam", cifar_resnet, batch_size=100, fold_batchnorm=False) as m:
             m(x, 0)
-        folded_sizes = list(sizes)
+        plain_sizes = list(sizes)
         sizes.clear()
-        with create_method("scorecam", cifar_resnet, batch_size=100) as m:
+        with create_method("scorecam", cifar_resnet, batch_size=100, fold_batchnorm=True) as m:
             m(x, 0)
+        assert sizes == [3]  # with BatchNorm folded, the masked batches run through the copy, not the model
+        sizes.clear()
+        with create_method("scorecam", cifar_resnet, batch_size=100) as m:  # auto: too few forwards to fold
+            assert 3 * 128 < m.fold_min_forwards
+            m(x, 0)
+        auto_sizes = list(sizes)
+        sizes.clear()
+        with create_method("scorecam", cifar_resnet, batch_size=100) as m:  # auto, enough forwards: folds
+            m.fold_min_forwards = 3 * 128 // 2
+            m(x, 0)
+        assert sizes == [3]
     finally:
         h.remove()
     a, _ = _activation(cifar_resnet, cifar_resnet.layer4, x)
@@ -298,8 +309,8 @@ def test_scorecam_packs_masks_into_full_batches(cifar_resnet):
     live = int((flat.amax(2) > flat.amin(2)).sum())  # non-constant channels over all images
     dead = live < a.shape[0] * a.shape[1]
     expected = [3] + [1] * dead + [100] * (live // 100) + ([live % 100] if live % 100 else [])
-    assert folded_sizes == expected
-    assert sizes == [3]  # with BatchNorm folded, the masked batches run through the copy, not the model
+    assert plain_sizes == expected
+    assert auto_sizes == expected
 
 
 def _with_batchnorm_statistics(model, seed):
@@ -324,7 +335,7 @@ def test_scorecam_folded_batchnorm_parity():
     model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 6)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([1, 4, 0, 9])
-    with create_method("scorecam", model, mask_align_corners=True) as m:
+    with create_method("scorecam", model, mask_align_corners=True, fold_batchnorm=True) as m:
         ours = m(x, t)
         assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m._folded[1].modules())
     theirs = _theirs("ScoreCAM", model, model.layer4, x, t)
@@ -335,7 +346,7 @@ def test_scorecam_refolds_after_a_weight_change():
     torch.manual_seed(8)
     model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 9)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
-    with create_method("scorecam", model) as m:
+    with create_method("scorecam", model, fold_batchnorm=True) as m:
         before = m(x, 3)
         with torch.no_grad():
             model.layer3[0].bn1.running_mean.add_(2.0)  # in place: the cached copy is now stale
@@ -367,7 +378,7 @@ def test_scorecam_untraceable_model_falls_back_to_the_model():
     model = _with_batchnorm_statistics(_DataDependent(), 12)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(13))
     with pytest.warns(UserWarning, match="scoring with the model as is"):
-        with create_method("scorecam", model, "bn") as m:
+        with create_method("scorecam", model, "bn", fold_batchnorm=True) as m:
             fallback = m(x, 2)
     with create_method("scorecam", model, "bn", fold_batchnorm=False) as m:
         plain = m(x, 2)

@@ -240,12 +240,14 @@ class ScoreCAM(CAMMethod):
     channel gives ``M_k = 0`` and ``x ⊙ M_k = 0`` for every image, so those share one forward of a
     zero image (exact). ``mask_align_corners=True`` upsamples the masks like pytorch-grad-cam.
 
-    ``fold_batchnorm=True`` (default) scores the masked images with a copy of the model whose eval-mode
-    BatchNorm layers are folded into the preceding convolutions (:func:`~igrad.saliency.split.fold_batchnorm`:
+    ``fold_batchnorm`` scores the masked images with a copy of the model whose eval-mode BatchNorm
+    layers are folded into the preceding convolutions (:func:`~igrad.saliency.split.fold_batchnorm`:
     the same function up to float rounding, one pass less per layer). The copy is used only after it
-    reproduces the call's own logits (``rtol = 1e-4``); it is rebuilt when a weight changes. Where the
-    model cannot be traced or the copy disagrees, the model itself runs (with a warning).
-    ``fold_batchnorm=False`` always runs the model as is.
+    reproduces the call's own logits (``rtol = 1e-4``); it is kept while the method's hooks are held
+    (a ``with`` block) and rebuilt when a weight changes. Where the model cannot be traced or the copy
+    disagrees, the model itself runs (with a warning). ``None`` (default): fold when a call has at
+    least :attr:`fold_min_forwards` masked images (building the copy costs about as much as a few
+    dozen forwards of a small network) or a copy is already held; ``True``: always; ``False``: never.
     """
 
     needs_gradient = False
@@ -257,25 +259,31 @@ class ScoreCAM(CAMMethod):
         *,
         batch_size: int = 64,
         mask_align_corners: bool = False,
-        fold_batchnorm: bool = True,
+        fold_batchnorm: bool | None = None,
         progress: bool | None = None,
     ) -> None:
         super().__init__(model, target_layer)
         self.batch_size = _check_batch_size(batch_size)
         self.mask_align_corners = bool(mask_align_corners)
-        self.fold_batchnorm = bool(fold_batchnorm)
+        self.fold_batchnorm = None if fold_batchnorm is None else bool(fold_batchnorm)
         self.progress = progress
         self._folded: tuple[tuple[tuple[int, int], ...], nn.Module] | None = None
         self._fold_failed: str | None = None
 
-    def scorer(self, ctx: CAMContext) -> nn.Module:
-        """The network that scores the masked images: the BatchNorm-folded copy when it is enabled, can
-        be built and reproduces ``ctx.logits``; otherwise the model."""
-        if not self.fold_batchnorm or self._fold_failed is not None:
+    #: with ``fold_batchnorm=None``, fold only for calls with at least this many masked images
+    fold_min_forwards: ClassVar[int] = 1024
+
+    def scorer(self, ctx: CAMContext, forwards: int) -> nn.Module:
+        """The network that scores the ``forwards`` masked images: the BatchNorm-folded copy when
+        folding is on (or worth it, see ``fold_batchnorm``), the copy can be built and it reproduces
+        ``ctx.logits``; otherwise the model."""
+        if self.fold_batchnorm is False or self._fold_failed is not None:
             return self.model
         state = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if self._folded is not None and self._folded[0] == state:
             return self._folded[1]
+        if self.fold_batchnorm is None and forwards < self.fold_min_forwards:
+            return self.model
         try:
             folded = fold_batchnorm(self.model)
             with torch.inference_mode():
@@ -315,7 +323,7 @@ class ScoreCAM(CAMMethod):
         scores = torch.empty(b, k, dtype=torch.float32, device=x.device)
         rows = (~constant).flatten().nonzero()[:, 0]
         batches = (len(rows) + self.batch_size - 1) // self.batch_size
-        net = self.scorer(ctx)
+        net = self.scorer(ctx, len(rows))
         with torch.inference_mode(), progress_bar(batches + bool(constant.any()), "scorecam", self.progress) as bar:
             if constant.any():
                 zero = net(torch.zeros_like(x[:1]))[0].float()
