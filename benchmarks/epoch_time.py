@@ -1,4 +1,5 @@
-"""Time per epoch of the reduced-budget (``cpu``) preset, and the data-loading share of it.
+"""Time per epoch of a training preset (``cpu`` by default, ``paper`` with ``--preset paper``), and the
+data-loading share of it.
 
 For CIFAR ResNet-18 and MobileNet-V2 at the preset's width, with λ = 0 and λ > 0, on the real
 CIFAR-100 (``IGRAD_DATA``; else random uint8 images of the same shape, said so in the output), in one
@@ -10,6 +11,7 @@ over the *same* batches, and its share of the full step printed: the loader is n
 when that share is small.
 
     IGRAD_DATA=/path/to/cifar100 python benchmarks/epoch_time.py --steps 10 --threads 1
+    python benchmarks/epoch_time.py --preset paper --device cuda --models cifar_resnet18   # epochs/s on a GPU
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def make_trainer(config: TrainConfig, data: TrainData | None) -> _Trainer:
     return trainer
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_config(config: TrainConfig, data: TrainData | None, steps: int, warmup: int) -> dict[str, float]:
     trainer = make_trainer(config, data)
     order = trainer._epoch_order(0)
@@ -63,14 +70,18 @@ def time_config(config: TrainConfig, data: TrainData | None, steps: int, warmup:
         trainer._train_step(order, 0, s)
     step_times, load_times = [], []
     for s in range(warmup, warmup + steps):
+        sync()
         t = time.perf_counter()
         trainer._batch(order, 0, s)
+        sync()
         load_times.append(time.perf_counter() - t)
         t = time.perf_counter()
         trainer._train_step(order, 0, s)  # includes the same loading work
+        sync()
         step_times.append(time.perf_counter() - t)
     t = time.perf_counter()
     trainer._evaluate()
+    sync()
     eval_time = time.perf_counter() - t
     step = statistics.median(step_times)
     load = statistics.median(load_times)
@@ -91,16 +102,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--lam", type=float, default=None, help="λ of the regularised runs (default: igrad's)")
     parser.add_argument("--models", default="cifar_resnet18,cifar_mobilenet_v2")
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "paper"], help="training preset (default cpu)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     args = parser.parse_args()
     root = data_root_from_env()
     data = None if root is not None else synthetic()
     where = f"real CIFAR-100 at {root}" if root is not None else "random images (IGRAD_DATA not set)"
-    base = TrainConfig.preset_config("cpu", data=str(root) if root else "synthetic", threads=args.threads)
+    base = TrainConfig.preset_config(
+        args.preset, data=str(root) if root else "synthetic", threads=args.threads, device=args.device
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     lam = args.lam if args.lam is not None else base.lam
     print(
-        f"preset cpu: width {base.width}, batch {base.batch_size}, {base.epochs} epochs; data: {where}; "
+        f"preset {args.preset}: width {base.width}, batch {base.batch_size}, {base.epochs} epochs, device "
+        f"{args.device}; data: {where}; "
         f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(f"{args.steps} timed steps after {args.warmup} warm-up steps, extrapolated to one epoch (median step)")
@@ -114,7 +130,7 @@ def main() -> None:
             results[model, lam_value] = r
             print(
                 f"{model:<20}{lam_value:>8g}{r['step']:>9.3f}{r['load']:>10.4f}{100 * r['load'] / r['step']:>9.1f}%"
-                f"{r['eval']:>8.1f}{r['epoch'] / 60:>11.1f}",
+                f"{r['eval']:>8.1f}{r['epoch'] / 60:>11.1f}   ({1 / r['epoch']:.4f} epochs/s)",
                 flush=True,
             )
     print("ratios:")
@@ -125,7 +141,8 @@ def main() -> None:
             f"loader / step = {a['load'] / a['step']:.3f} (λ=0), {b['load'] / b['step']:.3f} (λ>0)"
         )
     total = sum(r["epoch"] for r in results.values()) * base.epochs / 3600
-    print(f"  the four cpu-preset runs of {base.epochs} epochs: about {total:.1f} h on this machine")
+    runs = f"the {len(results)} {args.preset}-preset runs of {base.epochs} epochs"
+    print(f"  {runs}: about {total:.1f} h on this machine")
 
 
 if __name__ == "__main__":
