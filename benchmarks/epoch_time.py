@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from common import sync
 from igrad.data import Split, data_root_from_env
 from igrad.train import TrainConfig, TrainData, _Dist, _Trainer
 
@@ -55,11 +56,6 @@ def make_trainer(config: TrainConfig, data: TrainData | None) -> _Trainer:
     else:
         trainer.setup(None, None)
     return trainer
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def time_config(config: TrainConfig, data: TrainData | None, steps: int, warmup: int) -> dict[str, float]:

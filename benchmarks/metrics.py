@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import igrad
-from igrad.data import NORMALIZATION, data_root_from_env, load_split
+from common import load_images
+from igrad.data import NORMALIZATION, data_root_from_env
 from igrad.metrics import deletion, insertion
 
 
@@ -52,18 +53,6 @@ def rise_single_run(model, img, sal, target, mode, step, blur_kernel):
             coords = order[step * i : step * (i + 1)]
             start.view(1, c, -1)[0, :, coords] = finish.view(1, c, -1)[0, :, coords]
     return scores
-
-
-def load_images(n, seed):
-    root = data_root_from_env()
-    if root is not None:
-        split = load_split(root, "test")
-        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["cifar100"])
-        x = (split.images[idx].float() / 255 - mean) / std
-        return x, split.labels[idx], f"real CIFAR-100 test images from {root}"
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 100, (n,), generator=gen), "random tensors"
 
 
 def bench_curves(args):

@@ -26,7 +26,7 @@ import time
 import torch
 
 import igrad
-from igrad.data import NORMALIZATION, data_root_from_env, load_split, normalize
+from common import load_images, sync
 from igrad.saliency import create_method
 
 PAIRS = {
@@ -60,11 +60,6 @@ def run_theirs(model, name, x, t, their_batch):
         if their_batch:
             cam.batch_size = their_batch
         return torch.from_numpy(cam(x, targets))
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def best_time(fn, repeats):
@@ -102,15 +97,8 @@ def main(argv=None):
     else:
         model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width).eval()
         desc = f"cifar_resnet18 width {args.width}, random weights"
-    root = data_root_from_env()
-    if root is not None:  # real test images (a trained model's activations on noise are atypical)
-        split = load_split(root, "test")
-        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(args.seed))[: args.images]
-        x = normalize(split.images[idx], *NORMALIZATION["cifar100"])
-        desc += f"; CIFAR-100 test images from {root}"
-    else:
-        x = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
-        desc += "; random tensors as images (set IGRAD_DATA for real ones)"
+    x, _, what = load_images(args.images, args.seed)
+    desc += f"; {what}"
     model, x = model.to(args.device), x.to(args.device)
     desc += f"; device {args.device}"
     with torch.no_grad():
