@@ -51,6 +51,17 @@ __all__ = [
 ]
 
 
+def _reproduces(output: object, logits: torch.Tensor) -> bool:
+    """Whether a stand-in network (a traced tail, a BatchNorm-folded copy) gives the model's own
+    ``logits``: same shape, ``|out − logits| ≤ 1e-4·max(1, max|logits|) + 1e-4·|logits|``."""
+    scale = max(1.0, float(logits.abs().max()))
+    return (
+        isinstance(output, torch.Tensor)
+        and output.shape == logits.shape
+        and torch.allclose(output, logits, rtol=1e-4, atol=1e-4 * scale)
+    )
+
+
 @dataclass
 class CAMContext:
     """What a CAM method sees: the input, the target layer's activation ``A [B, K, h, w]`` (detached),
@@ -288,12 +299,7 @@ class ScoreCAM(CAMMethod):
             folded = fold_batchnorm(self.model)
             with torch.inference_mode():
                 reproduced = folded(ctx.x)
-            scale = max(1.0, float(ctx.logits.abs().max()))
-            if not (
-                isinstance(reproduced, torch.Tensor)
-                and reproduced.shape == ctx.logits.shape
-                and torch.allclose(reproduced, ctx.logits, rtol=1e-4, atol=1e-4 * scale)
-            ):
+            if not _reproduces(reproduced, ctx.logits):
                 raise SplitError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
         except SplitError as exc:
             self._fold_failed = str(exc)
@@ -411,8 +417,7 @@ class AblationCAM(CAMMethod):
                 with torch.inference_mode():
                     extra = split.externals(ctx.x)
                     reproduced = split.tail(ctx.activation, *extra)
-                scale = max(1.0, float(ctx.logits.abs().max()))
-                if not torch.allclose(reproduced, ctx.logits, rtol=1e-4, atol=1e-4 * scale):
+                if not _reproduces(reproduced, ctx.logits):
                     raise SplitError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
             except SplitError as exc:
                 warnings.warn(
