@@ -10,6 +10,40 @@ import torch
 from PIL import Image
 from torch import nn
 
+#: Relative agreement of float32 results of one computation run through different kernels (batch size,
+#: thread count, oneDNN or not, CPU kind): each kernel's result is within ~1e-6 of the magnitude of what
+#: it sums, and a network stacks ~10 such kernels, so results agree to ~1e-5 of their magnitude. Every
+#: test that compares across kernels scales this by the magnitude of the compared values (never a bare
+#: absolute tolerance that only holds for one machine's kernel choice).
+F32_KERNEL_RTOL = 1e-5
+
+
+def kernel_atol(values: torch.Tensor, scale: float = 1.0) -> float:
+    """Absolute tolerance for comparing ``values`` computed through different float32 kernels:
+    ``F32_KERNEL_RTOL · max(scale, max|values|)`` (``scale`` a floor for values that may be all small)."""
+    return F32_KERNEL_RTOL * max(scale, float(values.detach().abs().max()))
+
+
+def metric_tolerances(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Bounds on how much SPEC 4's metrics may move when the model's logits move by
+    ``Δ = F32_KERNEL_RTOL · max(1, max|z|)`` (a change of kernels), derived from their formulas.
+
+    A softmax probability moves by a *relative* ``|δp|/p ≤ 2Δ`` (``δ log p = δz_c − Σ_j p_j δz_j``), so:
+    curves (probabilities ≤ 1) by ``2Δ``; an AUC ×100 by ``200Δ``; AD = 100·max(0, 1 − o/p) by
+    ``100·(o/p)·4Δ ≤ 400Δ``; AG = 100·max(0, o − p)/(1 − p) by ``100·(2Δ(o + p) + 2Δp)/(1 − p) ≤
+    600Δ/(1 − p)``. AI (an indicator) can only flip where ``|o − p| ≤ 2Δ(o + p)``: compared exactly.
+    """
+    delta = F32_KERNEL_RTOL * max(1.0, float(logits.detach().abs().max()))
+    p = logits.detach().double().softmax(1).gather(1, target[:, None]).max().item()
+    return {
+        "curve": 2 * delta,
+        "ins": 200 * delta,
+        "del": 200 * delta,
+        "ad": 400 * delta,
+        "ag": 600 * delta / (1 - p),
+        "ai": 0.0,
+    }
+
 
 def batch_statistics(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each BatchNorm's batch mean and biased variance in a training-mode forward of ``model`` on ``x``
@@ -51,6 +85,46 @@ def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     with torch.enable_grad():
         (g,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg, create_graph=create_graph)
     return g
+
+
+def ablation_weights(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """Brute-force Ablation-CAM: ``(A, y, w)`` with ``A`` the layer's output ``[B, K, h, w]``, ``y`` the
+    target logits ``[B]`` and ``w_k = (y − y_k)/y`` ``[B, K]``, ``y_k`` from a *whole-network* forward with
+    channel ``k`` of the layer's output zeroed by a forward hook (one batch of K copies per image)."""
+    zero: list[bool] = [False]
+
+    def hook(mod, inp, out):
+        if zero[0]:
+            out = out.clone()
+            idx = torch.arange(out.shape[0])
+            out[idx, idx] = 0  # copy j has channel j zeroed
+            return out
+        acts.append(out.detach().clone())
+        return None
+
+    acts: list[torch.Tensor] = []
+    h = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            y = model(x).gather(1, target[:, None])[:, 0]
+            zero[0] = True
+            k = acts[0].shape[1]
+            yk = torch.stack([model(x[i : i + 1].expand(k, *x.shape[1:]))[:, int(target[i])] for i in range(len(x))])
+    finally:
+        h.remove()
+    return acts[0], y, (y[:, None] - yk) / y[:, None]
+
+
+def ablation_map_atol(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> float:
+    """How far a normalised Ablation-CAM map ``ReLU(Σ_k w_k A_k)`` may move when the ablated logits move by
+    ``Δ = F32_KERNEL_RTOL · max(1, max|z|)`` (other kernels): ``|δw_k| ≤ 2Δ/|y|`` (a difference of two
+    logits over ``y``), so ``|δS| ≤ 2Δ/|y| · Σ_k |A_k|``; min-max normalisation moves by at most
+    ``3 max|δS| / span(ReLU S)`` per image."""
+    delta = F32_KERNEL_RTOL * max(1.0, float(logits.abs().max()))
+    raw = torch.einsum("bk,bkhw->bhw", w, a).relu().flatten(1)
+    span = (raw.amax(1) - raw.amin(1)).clamp_min(torch.finfo(raw.dtype).tiny)
+    ds = 2 * delta / y.abs() * a.abs().sum(1).flatten(1).amax(1)
+    return float((3 * ds / span).max())
 
 
 CLASSES = ["ant", "bee", "cat", "dog"]

@@ -12,7 +12,7 @@ from torch import nn
 
 import igrad
 from igrad import IgradError, UnsupportedActivationError
-from references import batch_statistics, frozen_copy, plain_input_gradient
+from references import F32_KERNEL_RTOL, batch_statistics, frozen_copy, kernel_atol, plain_input_gradient
 
 
 def snapshot(model: nn.Module):
@@ -60,10 +60,10 @@ def test_guided_matches_pytorch_grad_cam_resnet18_image_by_image():
         theirs = torch.from_numpy(reference(x[i : i + 1], target_category=int(target[i]))).permute(2, 0, 1)
         scale = theirs.abs().max()
         assert scale > 0
-        torch.testing.assert_close(ours[i], theirs, atol=1e-6 * scale, rtol=1e-4)
+        torch.testing.assert_close(ours[i], theirs, atol=kernel_atol(theirs), rtol=F32_KERNEL_RTOL)
     # and the batch of 8 in one call equals 8 single calls
     singles = torch.cat([igrad.gradient(model, x[i : i + 1], target[i : i + 1], guided=True) for i in range(8)])
-    torch.testing.assert_close(ours, singles, atol=1e-7 * ours.abs().max(), rtol=1e-5)
+    torch.testing.assert_close(ours, singles, atol=kernel_atol(ours), rtol=F32_KERNEL_RTOL)
     # the guided gradient is not the standard one
     standard = igrad.gradient(model, x, target)
     assert not torch.allclose(standard, ours, atol=1e-3 * ours.abs().max())

@@ -24,6 +24,7 @@ from igrad.metrics import (
     resolve_metrics,
     summarize,
 )
+from references import metric_tolerances
 
 
 def sigmoid(v: float) -> float:
@@ -243,7 +244,7 @@ def test_agrees_with_straightforward_rise(small_cnn, mode, step):
         assert auc[i].item() == pytest.approx(ref_auc, abs=1e-3)
 
 
-def test_batch_sizes_give_identical_numbers(small_cnn):
+def test_batch_sizes_give_the_same_numbers(small_cnn):
     model, x, maps, target = small_cnn
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     raw = (x * 0.1 + 0.5).clamp(0, 1)  # a plausible normalised image for the masking metrics
@@ -252,11 +253,15 @@ def test_batch_sizes_give_identical_numbers(small_cnn):
         compute_metrics(model, xn, maps, target, "all", mean=mean, std=std, step=23, batch_size=bs) for bs in (1, 7, 64)
     ]
     ref = results[-1]
+    # different batch sizes run different float32 kernels: the numbers agree within what a kernel-level
+    # change of the logits can move them (references.metric_tolerances), not bit for bit
+    with torch.no_grad():
+        tol = metric_tolerances(model(xn), target)
     for res in results[:-1]:
         for k in METRICS:
-            torch.testing.assert_close(res.values[k], ref.values[k], atol=1e-6, rtol=0, msg=k)
+            torch.testing.assert_close(res.values[k], ref.values[k], atol=tol[k], rtol=0, msg=k)
         for k in ("ins", "del"):
-            torch.testing.assert_close(res.curves[k], ref.curves[k], atol=1e-6, rtol=0, msg=k)
+            torch.testing.assert_close(res.curves[k], ref.curves[k], atol=tol["curve"], rtol=0, msg=k)
 
 
 def test_model_modes_and_state_restored(small_cnn):
