@@ -219,11 +219,11 @@ def test_batch_frozen_equals_eval_mode_with_batch_statistics_loaded():
             if not guided
             else igrad.gradient(frozen_ref, x, target, guided=True)
         )
-        ours = igrad.gradient(model, x, target, guided=guided, stats="batch-frozen")
+        ours = igrad.gradient(model, x, target, guided=guided, stats="batch-frozen", train=True)
         torch.testing.assert_close(ours, ref)
     # and the coupled train-mode gradient is different (the samples interact through the statistics)
-    coupled = igrad.gradient(model, x, target, stats="coupled")
-    assert not torch.allclose(coupled, igrad.gradient(model, x, target, stats="batch-frozen"), atol=1e-6)
+    coupled = igrad.gradient(model, x, target, stats="coupled", train=True)
+    assert not torch.allclose(coupled, igrad.gradient(model, x, target, stats="batch-frozen", train=True), atol=1e-6)
     # per-sample: the gradient of sample 0 does not depend on the others once the statistics are fixed
     running = igrad.gradient(model, x, target, stats="running")
     torch.testing.assert_close(running[:1], igrad.gradient(model, x[:1], target[:1], stats="running"))
@@ -235,6 +235,7 @@ def test_gradient_leaves_model_untouched_in_train_mode():
     x = torch.randn(4, 3, 8, 8)
     for stats in igrad.STATS_MODES:
         for guided in (False, True):
+            igrad.gradient(model, x, guided=guided, stats=stats, train=True)
             igrad.gradient(model, x, guided=guided, stats=stats)
     igrad.gradient_cosine(model, x)
     assert_untouched(model, snap)

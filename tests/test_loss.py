@@ -48,7 +48,9 @@ def test_parameter_gradient_matches_central_finite_differences(error, stats):
 
     # reference: L_R(θ) = mean_i E(δx_i(θ), δᴳx_i(θ0)), δx by plain autograd on an eval-mode model whose
     # statistics are the ones the mode prescribes (running, or this batch's), δᴳx held fixed at θ0
-    guided = igrad.gradient(model, x, y, guided=True, stats="running" if stats != "batch-frozen" else stats)
+    guided = igrad.gradient(
+        model, x, y, guided=True, stats="running" if stats != "batch-frozen" else stats, train=True
+    )  # train=True: the model's own (training) modes, as the loss sees it
     err = igrad.ERRORS[error]
 
     # SPEC 1: ∇θ L_R is exact "up to the held-constant statistics": batch statistics measured at θ0

@@ -8,6 +8,7 @@ from .errors import IgradError, UnsupportedActivationError
 from .gradients import gradient, gradient_cosine, input_gradients
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss, register_error
 from .models import create_model, default_target_layer, list_models, register_model
+from .output import LogitsOutput
 from .rules import STATS_MODES, BackwardRules, Phase
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "ERRORS",
     "GradientAlignmentLoss",
     "IgradError",
+    "LogitsOutput",
     "Phase",
     "STATS_MODES",
     "UnsupportedActivationError",

@@ -47,10 +47,9 @@ def resolve_target(target: object, logits: torch.Tensor) -> torch.Tensor:
     """Turn ``target`` into a LongTensor ``[B]`` of class indices for ``logits`` ``[B, K]``.
 
     ``None`` gives the arg-max class of each sample; an ``int`` is used for every sample; a tensor or
-    sequence gives one class per sample. Out-of-range classes raise :class:`IgradError`.
+    sequence gives one class per sample. Out-of-range classes raise :class:`IgradError`. ``logits``
+    come from :func:`igrad.output.model_logits`, which has checked their shape.
     """
-    if logits.dim() != 2:
-        raise IgradError(f"the model must return logits of shape [B, num_classes], got shape {tuple(logits.shape)}")
     batch, num_classes = logits.shape
     if target is None:
         return logits.detach().argmax(dim=1)

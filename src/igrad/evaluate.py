@@ -29,6 +29,7 @@ from .data import normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
+from .output import model_logits
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from .rules import eval_mode
 from .train import evaluate_accuracy
@@ -171,7 +172,7 @@ def evaluate_model(
             x = normalize(split.images[idx].to(device), mean, std)
             labels = split.labels[idx].to(device)
             with torch.no_grad():  # not inference_mode: the targets feed autograd below
-                pred = model(x).argmax(1)
+                pred = model_logits(model, x).argmax(1)
             subset_correct += int((pred == labels).sum())
             tgt = labels if target == "gt" else pred
             targets_used.append(tgt.cpu())

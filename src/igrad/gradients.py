@@ -2,7 +2,9 @@
 
 Every function here is batch-native (one forward, one backward per gradient kind for the whole batch)
 and non-mutating: the model's modules, flags, hooks, training mode and buffers are as before the
-call, also when it raises. The backward rules themselves live in :mod:`igrad.rules`.
+call, also when it raises. By default the model is explained as it is used at inference: every module
+is in eval mode for the call (Dropout off, BatchNorm with its running statistics); ``train=True``
+(the training loss's use) runs it in its own modes. The backward rules live in :mod:`igrad.rules`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from torch import nn
 
 from .errors import check_images, resolve_target
-from .rules import BackwardRules, Phase, preserve_batchnorm_counters
+from .output import model_logits, refuse_probabilities
+from .rules import BackwardRules, Phase, eval_mode, preserve_batchnorm_counters
 
 __all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity"]
 
@@ -44,6 +47,7 @@ def input_gradients(
     update_stats: bool = False,
     allow: Iterable[str] = (),
     parameter_path: bool = True,
+    train: bool = False,
 ) -> InputGradients:
     """Standard and/or guided input gradients of ``y_target`` from **one** forward pass.
 
@@ -53,9 +57,17 @@ def input_gradients(
     gradient. ``create_graph=True`` records the standard pass for double backpropagation; the guided
     pass never does (it is a fixed target).
 
-    With ``update_stats=False`` (the default) a training-mode model's BatchNorm buffers and counters
-    are left untouched. ``parameter_path=False`` declares that ``logits`` will feed no loss (only the
-    gradients will): a later ``backward()`` then skips the forward graph (see :mod:`igrad.rules`).
+    ``train=False`` (default): the model as used at inference, every module in eval mode for the call
+    (Dropout off, BatchNorm with running statistics; each module's flag restored afterwards, also on
+    error), and logits that look like probabilities are refused (:func:`igrad.output.model_logits`).
+    ``train=True``: the model in its own modes, as a training loss needs it (Dropout active,
+    training-mode BatchNorm treated per ``stats``); the logits' values are not inspected (no device
+    synchronisation). With ``update_stats=False`` (the default) a training-mode model's BatchNorm
+    buffers and counters are left untouched. ``parameter_path=False`` declares that ``logits`` will
+    feed no loss (only the gradients will): a later ``backward()`` then skips the forward graph.
+
+    Raises :class:`~igrad.errors.IgradError` for bad images or targets and for a model that does not
+    return logits ``[B, num_classes]``.
     """
     check_images(x)
     rules = BackwardRules(
@@ -67,14 +79,15 @@ def input_gradients(
         parameter_path=parameter_path,
     )
     keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
-    with keep, torch.enable_grad():
+    mode = contextlib.nullcontext() if train else eval_mode(model)
+    with mode, keep, torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         rules.input = xg
         with rules:
-            logits = model(xg)
+            logits = model_logits(model, xg, probabilities=False)
+        if not train:
+            refuse_probabilities(logits, model)
         t = resolve_target(target, logits)
-        if logits.shape[0] != x.shape[0]:
-            raise ValueError(f"model returned {logits.shape[0]} rows of logits for a batch of {x.shape[0]}")
         score = logits.gather(1, t[:, None]).sum()
         g_guided = g_standard = None
         if guided:
@@ -97,17 +110,20 @@ def gradient(
     create_graph: bool = False,
     stats: str = "running",
     allow: Iterable[str] = (),
+    train: bool = False,
 ) -> torch.Tensor:
     """The input gradient ``∂ y_target / ∂ x`` per sample, shaped like ``x`` ``[B, C, H, W]``.
 
     ``target``: a LongTensor ``[B]`` of class indices, an ``int`` for all samples, or ``None`` for
     each sample's arg-max class. ``guided=True`` applies the guided rule of SPEC 1 at every rectifier
-    (``δz = max(δa, 0)·1[z > 0]`` for ReLU, ``·1[0 < z < 6]`` for ReLU6). BatchNorm normalises with
-    the running statistics by default (``stats="running"``: the way a trained model is used, also
-    when the model is in training mode); see :class:`igrad.rules.BackwardRules` for the other modes.
-    Non-linearities other than ReLU/ReLU6 raise unless named in ``allow``, for both kinds of
-    gradient, so that the two are always computed on the same footing. ``create_graph=True`` records
-    the backward pass for higher-order derivatives.
+    (``δz = max(δa, 0)·1[z > 0]`` for ReLU, ``·1[0 < z < 6]`` for ReLU6). The model is explained as
+    used at inference: every module in eval mode for the call (Dropout off, BatchNorm with its running
+    statistics), modes restored afterwards. ``train=True`` keeps the model's own modes; ``stats`` then
+    chooses how training-mode BatchNorm is treated (``"running"``, ``"batch-frozen"``, ``"coupled"``:
+    see :class:`igrad.rules.BackwardRules`). Non-linearities other than ReLU/ReLU6 raise unless named
+    in ``allow``, for both kinds of gradient, so that the two are always computed on the same footing.
+    ``create_graph=True`` records the backward pass for higher-order derivatives. The model must return
+    logits ``[B, num_classes]`` (:func:`igrad.output.model_logits`), else :class:`~igrad.errors.IgradError`.
     """
     res = input_gradients(
         model,
@@ -119,6 +135,7 @@ def gradient(
         guided_graph=create_graph and guided,
         stats=stats,
         allow=allow,
+        train=train,
     )
     return res.guided if guided else res.standard  # type: ignore[return-value]
 
@@ -130,13 +147,14 @@ def gradient_cosine(
     *,
     stats: str = "running",
     allow: Iterable[str] = (),
+    train: bool = False,
 ) -> torch.Tensor:
     """Per-sample ``cos(δx, δᴳx)`` over all C·H·W values, ``[B]`` (see :func:`cosine_similarity`).
 
-    The diagnostic of SPEC 1; measure it with the model in eval mode (the default ``stats="running"``
-    normalises with running statistics whatever the model's mode).
+    The diagnostic of SPEC 1, measured on the model in eval mode (modes restored afterwards) unless
+    ``train=True`` (see :func:`gradient`). Raises :class:`~igrad.errors.IgradError` as :func:`gradient`.
     """
-    res = input_gradients(model, x, target, stats=stats, allow=allow)
+    res = input_gradients(model, x, target, stats=stats, allow=allow, train=train)
     return cosine_similarity(res.standard, res.guided)  # type: ignore[arg-type]
 
 

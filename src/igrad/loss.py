@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .gradients import cosine_similarity, input_gradients
+from .output import model_logits, refuse_probabilities
 from .rules import STATS_MODES, has_training_batchnorm
 
 __all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA"]
@@ -94,6 +95,10 @@ class GradientAlignmentLoss(nn.Module):
 
     Parameters: ``error`` a name in :data:`ERRORS`; ``allow`` non-linearities without a guided rule to
     let through (see :mod:`igrad.rules`).
+
+    The model runs in its own modes (``input_gradients(..., train=True)``). It must return logits
+    ``[B, num_classes]`` (:mod:`igrad.output`); logits that look like probabilities are refused on the
+    first call with each model (a check that costs a device synchronisation, so not every step).
     """
 
     def __init__(self, error: str = "cosine", *, stats: str = DEFAULT_STATS, allow: Iterable[str] = ()) -> None:
@@ -105,6 +110,7 @@ class GradientAlignmentLoss(nn.Module):
         self.error = error
         self.stats = stats
         self.allow = tuple(allow)
+        self._checked: int | None = None  # id of the last model whose logits passed refuse_probabilities
 
     def extra_repr(self) -> str:
         return f"error={self.error!r}, stats={self.stats!r}"
@@ -114,7 +120,7 @@ class GradientAlignmentLoss(nn.Module):
         if not isinstance(target, torch.Tensor):
             raise IgradError(f"target must be a LongTensor of class indices, got {type(target).__name__}")
         two_passes = self.stats == "running" and has_training_batchnorm(_unwrap(model))
-        logits = model(x) if two_passes else None
+        logits = model_logits(model, x, probabilities=False) if two_passes else None
         res = input_gradients(
             _unwrap(model) if two_passes else model,
             x,
@@ -124,6 +130,10 @@ class GradientAlignmentLoss(nn.Module):
             update_stats=not two_passes,
             allow=self.allow,
             parameter_path=not two_passes,
+            train=True,
         )
+        if self._checked != id(model):
+            refuse_probabilities(res.logits if logits is None else logits, model)
+            self._checked = id(model)
         errors = ERRORS[self.error](res.standard.flatten(1), res.guided.flatten(1))  # type: ignore[union-attr]
         return errors.mean(), res.logits if logits is None else logits

@@ -12,7 +12,10 @@ Notation: ``x`` the model's normalised input ``[B, C, H, W]``, ``S`` the salienc
 Every function returns per-sample values (the metric over N images is their mean, see
 :func:`summarize`) and runs batched: the perturbed images of many samples and steps are packed into
 forward batches of ``batch_size`` under :func:`torch.inference_mode`, with BatchNorm/dropout in eval
-mode (the model's modes are restored afterwards). The names of :data:`METRICS` feed the CLI.
+mode (the model's modes are restored afterwards). The model must return logits ``[B, num_classes]``
+(pre-softmax): every forward goes through :func:`igrad.output.model_logits`, so a tuple, a dict or
+probabilities (a model ending in softmax, which would be soft-maxed twice) raise :class:`IgradError`.
+The names of :data:`METRICS` feed the CLI.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
+from .output import model_logits
 from .rules import eval_mode
 
 __all__ = [
@@ -212,16 +216,8 @@ def _check_target(target: object, batch: int, device: torch.device) -> torch.Ten
     return t.long()
 
 
-def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    logits = model(images)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != images.shape[0]:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise IgradError(f"the model must return logits [B, num_classes] for a batch of {images.shape[0]}, got {shape}")
-    return logits
-
-
 def _predicted(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([_forward(model, x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([model_logits(model, x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -281,7 +277,7 @@ def confidence_metrics(
         for i in range(0, x.shape[0], half):
             xi, si, ti = x[i : i + half], maps[i : i + half, None], t[i : i + half]
             masked = ((xi * s + m) * si - m) / s
-            logits = _forward(model, torch.cat([xi, masked]))
+            logits = model_logits(model, torch.cat([xi, masked]))
             both = torch.cat([ti, ti])
             prob = _softmax_prob(logits, resolve_target(both, logits))
             p_parts.append(prob[: len(ti)])
@@ -353,7 +349,7 @@ def causal_curves(
         sample, k = idx // (n + 1), idx % (n + 1)
         changed = ranks[sample] < (k * step).clamp(max=hw)[:, None]  # [m, HW]
         images = torch.where(changed.view(-1, 1, h, w), end[sample], start[sample])
-        logits = _forward(model, images)
+        logits = model_logits(model, images)
         values = score_fn(logits, resolve_target(target[sample], logits))
         if not isinstance(values, torch.Tensor) or values.shape != (len(idx),):
             got = getattr(values, "shape", type(values).__name__)

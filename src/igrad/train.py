@@ -61,6 +61,7 @@ from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss
 from .models import create_model
+from .output import model_logits
 from .provenance import atomic_write_json, atomic_write_text, provenance
 from .rules import STATS_MODES, eval_mode
 
@@ -524,7 +525,7 @@ def _correct(
     for start in range(0, len(index), batch_size):
         x, y = eval_tensors(split, mean, std, index[start : start + batch_size], device)
         with _autocast(device, amp):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model_logits(model, x).argmax(1) == y).sum())
     return correct
 
 
@@ -785,14 +786,16 @@ class _Trainer:
         with eval_mode(self.model):
             try:
                 with torch.no_grad():
-                    logits = self.model(x)
+                    logits = model_logits(self.model, x)
             except RuntimeError as exc:
                 raise IgradError(
                     f"model {c.model!r} cannot process the images of {c.data} "
                     f"(shape {tuple(x.shape[1:])}): {str(exc).splitlines()[0]}"
                 ) from exc
-            if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-                raise IgradError(f"model {c.model!r} returned logits of shape {tuple(logits.shape)}")
+            if logits.shape[1] != self.num_classes:
+                raise IgradError(
+                    f"model {c.model!r} returned logits of shape {tuple(logits.shape)} for {self.num_classes} classes"
+                )
             if c.lam > 0 or c.cos_samples > 0:
                 gradient_cosine(self.model, x, y, allow=c.allow)
 
@@ -1007,7 +1010,7 @@ class _Trainer:
                 l_c = F.cross_entropy(logits.float(), y)
                 loss = l_c + c.lam * l_r.float()
             else:
-                logits = self.ddp(x)
+                logits = model_logits(self.ddp, x, probabilities=False)  # checked in _preflight
                 l_c = F.cross_entropy(logits.float(), y)
                 l_r = torch.zeros((), device=self.device)
                 loss = l_c

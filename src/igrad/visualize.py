@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
+from .output import model_logits
 from .provenance import atomic_write_bytes
 from .rules import eval_mode
 from .saliency import METHODS, create_method, signed_map
@@ -125,7 +126,7 @@ def explain(
             raise unknown_name("saliency method", name, METHODS)
     method_kwargs = method_kwargs or {}
     with torch.no_grad(), eval_mode(model):
-        t = resolve_target(target, model(x))
+        t = resolve_target(target, model_logits(model, x))
     out = {}
     for name in methods:
         layer = target_layer if METHODS[name].uses_layer else None

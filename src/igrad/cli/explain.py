@@ -145,6 +145,7 @@ def _labels(paths: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Compute the maps, write overlays, the grid figure and explain.json."""
     from ..checkpoint import load_model
+    from ..output import model_logits
     from ..provenance import atomic_write_json, provenance
     from ..saliency import METHODS
     from ..visualize import explain, explanation_figure, method_options, render, save_figure, save_image
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     x = normalize(raw, mean, std)
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
-        predicted = [m(x).argmax(1).tolist() for m, _ in loaded]
+        predicted = [model_logits(m, x).argmax(1).tolist() for m, _ in loaded]
     if target is None:
         target = predicted[0]  # the same class for every checkpoint, so that the rows compare like with like
     options = {} if args.batch_size is None else {"batch_size": args.batch_size}

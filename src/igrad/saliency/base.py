@@ -12,9 +12,11 @@ upsamples bilinearly to ``H×W`` (``align_corners=False``, as OpenCV's ``INTER_L
 normalises per image, ``S ← (S − min S) / (max S − min S)`` (a constant map, e.g. all zero, gives 0).
 
 While a call runs the model is in eval mode (maps describe the model as it is used); every module's
-``training`` flag is restored afterwards, also when the call raises. Hooks are owned by the method:
-registered on ``__enter__`` (or for the duration of one call when used without ``with``) and removed
-on ``__exit__``, also on error.
+``training`` flag is restored afterwards, also when the call raises. The model must return logits
+``[B, num_classes]``; every forward goes through :func:`igrad.output.model_logits`, which refuses
+other outputs and probability-valued ones with a clear error (see :class:`igrad.LogitsOutput`).
+Hooks are owned by the method: registered on ``__enter__`` (or for the duration of one call when used
+without ``with``) and removed on ``__exit__``, also on error.
 """
 
 from __future__ import annotations
@@ -150,13 +152,6 @@ def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
     return tqdm(total=total, desc=desc, unit="batch", disable=disable, leave=False)
 
 
-def _first_conv_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
-
-
 # -- the base class ----------------------------------------------------------------------------------
 
 
@@ -185,7 +180,6 @@ class SaliencyMethod:
         else:
             self.layer, self.layer_name = None, None
         self._depth = 0  # nesting of with-blocks / calls that hold the hooks
-        self._in_channels = _first_conv_channels(model)
 
     def __repr__(self) -> str:
         layer = f", layer={self.layer_name!r}" if self.layer_name is not None else ""
@@ -225,12 +219,7 @@ class SaliencyMethod:
         return self._run(self._attribute, x, target).detach()
 
     def _run(self, fn: Callable[[torch.Tensor, TargetLike], torch.Tensor], x: torch.Tensor, target: TargetLike):
-        check_images(x)
-        if self._in_channels is not None and x.shape[1] != self._in_channels:
-            raise IgradError(
-                f"images have {x.shape[1]} channels but {type(self.model).__name__} expects {self._in_channels} "
-                f"(x has shape {tuple(x.shape)}, expected [B, {self._in_channels}, H, W])"
-            )
+        check_images(x)  # the channel count is the model's to check (its error gets a note naming x's shape)
         with self, eval_mode(self.model):
             try:
                 return fn(x, target)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IgradError, resolve_target
+from ..output import model_logits
 from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
 from .split import LayerSplit, SplitError, fold_batchnorm
 
@@ -125,7 +126,7 @@ class CAMMethod(SaliencyMethod):
         self._recording = True
         try:
             with torch.enable_grad() if self.needs_gradient else torch.no_grad():
-                logits = self.model(x.detach().requires_grad_(self.needs_gradient))
+                logits = model_logits(self.model, x.detach().requires_grad_(self.needs_gradient))
         finally:
             self._recording = False
         if len(self._recorded) != 1:
@@ -332,7 +333,7 @@ class ScoreCAM(CAMMethod):
         net = self.scorer(ctx, len(rows))
         with torch.inference_mode(), progress_bar(batches + bool(constant.any()), "scorecam", self.progress) as bar:
             if constant.any():
-                zero = net(torch.zeros_like(x[:1]))[0].float()
+                zero = model_logits(net, torch.zeros_like(x[:1]), probabilities=False)[0].float()
                 scores[constant] = zero[t[:, None].expand(b, k)[constant]]
                 bar.update()
             for start in range(0, len(rows), self.batch_size):
@@ -341,7 +342,8 @@ class ScoreCAM(CAMMethod):
                 masked = x[img] * self.masks(a[img, ch], size)[:, None].to(x.dtype)
                 # channels-last: the layout CPU convolution kernels run fastest (same values)
                 masked = masked.contiguous(memory_format=torch.channels_last)
-                scores.view(-1)[r] = net(masked).gather(1, t[img, None])[:, 0].float()
+                logits = model_logits(net, masked, probabilities=False)
+                scores.view(-1)[r] = logits.gather(1, t[img, None])[:, 0].float()
                 bar.update()
         return torch.softmax(scores, dim=1)
 
@@ -432,6 +434,6 @@ class AblationCAM(CAMMethod):
         """The whole model on ``x`` with the target layer's output replaced by ``ablated``."""
         handle = self.layer.register_forward_hook(lambda m, i, o: ablated)
         try:
-            return self.model(x)
+            return model_logits(self.model, x, probabilities=False)
         finally:
             handle.remove()

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import IgradError, resolve_target
 from ..gradients import gradient
+from ..output import model_logits
 from .base import SaliencyMethod, TargetLike, normalize_maps, progress_bar, register_method, upsample
 from .cam import GradCAM, _check_batch_size
 
@@ -106,7 +107,7 @@ class SmoothGrad(GradientMethod):
 
     def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         with torch.no_grad():
-            t = resolve_target(target, self.model(x))
+            t = resolve_target(target, model_logits(self.model, x))
         b, n = x.shape[0], self.n_samples
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         sigma = self.noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
