@@ -22,7 +22,14 @@ from igrad.metrics import confidence_metrics, deletion, insertion
 from igrad.saliency import create_method
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.3]
-CONFIG = {"model": "cifar_resnet18", "model_kwargs": {"width": 0.125}, "num_classes": 3, "mean": MEAN, "std": STD}
+CONFIG = {
+    "model": "cifar_resnet18",
+    "model_kwargs": {"width": 0.125},
+    "num_classes": 3,
+    "classes": ["apple", "bee", "cat"],
+    "mean": MEAN,
+    "std": STD,
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
-"""Data sets: CIFAR-10/100 through torchvision, or any image folder, as in-memory uint8 tensors.
+"""Data sets: CIFAR-10/100 through torchvision, or any image folder, as in-memory integer tensors.
 
 Small-image data sets fit in memory, and decoding PNGs is the slow part of loading them on a CPU
-machine, so a split is decoded once into ``images`` ``uint8 [N, C, H, W]`` and ``labels``
-``int64 [N]`` (cached on disk under ``$IGRAD_CACHE``, default ``~/.cache/igrad``, keyed by the folder's
-path, file list and modification times). Image folders follow torchvision's ``ImageFolder`` rules,
-so the class index is the position of the class name in sorted order; for the CIFAR-100 copy this
-equals the official fine label (its README).
+machine, so a split is decoded once (:func:`igrad.images.decode_image`) into ``images``
+``uint8 [N, C, H, W]`` (``uint16`` when the folder holds a 16-bit image) and ``labels`` ``int64 [N]``
+(cached on disk under ``$IGRAD_CACHE``, default ``~/.cache/igrad``, keyed by the folder's path, file
+list, modification times and the decoder's version). Image folders follow torchvision's ``ImageFolder``
+rules, so the class index is the position of the class name in sorted order; for the CIFAR-100 copy
+this equals the official fine label (its README). Where a folder meets a trained model (evaluation),
+:func:`match_classes` renumbers its labels to the model's classes by name.
 
 ``IGRAD_DATA`` names the real data (an image-folder root with ``train/`` and ``test/``) for tests,
 benchmarks and the demo.
@@ -13,8 +15,10 @@ benchmarks and the demo.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import IgradError
+from .images import DECODER_VERSION, decode_image, to_unit
 
 __all__ = [
     "Split",
@@ -33,6 +38,7 @@ __all__ = [
     "normalization_for",
     "normalize",
     "eval_tensors",
+    "match_classes",
 ]
 
 #: Per-channel normalisation (mean, std) of the training sets (SPEC 2).
@@ -41,14 +47,14 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
 @dataclass
 class Split:
     """One split of a data set held in memory."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W]
+    images: torch.Tensor  # uint8 [N, C, H, W] (uint16 for 16-bit images)
     labels: torch.Tensor  # int64 [N]
     classes: list[str]
 
@@ -75,7 +81,7 @@ def normalization_for(source: str | os.PathLike[str], split: Split | None = None
         return NORMALIZATION["cifar100"]
     if split is None:
         return NORMALIZATION["imagenet"]
-    x = split.images.float().div_(255)
+    x = to_unit(split.images)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3))
     return tuple(mean.tolist()), tuple(std.tolist())
@@ -83,16 +89,6 @@ def normalization_for(source: str | os.PathLike[str], split: Split | None = None
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("IGRAD_CACHE", Path.home() / ".cache" / "igrad"))
-
-
-def _decode(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise IgradError(f"cannot read image {path}: {exc}") from exc
 
 
 def _folder_split(folder: Path) -> Split:
@@ -108,7 +104,7 @@ def _folder_split(folder: Path) -> Split:
                 files.append((f, idx))
     if not files:
         raise IgradError(f"data folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    key = hashlib.sha256()
+    key = hashlib.sha256(f"decoder {DECODER_VERSION}\n".encode())
     for f, idx in files:
         st = f.stat()
         key.update(f"{f}|{idx}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -120,14 +116,16 @@ def _folder_split(folder: Path) -> Split:
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt below
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(_decode, [f for f, _ in files]))
-    shapes = {a.shape for a in arrays}
+        decoded = list(pool.map(decode_image, [f for f, _ in files]))
+    shapes = {tuple(a.shape[1:]) for a in decoded}
     if len(shapes) != 1:
         raise IgradError(
             f"images in {folder} have different sizes {sorted(shapes)[:3]}; resize them first "
             "(in-memory loading needs one size)"
         )
-    images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+    if any(a.dtype == torch.uint16 for a in decoded):  # 8-bit images join 16-bit ones exactly: v·257/65535 = v/255
+        decoded = [a if a.dtype == torch.uint16 else (a.to(torch.int32) * 257).to(torch.uint16) for a in decoded]
+    images = torch.stack(decoded).numpy()
     labels = np.array([i for _, i in files], dtype=np.int64)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -185,9 +183,9 @@ def load_split(
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, or a float
-    tensor already in ``[0, 1]``)."""
-    x = images.float().div_(255) if not images.is_floating_point() else images.float()
+    """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, uint16
+    (``/65535``), or a float tensor already in ``[0, 1]``)."""
+    x = to_unit(images)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s) if x is not images else (x - m) / s
@@ -207,3 +205,60 @@ def eval_tensors(
         index = torch.as_tensor(indices, dtype=torch.long)
         images, labels = images[index], labels[index]
     return normalize(images.to(device), mean, std), labels.to(device)
+
+
+def match_classes(
+    split: Split,
+    classes: Sequence[str] | None,
+    num_classes: int,
+    *,
+    source: str = "the data",
+    model: str = "the model",
+) -> Split:
+    """``split`` with its labels renumbered to a trained model's class indices, matched by name.
+
+    ``classes`` are the model's class names in output order (a checkpoint's ``config["classes"]``). The
+    split may hold any subset of them, in any order (an image folder numbers its own classes by sorted
+    position); a class name the model does not know is refused (:class:`IgradError` naming it, with
+    close matches). The returned split's ``classes`` are the model's. Without names (``None``: an older
+    checkpoint) the classes are matched by position, with a warning, and only when the split has
+    exactly ``num_classes`` of them. ``source`` and ``model`` name the two sides in messages.
+    """
+    if classes is None:
+        if len(split.classes) != num_classes:
+            raise IgradError(
+                f"{model} stores no class names and has {num_classes} classes, but {source} has "
+                f"{len(split.classes)} ({_few(split.classes)}), so its labels cannot be matched to the model's "
+                "outputs; use data with exactly the model's classes, or a checkpoint that names them "
+                "(igrad train stores them)"
+            )
+        warnings.warn(
+            f"{model} stores no class names: the {num_classes} classes of {source} are matched to its outputs "
+            "by sorted position",
+            stacklevel=2,
+        )
+        return split
+    known = [str(c) for c in classes]
+    if len(known) != num_classes:
+        raise IgradError(f"{model} names {len(known)} classes but has {num_classes} outputs")
+    index = {name: i for i, name in enumerate(known)}
+    unknown = [c for c in split.classes if c not in index]
+    if unknown:
+        hints = []
+        for name in unknown[:5]:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise IgradError(
+            f"{source} has class(es) {', '.join(hints)}{more} that {model} does not know; its {len(known)} classes: "
+            f"{_few(known)}. Rename or remove those class folders"
+        )
+    if split.classes == known:
+        return split
+    lut = torch.tensor([index[c] for c in split.classes], dtype=torch.long)
+    return Split(split.images, lut[split.labels], known)
+
+
+def _few(names: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")

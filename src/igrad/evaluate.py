@@ -116,7 +116,8 @@ def evaluate_model(
     source: str | None = None,
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate saliency ``methods`` with ``metrics`` on ``split`` (an :class:`igrad.data.Split`).
+    """Evaluate saliency ``methods`` with ``metrics`` on ``split`` (an :class:`igrad.data.Split` whose
+    labels are the model's class indices: :func:`igrad.data.match_classes` renumbers a folder's).
 
     Images are the seeded subset :func:`select_indices` ``(len(split), limit, seed)``, normalised with
     ``mean``/``std``, processed ``batch_size`` at a time (saliency maps, then metrics whose forwards
@@ -277,9 +278,11 @@ def evaluate_checkpoint(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model, its
-    normalisation (``config["mean"]``/``["std"]``) and, unless ``data`` is given, ``config["data"]``."""
+    normalisation (``config["mean"]``/``["std"]``) and, unless ``data`` is given, ``config["data"]``.
+    The data's labels are matched to the checkpoint's classes by name (:func:`igrad.data.match_classes`),
+    so ``data`` may hold any subset of them."""
     from .checkpoint import load_model
-    from .data import load_split
+    from .data import load_split, match_classes
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -289,7 +292,13 @@ def evaluate_checkpoint(
         raise IgradError(f"checkpoint {checkpoint} does not name its data set; pass --data")
     if "mean" not in config or "std" not in config:
         raise IgradError(f"checkpoint {checkpoint} config lacks the normalisation (mean, std)")
-    data_split = load_split(source, split)
+    data_split = match_classes(
+        load_split(source, split),
+        config.get("classes"),
+        int(config["num_classes"]),
+        source=f"the {split} split of {source}",
+        model=f"checkpoint {checkpoint}",
+    )
     results = evaluate_model(
         model, data_split, mean=config["mean"], std=config["std"], config=config, source=str(source), **kwargs
     )

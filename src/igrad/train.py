@@ -1,7 +1,8 @@
 """Training with the interpretable-gradient loss (SPEC 1-2): ``L = L_C + λ L_R``.
 
 One call, :func:`fit`, trains any registered network on CIFAR-10/100 (torchvision) or an image folder
-(``train/`` and ``test/`` or ``val/``), held in memory as uint8 tensors (:func:`igrad.data.load_split`).
+(``train/`` and ``test/`` or ``val/``), held in memory as uint8 tensors (uint16 for 16-bit images;
+:func:`igrad.data.load_split`).
 Per step, on a global batch ``B`` of training images:
 
 * augmentation, per sample (SPEC 2): ``RandomCrop(H, padding=4)`` (zero fill), horizontal flip with
@@ -59,6 +60,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Split, eval_tensors, load_split, normalization_for, normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
+from .images import to_unit
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss
 from .models import create_model
 from .output import model_logits
@@ -430,8 +432,8 @@ def augment(
     rotation: float = 15.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """SPEC 2 augmentation, independently per sample, on a uint8 batch ``[B, C, H, W]``; float32 in
-    ``[0, 1]`` out.
+    """SPEC 2 augmentation, independently per sample, on a uint8 (or uint16) batch ``[B, C, H, W]``;
+    float32 in ``[0, 1]`` out.
 
     Equal, sample by sample, to torchvision's ``RandomCrop((H, W), padding)`` (zero fill), then
     ``RandomHorizontalFlip()``, then ``RandomRotation(rotation)`` (nearest, zero fill, about the centre),
@@ -439,8 +441,9 @@ def augment(
     which on a batch tensor means one crop/flip/angle for the whole batch; here the parameters are
     drawn per sample (from ``generator``, on the CPU) and applied in a few batched tensor operations.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise IgradError(f"augment expects uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    if images.dtype not in (torch.uint8, torch.uint16) or images.dim() != 4:
+        got = f"{images.dtype} {tuple(images.shape)}"
+        raise IgradError(f"augment expects uint8 or uint16 images [B, C, H, W], got {got}")
     b, _, h, w = images.shape
     dev = images.device
     x = images
@@ -455,11 +458,11 @@ def augment(
     if flip:
         flips = (torch.rand(b, generator=generator) < 0.5).to(dev)
         x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-    out = x.float()
+    out = to_unit(x)  # nearest-neighbour rotation copies values: scaling first changes nothing
     if rotation > 0:
         angle = (torch.rand(b, generator=generator, dtype=torch.float64) * 2 - 1) * rotation
         out = _rotate(out, angle.to(dev))
-    return out.div_(255)
+    return out
 
 
 def _rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -819,6 +822,14 @@ class _Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         saved = state["config"]
+        names = saved.get("classes")
+        if names is not None and list(names) != list(self.data.classes):
+            added = sorted(set(self.data.classes) - set(names))
+            gone = sorted(set(names) - set(self.data.classes))
+            raise IgradError(
+                f"cannot resume: the classes of {self.config.data} changed since the run was trained "
+                f"(new: {added or 'none'}; missing: {gone or 'none'}); restore the class folders or start a new run"
+            )
         mismatch = [
             k
             for k, v in self.config.to_dict().items()

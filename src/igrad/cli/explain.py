@@ -5,8 +5,9 @@ for CAM methods, a diverging map for signed gradients), grid.png (rows = images,
 with --compare, the two checkpoints' rows side by side: the paper's qualitative figure) and
 explain.json (targets, predictions, files, provenance).
 
-Images are resized to the model's input size (--size, else the checkpoint's image_shape, else 32x32
-for the CIFAR networks and 224x224 otherwise) and normalised with the checkpoint's mean/std.
+Images (PNG, JPEG, BMP, TIFF, ...; 8 or 16 bits; alpha dropped; see igrad.images) are resized to the
+model's input size (--size, else the checkpoint's image_shape, else 32x32 for the CIFAR networks and
+224x224 otherwise) and normalised with the checkpoint's mean/std.
 
 example:
   igrad explain --checkpoint runs/base/best.pt cat.png dog.png --methods gradcam,scorecam --out maps/
@@ -55,24 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_images(paths: list[str], size: tuple[int, int], channels: int = 3) -> torch.Tensor:
-    """Raw pixels in [0, 1], ``[N, channels, H, W]`` (RGB, or grey for 1 channel; antialiased bilinear resize)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    """Raw pixels in [0, 1], ``[N, channels, H, W]`` (RGB, or grey for 1 channel; :func:`igrad.images.decode_image`,
+    so 16-bit files keep their values and alpha is dropped; antialiased bilinear resize)."""
     from torchvision.transforms.v2.functional import resize
 
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise IgradError(f"image {p} does not exist")
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB")).reshape(im.height, im.width, -1)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise IgradError(f"cannot read image {p}: {exc}") from exc
-        img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-        out.append(resize(img, list(size), antialias=True))
-    return torch.stack(out).float() / 255
+    from ..images import decode_image, to_unit
+
+    return torch.stack([to_unit(resize(decode_image(p, channels), list(size), antialias=True)) for p in paths])
 
 
 def _parse_methods(text: str) -> list[str]:
