@@ -142,3 +142,108 @@ def write_folder(root: Path, n_train: int = 12, n_test: int = 4, size: int = 12,
                 img[..., c % 3] += 110 + 50 * (c // 3)
                 Image.fromarray(img).save(d / f"{i:03d}.png")
     return root
+
+
+# -- saliency: brute-force CAM references (one full forward per channel, no igrad) ----------------------
+
+
+def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output of layer, logits)`` of one no-grad forward on a copy of ``x`` (the output copied in the hook,
+    so that in-place operations after the layer cannot change it)."""
+    store = []
+    h = layer.register_forward_hook(lambda m, i, o: store.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            logits = model(x.clone())
+    finally:
+        h.remove()
+    return store[0], logits
+
+
+def finish_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU'd raw maps ``[B, h, w]`` upsampled bilinearly (``align_corners=False``) and min-max normalised
+    per image (0 where constant), written out here."""
+    up = torch.nn.functional.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    out = []
+    for m in up:
+        span = m.max() - m.min()
+        out.append((m - m.min()) / span if span > 0 else torch.zeros_like(m))
+    return torch.stack(out)
+
+
+def brute_ablationcam(model, layer, x, targets, channel_dim=1, to_bchw=lambda t: t, rectify_activation=False):
+    """Ablation-CAM by brute force: for every image and channel k, a full forward of ``model`` with a
+    forward hook that returns the layer's output with channel k (along ``channel_dim``) zeroed;
+    ``w_k = (y − y_k) / y``, ``S = ReLU(Σ_k w_k A_k)`` with ``A = to_bchw(output)``. With
+    ``rectify_activation`` the map is ``Σ_k w_k ReLU(A_k)`` instead (the symptom of an activation
+    overwritten by an in-place ReLU), to show that a test can tell the two apart."""
+    out, logits = layer_output(model, layer, x)
+    maps = []
+    for i, c in enumerate(targets):
+        c = int(c)
+        k_count = out.shape[channel_dim]
+        ys = []
+        for k in range(k_count):
+
+            def zero(m, inp, o, k=k):
+                o = o.clone()
+                o.movedim(channel_dim, 1)[:, k] = 0
+                return o
+
+            h = layer.register_forward_hook(zero)
+            try:
+                with torch.no_grad():
+                    ys.append(model(x[i : i + 1].clone())[0, c])
+            finally:
+                h.remove()
+        y = logits[i, c]
+        w = (y - torch.stack(ys)) / y
+        a = to_bchw(out[i : i + 1])[0]
+        if rectify_activation:
+            a = a.clamp(min=0)
+        maps.append(torch.relu((w[:, None, None] * a).sum(0)))
+    return finish_maps(torch.stack(maps), tuple(x.shape[-2:]))
+
+
+def brute_scorecam(model, layer, x, targets, to_bchw=lambda t: t):
+    """Score-CAM one mask at a time: ``M_k`` = channel k upsampled (``align_corners=False``) and min-max
+    normalised (0 if constant), ``s_k = y_c(x ⊙ M_k)`` by a full forward each, ``w = softmax(s)``."""
+    out, _ = layer_output(model, layer, x)
+    a = to_bchw(out)
+    size = tuple(x.shape[-2:])
+    maps = []
+    for i, c in enumerate(targets):
+        scores = []
+        for k in range(a.shape[1]):
+            up = torch.nn.functional.interpolate(
+                a[i : i + 1, k : k + 1], size=size, mode="bilinear", align_corners=False
+            )[0, 0]
+            span = up.max() - up.min()
+            mask = (up - up.min()) / span if span > 0 else torch.zeros_like(up)
+            with torch.no_grad():
+                scores.append(model((x[i] * mask)[None])[0, int(c)])
+        w = torch.softmax(torch.stack(scores), 0)
+        maps.append(torch.relu((w[:, None, None] * a[i]).sum(0)))
+    return finish_maps(torch.stack(maps), size)
+
+
+def hand_gradcam(model, layer, x, targets, to_bchw=lambda t: t):
+    """Grad-CAM by plain autograd: the layer's output from a forward hook (a copy is handed on, so that an
+    in-place operation after the layer cannot change it), ``α_k = mean_ij ∂y_c/∂A_k``, ``ReLU(Σ α_k A_k)``."""
+    store = []
+
+    def keep(m, i, o):
+        store.append(o)
+        return o.clone()
+
+    h = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.clone())  # the parameters require grad, so the layer's output does
+            score = logits.gather(1, torch.as_tensor(targets)[:, None]).sum()
+            (g,) = torch.autograd.grad(score, store[0])
+    finally:
+        h.remove()
+    a, g = to_bchw(store[0].detach()), to_bchw(g)
+    raw = torch.relu((g.mean((2, 3))[:, :, None, None] * a).sum(1))
+    return finish_maps(raw, tuple(x.shape[-2:]))

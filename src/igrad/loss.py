@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .gradients import cosine_similarity, input_gradients
+from .models import unwrap_model
 from .output import model_logits, refuse_probabilities
 from .rules import STATS_MODES, has_training_batchnorm
 
@@ -73,11 +74,6 @@ def mae_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().mean(1)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel/DataParallel wrapper (for the extra forward)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) else model
-
-
 class GradientAlignmentLoss(nn.Module):
     """``L_R = (1/n) Σ_i E(δx_i, δᴳx_i)``; ``criterion(model, x, target) -> (l_r, logits)``.
 
@@ -119,10 +115,10 @@ class GradientAlignmentLoss(nn.Module):
         """Return ``(L_R, logits)``; ``L_R`` is a scalar differentiable in the model's parameters."""
         if not isinstance(target, torch.Tensor):
             raise IgradError(f"target must be a LongTensor of class indices, got {type(target).__name__}")
-        two_passes = self.stats == "running" and has_training_batchnorm(_unwrap(model))
+        two_passes = self.stats == "running" and has_training_batchnorm(unwrap_model(model))
         logits = model_logits(model, x, probabilities=False) if two_passes else None
         res = input_gradients(
-            _unwrap(model) if two_passes else model,
+            unwrap_model(model) if two_passes else model,
             x,
             target,
             create_graph=True,

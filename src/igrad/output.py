@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from .errors import IgradError
+from .models import unwrap_model
 
 __all__ = ["LogitsOutput", "model_logits", "check_logits", "refuse_probabilities"]
 
@@ -30,12 +31,9 @@ _NOTE = "igrad: raised by"
 
 
 def _name(model: nn.Module) -> str:
-    """The model's class name, with the model it wraps (LogitsOutput, DistributedDataParallel, DataParallel)."""
-    if isinstance(model, LogitsOutput):
-        inner = model.model
-    elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        inner = model.module
-    else:
+    """The model's class name, with the models it wraps (``LogitsOutput(DataParallel(CifarResNet))``)."""
+    inner = model.model if isinstance(model, LogitsOutput) else unwrap_model(model)
+    if inner is model:
         return type(model).__name__
     return f"{type(model).__name__}({_name(inner)})"
 

@@ -9,19 +9,35 @@
 
 Every model carries ``igrad_target_layer``, the dotted name of its default saliency target layer
 (SPEC 3: the last convolutional stage); :func:`default_target_layer` reads it, with a fallback for
-models built elsewhere.
+models built elsewhere. :func:`layer_layout` knows how the layers of torchvision's transformers lay out
+their outputs (Swin: channels-last ``BHWC``; ViT: ``tokens``). Wrappers that hide a network
+(``DataParallel``, ``DistributedDataParallel``, ``torch.compile``'s ``OptimizedModule``, SWA's
+``AveragedModel``) are seen through by :func:`unwrap_model`, the one place that knows them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..errors import IgradError, unknown_name
 
-__all__ = ["register_model", "create_model", "list_models", "default_target_layer", "MODELS"]
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "default_target_layer",
+    "unwrap_model",
+    "wrapper_prefix",
+    "inner_name",
+    "layer_layout",
+    "LAYOUTS",
+    "MODELS",
+]
 
 ModelFn = Callable[..., nn.Module]
 MODELS: dict[str, ModelFn] = {}
@@ -67,25 +83,91 @@ def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     return model
 
 
+# -- wrappers ----------------------------------------------------------------------------------------
+
+
+def _wrapped(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(attribute, inner module)`` when ``model`` is a wrapper whose forward just runs another module."""
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel | AveragedModel):
+        return "module", model.module
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything was torch.compile'd
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        return "_orig_mod", model._orig_mod
+    return None
+
+
+def _peel(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(network inside every wrapper, its dotted path with a trailing dot)``."""
+    prefix = ""
+    while (found := _wrapped(model)) is not None:
+        prefix, model = prefix + found[0] + ".", found[1]
+    return model, prefix
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside the wrappers that hide it, nested in any order: ``DataParallel`` and
+    ``DistributedDataParallel`` (``.module``), ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``),
+    ``torch.optim.swa_utils.AveragedModel`` (``.module``); ``model`` itself when it is not wrapped."""
+    return _peel(model)[0]
+
+
+def wrapper_prefix(model: nn.Module) -> str:
+    """The dotted path of :func:`unwrap_model`'s result inside ``model``, with a trailing dot: ``"module."``
+    for a ``DataParallel``, ``"_orig_mod."`` for a compiled model, ``""`` when not wrapped."""
+    return _peel(model)[1]
+
+
+def inner_name(model: nn.Module, name: str) -> str:
+    """A dotted module name given in ``model`` (``"module.layer4"`` of a ``DataParallel``) or in the
+    unwrapped network (``"layer4"``), as a name in :func:`unwrap_model`'s result: the wrapper's prefix is
+    dropped, unless the unwrapped network itself has a module of the full name."""
+    inner, prefix = _peel(model)
+    if not prefix or not name.startswith(prefix):
+        return name
+    try:
+        inner.get_submodule(name)
+    except AttributeError:
+        return name[len(prefix) :]
+    return name
+
+
+# -- target layers -----------------------------------------------------------------------------------
+
+
 def default_target_layer(model: nn.Module) -> str:
-    """Dotted name of the default saliency target layer (SPEC 3: the last convolutional stage).
+    """Dotted name in ``model`` of the default saliency target layer (SPEC 3: the last convolutional stage).
 
     Uses the model's ``igrad_target_layer`` when set (every model from :func:`create_model`), else
     the torchvision conventions (``layer4`` for ResNets, the last block of ``features`` otherwise),
-    else the top-level child that holds the last ``Conv2d``.
+    else the top-level child that holds the last ``Conv2d``. A wrapped model (:func:`unwrap_model`)
+    gets its network's layer with the wrapper's prefix: ``"module.layer4"`` for a ``DataParallel``.
     """
-    name = getattr(model, "igrad_target_layer", None)
-    if isinstance(name, str):
-        return name
-    from .tv import infer_target_layer
+    inner = unwrap_model(model)
+    name = getattr(inner, "igrad_target_layer", None)
+    if not isinstance(name, str):
+        from .tv import infer_target_layer
 
-    found = infer_target_layer(model)
-    if found is None:
+        name = infer_target_layer(inner)
+    if name is None:
         raise IgradError(
-            f"cannot find a convolutional target layer in {type(model).__name__}: "
+            f"cannot find a convolutional target layer in {type(inner).__name__}: "
             "it has no nn.Conv2d; pass target_layer explicitly"
         )
-    return found
+    return wrapper_prefix(model) + name
+
+
+#: How a layer lays out its output: feature maps ``[B, K, h, w]``, channels-last maps ``[B, h, w, K]``,
+#: or a class token then ``h·w`` patch tokens ``[B, 1 + h·w, K]`` (a vision transformer).
+LAYOUTS = ("BCHW", "BHWC", "tokens")
+
+
+def layer_layout(model: nn.Module, layer: str) -> str | None:
+    """The known layout (one of :data:`LAYOUTS`) of the output of ``model``'s layer ``layer`` (a dotted
+    name, wrappers seen through): torchvision's Swin ``features.*`` and ``norm`` are ``"BHWC"``, its
+    ViT ``encoder.*`` ``"tokens"``; ``None`` when unknown (a 4-D output is then read as ``"BCHW"``)."""
+    from .tv import infer_layout
+
+    return infer_layout(unwrap_model(model), inner_name(model, layer))
 
 
 from . import cifar as _cifar  # noqa: E402,F401  (registers the CIFAR networks)

@@ -1,4 +1,5 @@
-"""Any torchvision classification model by name, and default target layers for torchvision CNNs."""
+"""Any torchvision classification model by name, default target layers for torchvision CNNs, and the
+output layouts of torchvision's transformers."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def create_torchvision_model(name: str, num_classes: int = 1000, weights: Any = 
 
 def infer_target_layer(model: nn.Module) -> str | None:
     """torchvision conventions (as pytorch-grad-cam's docs): ``layer4`` for ResNet-like models,
-    the last child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, ...), else the top-level
-    child that contains the last ``nn.Conv2d``; ``None`` when there is no convolution."""
+    the last child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, Swin, ...), else the
+    top-level child that contains the last ``nn.Conv2d`` (its last block when that child is an
+    ``nn.ModuleList``, which is never called itself: MaxViT's ``blocks.3``); ``None`` when there is no
+    convolution."""
     children = dict(model.named_children())
     if "layer4" in children:
         return "layer4"
@@ -58,4 +61,22 @@ def infer_target_layer(model: nn.Module) -> str | None:
             last = n
     if last is None:
         return None
-    return last.split(".")[0]
+    name = last.split(".")[0]
+    module = model.get_submodule(name)
+    while isinstance(module, nn.ModuleList | nn.ModuleDict) and len(module) > 0:
+        child = list(module._modules)[-1]
+        name, module = f"{name}.{child}", module._modules[child]
+    return name
+
+
+def infer_layout(model: nn.Module, layer: str) -> str | None:
+    """The output layout of ``model``'s layer ``layer`` where torchvision fixes it (see
+    :func:`igrad.models.layer_layout`): Swin keeps ``[B, h, w, C]`` through ``features`` (after the patch
+    embedding's convolution ``features.0.0``) and ``norm``; ViT's ``encoder`` and everything in it
+    carries ``[B, 1 + h·w, D]`` tokens (class token first). ``None`` elsewhere."""
+    if isinstance(model, torchvision.models.SwinTransformer):
+        in_features = layer == "features" or (layer.startswith("features.") and layer != "features.0.0")
+        return "BHWC" if in_features or layer == "norm" else None
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return "tokens" if layer == "encoder" or layer.startswith("encoder.") else None
+    return None

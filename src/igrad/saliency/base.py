@@ -17,6 +17,11 @@ While a call runs the model is in eval mode (maps describe the model as it is us
 other outputs and probability-valued ones with a clear error (see :class:`igrad.LogitsOutput`).
 Hooks are owned by the method: registered on ``__enter__`` (or for the duration of one call when used
 without ``with``) and removed on ``__exit__``, also on error.
+
+A wrapped model (``DataParallel``, ``DistributedDataParallel``, ``torch.compile``, SWA's
+``AveragedModel``; :func:`igrad.models.unwrap_model`) is seen through: the method hooks, traces and runs
+the network inside (same maps, and no replicas or recompilation), and a target layer may be named in
+either (``"module.layer4"`` or ``"layer4"``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IgradError, check_images, unknown_name
-from ..models import default_target_layer
+from ..models import default_target_layer, inner_name, unwrap_model
 from ..rules import eval_mode
 
 __all__ = [
@@ -114,7 +119,11 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = Fa
 
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
     """``(module, dotted name)`` of a target layer given as a module of ``model``, a dotted name (integer
-    parts index ``nn.Sequential``/``nn.ModuleList``), or ``None`` for the model's default layer."""
+    parts index ``nn.Sequential``/``nn.ModuleList``), or ``None`` for the model's default layer.
+
+    A wrapped model is seen through (:func:`igrad.models.unwrap_model`): the name may be given in the
+    wrapper (``"module.layer4"``) or in the network inside (``"layer4"``); the name returned is the latter."""
+    wrapper, model = model, unwrap_model(model)
     if layer is None:
         layer = default_target_layer(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -124,6 +133,7 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.M
         return layer, names[id(layer)]
     if not isinstance(layer, str):
         raise IgradError(f"target_layer must be a module, a dotted name or None, got {type(layer).__name__}")
+    layer = inner_name(wrapper, layer)
     module: nn.Module = model
     for part in layer.split(".") if layer else []:
         child = module._modules.get(part)
@@ -172,7 +182,7 @@ class SaliencyMethod:
     def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise IgradError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = unwrap_model(model)  # the network inside DataParallel, torch.compile, ...
         if self.uses_layer:
             self.layer, self.layer_name = resolve_layer(model, target_layer)
         elif target_layer is not None:

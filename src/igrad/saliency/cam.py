@@ -21,6 +21,19 @@ Differences of definition from pytorch-grad-cam 1.5.7 (``pytorch_grad_cam``), al
   re-runs the whole network for every ablation; ours runs only the layers after the target layer
   (:mod:`igrad.saliency.split`).
 * ``cam``: not in pytorch-grad-cam; no ReLU (Zhou et al.'s class activation map is signed).
+
+Layers whose output is not ``[B, K, h, w]`` (:mod:`igrad.saliency.layout`): ``layout="BHWC"`` (channels
+last) or ``layout="tokens"`` (a vision transformer's ``[B, 1 + h·w, K]``) reads the activation and its
+gradient as ``[B, K, h, w]``, as pytorch-grad-cam's ``reshape_transform`` does; torchvision's Swin and
+ViT layers get theirs automatically (:func:`igrad.models.layer_layout`). Ablation-CAM zeroes channel
+``k`` of the output as it is (the last dimension of ``BHWC``; every token, the class token included, as
+pytorch-grad-cam's ``AblationLayerVit``). Any other output that is not 4-D is refused.
+
+In-place operations: every network run by a method (the model, Ablation-CAM's traced head and tail,
+Score-CAM's folded copy, and the checks that they reproduce the logits) gets tensors the method does not
+read again (a copy where needed), so an in-place operation in the model (DenseNet's
+``F.relu(..., inplace=True)`` after ``norm5``, ``x.add_(...)``) cannot alter the recorded activation,
+the input or a value that bypasses the layer.
 """
 
 from __future__ import annotations
@@ -35,8 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IgradError, resolve_target
+from ..models import layer_layout
 from ..output import model_logits
 from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
+from .layout import channel_dim, check_layout, output_dims, to_bchw
 from .split import LayerSplit, SplitError, fold_batchnorm
 
 __all__ = [
@@ -66,13 +81,20 @@ def _reproduces(output: object, logits: torch.Tensor) -> bool:
 @dataclass
 class CAMContext:
     """What a CAM method sees: the input, the target layer's activation ``A [B, K, h, w]`` (detached),
-    its gradient ``g = ∂y_c/∂A`` (``None`` for gradient-free methods), the logits and the target classes."""
+    its gradient ``g = ∂y_c/∂A`` (``None`` for gradient-free methods), the logits and the target classes;
+    ``output`` is the layer's output as recorded (detached, in its ``layout``; ``A`` is a view of it)."""
 
     x: torch.Tensor
     activation: torch.Tensor
     gradient: torch.Tensor | None
     logits: torch.Tensor
     target: torch.Tensor
+    output: torch.Tensor | None = None
+    layout: str = "BCHW"
+
+    def __post_init__(self) -> None:
+        if self.output is None:  # built by hand from maps [B, K, h, w]
+            self.output, self.layout = self.activation, "BCHW"
 
 
 class CAMMethod(SaliencyMethod):
@@ -83,6 +105,11 @@ class CAMMethod(SaliencyMethod):
     DenseNet's ``F.relu(..., inplace=True)``, cannot alter the recorded activation). Subclasses
     implement :meth:`weights` ``(ctx) -> [B, K]``, or :meth:`cam` for maps that are not
     ``Σ_k w_k A_k``.
+
+    ``layout``: how the layer lays out its output (``"BCHW"``, ``"BHWC"``, ``"tokens"``; see
+    :mod:`igrad.saliency.layout`); ``None`` takes the model's known layout
+    (:func:`igrad.models.layer_layout`), else a 4-D output is read as ``[B, K, h, w]`` and any other is
+    refused.
     """
 
     #: the method needs ``g = ∂y_c/∂A`` (one backward pass)
@@ -90,8 +117,11 @@ class CAMMethod(SaliencyMethod):
     #: the map goes through ReLU before upsampling
     relu: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, target_layer: nn.Module | str | None = None, *, layout: str | None = None
+    ) -> None:
         super().__init__(model, target_layer)
+        self.layout = check_layout(layout) if layout is not None else layer_layout(self.model, self.layer_name)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording = False
         self._recorded: list[torch.Tensor] = []
@@ -112,13 +142,23 @@ class CAMMethod(SaliencyMethod):
     def _hook(self, module: nn.Module, inputs: object, output: object) -> torch.Tensor | None:
         if not self._recording:
             return None
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise IgradError(
-                f"target layer {self.layer_name!r} must output feature maps [B, K, h, w] for {self.name}, got {shape}"
-            )
+        layout = self.layout or "BCHW"
+        if not isinstance(output, torch.Tensor) or output.dim() != output_dims(layout):
+            raise IgradError(self._layout_error(output))
         self._recorded.append(output)
         return output.clone()
+
+    def _layout_error(self, output: object) -> str:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        what = f"target layer {self.layer_name!r} must output"
+        if self.layout is not None:
+            form = "[B, 1 + h·w, K] tokens" if self.layout == "tokens" else "4-D maps"
+            return f"{what} {form} for layout={self.layout!r}, got {shape}"
+        return (
+            f"{what} feature maps [B, K, h, w] for {self.name}, got {shape}: pass layout='BHWC' (channels-last "
+            "[B, h, w, K]) or layout='tokens' (a class token and h·w patch tokens, [B, 1 + h·w, K]) when the "
+            "output is one of those, or choose a convolutional target layer"
+        )
 
     def _forward(self, x: torch.Tensor, target: TargetLike) -> CAMContext:
         """One forward (and, if needed, one backward to the target layer) for the whole batch."""
@@ -126,7 +166,8 @@ class CAMMethod(SaliencyMethod):
         self._recording = True
         try:
             with torch.enable_grad() if self.needs_gradient else torch.no_grad():
-                logits = model_logits(self.model, x.detach().requires_grad_(self.needs_gradient))
+                # a copy (not a leaf): the model may change its input in place; ctx.x stays as given
+                logits = model_logits(self.model, x.detach().requires_grad_(self.needs_gradient).clone())
         finally:
             self._recording = False
         if len(self._recorded) != 1:
@@ -142,7 +183,10 @@ class CAMMethod(SaliencyMethod):
             (grad,) = torch.autograd.grad(score, act, allow_unused=True)
             if grad is None:
                 raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
-        return CAMContext(x.detach(), act.detach(), grad, logits.detach(), t)
+        layout, size, what = self.layout or "BCHW", tuple(x.shape[-2:]), f"target layer {self.layer_name!r}"
+        a = to_bchw(act.detach(), layout, size, what)
+        g = None if grad is None else to_bchw(grad, layout, size, what)
+        return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
 
     def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         ctx = self._forward(x, target)
@@ -204,8 +248,15 @@ class GradCAMPlusPlus(CAMMethod):
     0), ``w_k = Σ_ij a_kij ReLU(g_kij)``, ``S = ReLU(Σ_k w_k A_k)``. ``eps=0`` is the SPEC formula;
     ``eps=1e-6`` is pytorch-grad-cam's."""
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None, *, eps: float = 0.0) -> None:
-        super().__init__(model, target_layer)
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str | None = None,
+        *,
+        eps: float = 0.0,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__(model, target_layer, layout=layout)
         self.eps = float(eps)
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
@@ -273,8 +324,9 @@ class ScoreCAM(CAMMethod):
         mask_align_corners: bool = False,
         fold_batchnorm: bool | None = None,
         progress: bool | None = None,
+        layout: str | None = None,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, layout=layout)
         self.batch_size = _check_batch_size(batch_size)
         self.mask_align_corners = bool(mask_align_corners)
         self.fold_batchnorm = None if fold_batchnorm is None else bool(fold_batchnorm)
@@ -299,7 +351,7 @@ class ScoreCAM(CAMMethod):
         try:
             folded = fold_batchnorm(self.model)
             with torch.inference_mode():
-                reproduced = folded(ctx.x)
+                reproduced = folded(ctx.x.clone())  # the copy may change its input in place
             if not _reproduces(reproduced, ctx.logits):
                 raise SplitError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
         except SplitError as exc:
@@ -372,8 +424,9 @@ class AblationCAM(CAMMethod):
         *,
         batch_size: int = 256,
         progress: bool | None = None,
+        layout: str | None = None,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, layout=layout)
         self.batch_size = _check_batch_size(batch_size)
         self.progress = progress
         self._split: LayerSplit | None = None
@@ -392,19 +445,20 @@ class AblationCAM(CAMMethod):
         return self._split
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        a, t = ctx.activation, ctx.target
-        b, k = a.shape[:2]
+        # ablate the layer's output as it is laid out (channels along channel_dim), then run the tail on it
+        out, t, cdim = ctx.output, ctx.target, channel_dim(ctx.layout)
+        b, k = out.shape[0], out.shape[cdim]
         y = ctx.logits.gather(1, t[:, None])[:, 0].float()
         run = self._tail_runner(ctx)
         scores = y[:, None].expand(b, k).clone()  # a channel that is all zero: ablating it changes nothing
-        rows = (a.flatten(2) != 0).any(2).flatten().nonzero()[:, 0]
+        rows = (out.movedim(cdim, 1).flatten(2) != 0).any(2).flatten().nonzero()[:, 0]
         batches = (len(rows) + self.batch_size - 1) // self.batch_size
         with torch.inference_mode(), progress_bar(batches, "ablationcam", self.progress) as bar:
             for start in range(0, len(rows), self.batch_size):
                 r = rows[start : start + self.batch_size]
                 img, ch = r // k, r % k
-                ablated = a[img].clone()
-                ablated[torch.arange(len(r), device=a.device), ch] = 0
+                ablated = out[img]  # a new tensor (index by a tensor): the tail may change it in place
+                ablated.movedim(cdim, 1)[torch.arange(len(r), device=out.device), ch] = 0
                 scores.view(-1)[r] = run(img, ablated).gather(1, t[img, None])[:, 0].float()
                 bar.update()
         tiny = torch.finfo(y.dtype).tiny
@@ -416,9 +470,9 @@ class AblationCAM(CAMMethod):
         split = self.split()
         if split is not None:
             try:
-                with torch.inference_mode():
-                    extra = split.externals(ctx.x)
-                    reproduced = split.tail(ctx.activation, *extra)
+                with torch.inference_mode():  # copies: head and tail may change their inputs in place
+                    extra = split.externals(ctx.x.clone())
+                    reproduced = split.tail(ctx.output.clone(), *[e.clone() for e in extra])
                 if not _reproduces(reproduced, ctx.logits):
                     raise SplitError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
             except SplitError as exc:
@@ -426,7 +480,7 @@ class AblationCAM(CAMMethod):
                     f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
                 )
                 self._split, self._split_failed = None, str(exc)
-            else:
+            else:  # e[img] is a new tensor per batch
                 return lambda img, ablated: split.tail(ablated, *[e[img] for e in extra])
         return lambda img, ablated: self._replace_run(ctx.x[img], ablated)
 

@@ -158,9 +158,14 @@ class GuidedGradCAM(GradCAM):
     signed: ClassVar[bool] = True
 
     def __init__(
-        self, model: nn.Module, target_layer: nn.Module | str | None = None, *, allow: Iterable[str] = ()
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | str | None = None,
+        *,
+        allow: Iterable[str] = (),
+        layout: str | None = None,
     ) -> None:
-        super().__init__(model, target_layer)
+        super().__init__(model, target_layer, layout=layout)
         self.allow = tuple(allow)
 
     def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
