@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,52 @@ def write_folder(root: Path, n_train: int = 12, n_test: int = 4, size: int = 12,
                 img[..., c % 3] += 110 + 50 * (c // 3)
                 Image.fromarray(img).save(d / f"{i:03d}.png")
     return root
+
+
+class _GuidedRectifierFn(torch.autograd.Function):
+    """ReLU (``upper=None``) or ReLU6 with the guided rule of SPEC 1 written out by hand:
+    ``δz = max(δa, 0) · 1[z > 0]`` (ReLU), ``· 1[0 < z < 6]`` (ReLU6)."""
+
+    @staticmethod
+    def forward(ctx, z, upper):
+        ctx.save_for_backward(z)
+        ctx.upper = upper
+        return z.clamp(min=0) if upper is None else z.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        mask = z > 0 if ctx.upper is None else (z > 0) & (z < ctx.upper)
+        return grad.clamp(min=0) * mask, None
+
+
+class GuidedRectifier(nn.Module):
+    """A module applying :class:`_GuidedRectifierFn` (swapped in for ``nn.ReLU`` / ``nn.ReLU6``)."""
+
+    def __init__(self, upper=None):
+        super().__init__()
+        self.upper = upper
+
+    def forward(self, z):
+        return _GuidedRectifierFn.apply(z, self.upper)
+
+
+def guided_by_module_swap(model: nn.Module, x: torch.Tensor, target: torch.Tensor, forward=None) -> torch.Tensor:
+    """Guided backprop the way pytorch-grad-cam and captum do it, independently of igrad: a copy of ``model``
+    with every ``nn.ReLU`` / ``nn.ReLU6`` module replaced by :class:`GuidedRectifier`, differentiated by plain
+    autograd. ``forward(self, x)`` replaces the copy's ``forward`` where the model calls a rectifier
+    functionally (the rewritten forward must use a ``GuidedRectifier`` there). Returns the gradient and the
+    number of modules swapped."""
+    ref = copy.deepcopy(model)
+    swapped = 0
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(parent, name, GuidedRectifier())
+                swapped += 1
+            elif type(child) is nn.ReLU6:
+                setattr(parent, name, GuidedRectifier(6.0))
+                swapped += 1
+    if forward is not None:
+        ref.forward = types.MethodType(forward, ref)
+    return plain_input_gradient(ref, x, target), swapped
