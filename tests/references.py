@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import numpy as np
@@ -87,32 +88,29 @@ def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     return g
 
 
-def ablation_weights(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor):
-    """Brute-force Ablation-CAM: ``(A, y, w)`` with ``A`` the layer's output ``[B, K, h, w]``, ``y`` the
-    target logits ``[B]`` and ``w_k = (y − y_k)/y`` ``[B, K]``, ``y_k`` from a *whole-network* forward with
-    channel ``k`` of the layer's output zeroed by a forward hook (one batch of K copies per image)."""
-    zero: list[bool] = [False]
+def ablation_weights(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor, channel_dim: int = 1):
+    """Brute-force Ablation-CAM weights: ``(A, y, w)`` with ``A`` the layer's output (its own layout),
+    ``y`` the target logits ``[B]`` and ``w_k = (y − y_k)/y`` ``[B, K]``, ``y_k`` from a *whole-network*
+    forward with channel ``k`` (along ``channel_dim``) of the layer's output zeroed by a forward hook (one
+    batch of K copies of the image, copy j with channel j zeroed)."""
+    out, logits = layer_output(model, layer, x)
+    k = out.shape[channel_dim]
 
-    def hook(mod, inp, out):
-        if zero[0]:
-            out = out.clone()
-            idx = torch.arange(out.shape[0])
-            out[idx, idx] = 0  # copy j has channel j zeroed
-            return out
-        acts.append(out.detach().clone())
-        return None
+    def zero(mod, inp, o):
+        o = o.clone()
+        idx = torch.arange(k)
+        o.movedim(channel_dim, 1)[idx, idx] = 0
+        return o
 
-    acts: list[torch.Tensor] = []
-    h = layer.register_forward_hook(hook)
+    h = layer.register_forward_hook(zero)
     try:
         with torch.no_grad():
-            y = model(x).gather(1, target[:, None])[:, 0]
-            zero[0] = True
-            k = acts[0].shape[1]
-            yk = torch.stack([model(x[i : i + 1].expand(k, *x.shape[1:]))[:, int(target[i])] for i in range(len(x))])
+            copies = [x[i : i + 1].repeat(k, *[1] * (x.dim() - 1)) for i in range(len(x))]
+            yk = torch.stack([model(xc)[:, int(c)] for xc, c in zip(copies, target, strict=True)])
     finally:
         h.remove()
-    return acts[0], y, (y[:, None] - yk) / y[:, None]
+    y = logits.gather(1, target[:, None])[:, 0]
+    return out, y, (y[:, None] - yk) / y[:, None]
 
 
 def ablation_map_atol(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> float:
@@ -172,37 +170,15 @@ def finish_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def brute_ablationcam(model, layer, x, targets, channel_dim=1, to_bchw=lambda t: t, rectify_activation=False):
-    """Ablation-CAM by brute force: for every image and channel k, a full forward of ``model`` with a
-    forward hook that returns the layer's output with channel k (along ``channel_dim``) zeroed;
-    ``w_k = (y − y_k) / y``, ``S = ReLU(Σ_k w_k A_k)`` with ``A = to_bchw(output)``. With
-    ``rectify_activation`` the map is ``Σ_k w_k ReLU(A_k)`` instead (the symptom of an activation
-    overwritten by an in-place ReLU), to show that a test can tell the two apart."""
-    out, logits = layer_output(model, layer, x)
-    maps = []
-    for i, c in enumerate(targets):
-        c = int(c)
-        k_count = out.shape[channel_dim]
-        ys = []
-        for k in range(k_count):
-
-            def zero(m, inp, o, k=k):
-                o = o.clone()
-                o.movedim(channel_dim, 1)[:, k] = 0
-                return o
-
-            h = layer.register_forward_hook(zero)
-            try:
-                with torch.no_grad():
-                    ys.append(model(x[i : i + 1].clone())[0, c])
-            finally:
-                h.remove()
-        y = logits[i, c]
-        w = (y - torch.stack(ys)) / y
-        a = to_bchw(out[i : i + 1])[0]
-        if rectify_activation:
-            a = a.clamp(min=0)
-        maps.append(torch.relu((w[:, None, None] * a).sum(0)))
-    return finish_maps(torch.stack(maps), tuple(x.shape[-2:]))
+    """Ablation-CAM by brute force (:func:`ablation_weights`): ``S = ReLU(Σ_k w_k A_k)`` with
+    ``A = to_bchw(output)``, upsampled and normalised by :func:`finish_maps`. With ``rectify_activation``
+    the map is ``Σ_k w_k ReLU(A_k)`` instead (the symptom of an activation overwritten by an in-place
+    ReLU), to show that a test can tell the two apart."""
+    out, _, w = ablation_weights(model, layer, x, torch.as_tensor(targets), channel_dim)
+    a = to_bchw(out)
+    if rectify_activation:
+        a = a.clamp(min=0)
+    return finish_maps(torch.einsum("bk,bkhw->bhw", w, a).relu(), tuple(x.shape[-2:]))
 
 
 def brute_scorecam(model, layer, x, targets, to_bchw=lambda t: t):
@@ -247,3 +223,52 @@ def hand_gradcam(model, layer, x, targets, to_bchw=lambda t: t):
     a, g = to_bchw(store[0].detach()), to_bchw(g)
     raw = torch.relu((g.mean((2, 3))[:, :, None, None] * a).sum(1))
     return finish_maps(raw, tuple(x.shape[-2:]))
+
+
+class _GuidedRectifierFn(torch.autograd.Function):
+    """ReLU (``upper=None``) or ReLU6 with the guided rule of SPEC 1 written out by hand:
+    ``δz = max(δa, 0) · 1[z > 0]`` (ReLU), ``· 1[0 < z < 6]`` (ReLU6)."""
+
+    @staticmethod
+    def forward(ctx, z, upper):
+        ctx.save_for_backward(z)
+        ctx.upper = upper
+        return z.clamp(min=0) if upper is None else z.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        mask = z > 0 if ctx.upper is None else (z > 0) & (z < ctx.upper)
+        return grad.clamp(min=0) * mask, None
+
+
+class GuidedRectifier(nn.Module):
+    """A module applying :class:`_GuidedRectifierFn` (swapped in for ``nn.ReLU`` / ``nn.ReLU6``)."""
+
+    def __init__(self, upper=None):
+        super().__init__()
+        self.upper = upper
+
+    def forward(self, z):
+        return _GuidedRectifierFn.apply(z, self.upper)
+
+
+def guided_by_module_swap(model: nn.Module, x: torch.Tensor, target: torch.Tensor, forward=None) -> torch.Tensor:
+    """Guided backprop the way pytorch-grad-cam and captum do it, independently of igrad: a copy of ``model``
+    with every ``nn.ReLU`` / ``nn.ReLU6`` module replaced by :class:`GuidedRectifier`, differentiated by plain
+    autograd. ``forward(self, x)`` replaces the copy's ``forward`` where the model calls a rectifier
+    functionally (the rewritten forward must use a ``GuidedRectifier`` there). Returns the gradient and the
+    number of modules swapped."""
+    ref = copy.deepcopy(model)
+    swapped = 0
+    for parent in list(ref.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(parent, name, GuidedRectifier())
+                swapped += 1
+            elif type(child) is nn.ReLU6:
+                setattr(parent, name, GuidedRectifier(6.0))
+                swapped += 1
+    if forward is not None:
+        ref.forward = types.MethodType(forward, ref)
+    return plain_input_gradient(ref, x, target), swapped

@@ -17,17 +17,24 @@ standard gradient (with ``create_graph=True``) and the final ``loss.backward()``
   exact double backward built on the native weight-gradient kernel (see :class:`_Conv2d`).
 
 Everything is recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
-(``nn.ReLU``, ``nn.ReLU6``, in-place or not) and functional forms (``F.relu``, ``torch.relu``,
-``Tensor.relu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``, the in-place variants) are all covered without
-touching the model: no module is replaced, no flag flipped, no hook registered on the model.
-Any other non-linearity met during the forward raises :class:`UnsupportedActivationError`, unless
-its name is in ``allow`` (then it keeps its ordinary backward).
+(``nn.ReLU``, ``nn.ReLU6``, ``nn.Threshold(0, 0)``, ``nn.Hardtanh(0, 6)``, in-place or not) and functional
+forms (``F.relu``, ``torch.relu``, ``Tensor.relu``, ``F.relu6``, ``F.hardtanh(x, 0, 6)``, ``torch.clamp`` /
+``torch.clip`` / ``clamp_min`` with bounds ``(0, None)`` or ``(0, 6)``, ``F.threshold(x, 0, 0)``, the in-place
+variants) are all covered without touching the model: no module is replaced, no flag flipped, no hook
+registered on the model. Every other call whose result lies on the gradient path (differentiable and
+depending on the input) must be in the allow-list of :mod:`igrad.calls` (linear maps, products, pooling,
+shape operations, dropout, per-sample normalisations, which keep their ordinary backward); anything else
+raises :class:`UnsupportedActivationError` naming the function and the module that called it, unless its
+name is in ``allow`` (then it keeps its ordinary backward). Calls off the path (shape queries, integer and
+boolean results, computations of the parameters alone or under ``no_grad``) pass untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import enum
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,19 +45,31 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from .calls import (
+    DIVISIONS,
+    INPLACE,
+    NOT_A_RECTIFIER,
+    PASS,
+    RECTIFIER_FORMS,
+    allow_name,
+    known_short_names,
+    qualified_name,
+    rectifier_upper,
+)
 from .errors import IgradError, UnsupportedActivationError
 
 __all__ = [
     "STATS_MODES",
     "Phase",
     "BackwardRules",
-    "NONLINEARITIES",
     "preserve_batchnorm_counters",
     "eval_mode",
 ]
 
 #: Statistics modes for the regulariser's input-gradient passes (SPEC 1).
 STATS_MODES = ("running", "batch-frozen", "coupled")
+
+_PASS_BUT_CONV2D = PASS - {F.conv2d}
 
 
 class Phase(enum.Enum):
@@ -59,50 +78,6 @@ class Phase(enum.Enum):
     FREE = "free"  # ordinary autograd (e.g. the final loss.backward())
     STANDARD = "standard"  # the standard input gradient δx (statistics held constant)
     GUIDED = "guided"  # the guided input gradient δᴳx
-
-
-#: Rectifier calls and their upper bound (``None``: ReLU, ``6.0``: ReLU6; ``F.hardtanh(x, 0, 6)`` too).
-_RECTIFIERS: dict[Callable[..., Any], float | None] = {
-    **dict.fromkeys((F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu_)),
-    F.relu6: 6.0,
-}
-_INPLACE = {torch.relu_, torch.Tensor.relu_, F.relu_}
-
-#: Non-linearities without a guided rule, by the name used in ``allow`` and error messages, with the
-#: module classes that call them (for naming the culprit module).
-NONLINEARITIES: dict[str, tuple[tuple[Callable[..., Any], ...], tuple[type[nn.Module], ...]]] = {
-    "gelu": ((F.gelu,), (nn.GELU,)),
-    "silu": ((F.silu,), (nn.SiLU,)),
-    "hardswish": ((F.hardswish,), (nn.Hardswish,)),
-    "hardsigmoid": ((F.hardsigmoid,), (nn.Hardsigmoid,)),
-    "sigmoid": (
-        (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid),
-        (nn.Sigmoid,),
-    ),
-    "tanh": ((torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh), (nn.Tanh,)),
-    "elu": ((F.elu, F.elu_), (nn.ELU,)),
-    "selu": ((F.selu, torch.selu, torch.selu_), (nn.SELU,)),
-    "celu": ((F.celu, torch.celu, torch.celu_), (nn.CELU,)),
-    "leaky_relu": ((F.leaky_relu, F.leaky_relu_), (nn.LeakyReLU,)),
-    "prelu": ((F.prelu, torch.prelu), (nn.PReLU,)),
-    "rrelu": ((F.rrelu, F.rrelu_), (nn.RReLU,)),
-    "softplus": ((F.softplus,), (nn.Softplus,)),
-    "mish": ((F.mish,), (nn.Mish,)),
-    "logsigmoid": ((F.logsigmoid,), (nn.LogSigmoid,)),
-    "softsign": ((F.softsign,), (nn.Softsign,)),
-    "tanhshrink": ((F.tanhshrink,), (nn.Tanhshrink,)),
-    "glu": ((F.glu,), (nn.GLU,)),
-    "threshold": ((F.threshold, F.threshold_), (nn.Threshold,)),
-    "hardtanh": ((), (nn.Hardtanh,)),  # F.hardtanh other than (0, 6); classified at call time
-}
-
-_OTHER_FUNCS: dict[Callable[..., Any], str] = {fn: name for name, (fns, _) in NONLINEARITIES.items() for fn in fns}
-
-
-def _hardtanh_bounds(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
-    lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return float(lo), float(hi)
 
 
 @dataclass
@@ -135,7 +110,9 @@ class BackwardRules(TorchFunctionMode):
     update_stats:
         whether ``batch-frozen`` updates the running statistics as ordinary training would.
     allow:
-        names of non-linearities (see :data:`NONLINEARITIES`) to let through with their ordinary backward.
+        names of functions without a guided rule to let through with their ordinary backward, as the
+        error refusing them names them (``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"softmax"``, ``"pow"``,
+        ``"clamp"``, ...; see :func:`igrad.calls.allow_name`).
     model:
         optional, only used to name the offending module in error messages.
     double_backward:
@@ -163,16 +140,13 @@ class BackwardRules(TorchFunctionMode):
         self.stats = stats
         self.update_stats = update_stats
         self.model = model
-        self.allow = frozenset(a.lower() for a in allow)
-        unknown = self.allow - set(NONLINEARITIES)
-        if unknown:
-            raise IgradError(
-                f"unknown non-linearity name(s) in allow: {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(NONLINEARITIES))}"
-            )
+        self.allow = _check_allow(allow)
         self._state = _State(parameter_path=parameter_path)
         self.input: torch.Tensor | None = None  # the leaf the input gradients are taken for, if known
         self.rectifiers = 0  # rectifier calls seen (for diagnostics and tests)
+        # the calls with a rule of their own, and the allow-list (minus the convolution when it has one)
+        self._handlers = _HANDLERS_DOUBLE if double_backward else _HANDLERS
+        self._pass = _PASS_BUT_CONV2D if double_backward else PASS
 
     # -- hooks: they consult the shared state, so one recorded graph serves every pass -------------
     def _conv2d(
@@ -215,55 +189,97 @@ class BackwardRules(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.batch_norm:
-            return self._batch_norm(*args, **kwargs)
-        if func is torch.batch_norm_stats:
-            # SyncBatchNorm's synchronised path (training under torch.distributed, world > 1): its own
-            # autograd function couples the samples of all processes and has no double backward
-            raise IgradError(
-                "SyncBatchNorm with synchronised statistics (training under torch.distributed) is not "
-                "supported by the backward rules: the statistics modes need each process's own BatchNorm "
-                "(use nn.BatchNorm2d; igrad train's DDP keeps per-process statistics)"
-            )
-        if func is F.conv2d and self.double_backward:
-            return self._conv2d(*args, **kwargs)
-        if func is F.hardtanh:
-            if _hardtanh_bounds(args, kwargs) != (0.0, 6.0):
-                self._refuse("hardtanh", func)
-                return func(*args, **kwargs)
-            upper: float | None = 6.0
-        elif func in _RECTIFIERS:
-            upper = _RECTIFIERS[func]
-        else:
-            if func in _OTHER_FUNCS:
-                self._refuse(_OTHER_FUNCS[func], func)
+        if func in self._pass:  # most calls: linear maps, shape operations, queries
             return func(*args, **kwargs)
+        handler = self._handlers.get(func)
+        if handler is not None:
+            return handler(self, func, args, kwargs)
+        return self._unknown(func, args, kwargs)
+
+    def _unknown(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run a function the engine has no rule for; refuse it if its result is on the gradient path
+        (differentiable and depending on the input) unless it is allowed."""
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled() and _requires_grad(out):
+            name = allow_name(func)
+            if name.lower() not in self.allow and self._reaches_input(out):
+                raise UnsupportedActivationError(
+                    f"{name!r} ({qualified_name(func)}){_calling_module(self.model)} is on the gradient path, "
+                    "but guided backpropagation is only defined for ReLU and ReLU6 (linear, pooling and shape "
+                    f"operations pass unchanged) and igrad knows no rule for it. Pass allow=[{name!r}] to "
+                    "keep its ordinary backward."
+                )
+        return out
+
+    def _reaches_input(self, out: Any) -> bool:
+        """Whether the autograd graph of ``out`` leads back to :attr:`input` (``True`` when no input is
+        set): results of the parameters alone are constants for the input gradients. Walked only for
+        results of unknown functions, before refusing them."""
+        tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+        if self.input is None or any(t is self.input for t in tensors):
+            return True
+        stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+        seen = set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if getattr(node, "variable", None) is self.input:
+                return True
+            stack.extend(n for n, _ in node.next_functions)
+        return False
+
+    def _rectifier(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call that may be written a rectifier: ReLU/ReLU6 get the guided rule, other bounds are
+        non-linearities without one."""
+        x, lo, hi, inplace = RECTIFIER_FORMS[func](args, kwargs)
+        upper = rectifier_upper(lo, hi)
+        if upper is NOT_A_RECTIFIER:
+            return self._unknown(func, args, kwargs)
         self.rectifiers += 1
-        x = args[0] if args else kwargs.get("input", kwargs.get("self"))
         if not isinstance(x, torch.Tensor) or not x.requires_grad or not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        inplace = func in _INPLACE or bool(kwargs.get("inplace", False))
-        if func in (F.relu, F.relu6) and len(args) > 1:
-            inplace = bool(args[1])
-        elif func is F.hardtanh and len(args) > 3:
-            inplace = bool(args[3])
-        return _Rectifier.apply(x, upper, inplace, self._state)
+        return _Rectifier.apply(x, upper, inplace or func in INPLACE, self._state)
 
-    def _refuse(self, name: str, func: Callable[..., Any]) -> None:
-        if name in self.allow:
-            return
-        where = ""
-        if self.model is not None:
-            classes = NONLINEARITIES[name][1]
-            names = [n for n, m in self.model.named_modules() if isinstance(m, classes)]
-            if names:
-                shown = ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
-                where = f" (module {shown}, {classes[0].__name__})"
-        qual = f"{getattr(func, '__module__', None) or 'torch'}.{getattr(func, '__name__', func)}"
-        raise UnsupportedActivationError(
-            f"non-linearity {name!r} ({qual}){where} is on the gradient path, and guided backpropagation "
-            f"is only defined for ReLU and ReLU6. Pass allow=[{name!r}] to keep its ordinary backward."
+    def _division(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``x / c`` is linear; a divisor on the gradient path (a reciprocal) or a rounding mode is not."""
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        on_path = isinstance(divisor, torch.Tensor) and divisor.requires_grad and torch.is_grad_enabled()
+        if kwargs.get("rounding_mode") is None and not (on_path and self._reaches_input(divisor)):
+            return func(*args, **kwargs)
+        return self._unknown(func, args, kwargs)
+
+    def _batch_norm_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._batch_norm(*args, **kwargs)
+
+    def _torch_batch_norm_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+        cudnn_enabled)``, the lower-level form, routed through the same rule as ``F.batch_norm``."""
+        names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+        a = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+        return self._batch_norm(
+            a["input"],
+            a["running_mean"],
+            a["running_var"],
+            a["weight"],
+            a["bias"],
+            a["training"],
+            a["momentum"],
+            a["eps"],
         )
+
+    def _sync_batch_norm(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # SyncBatchNorm's synchronised path (training under torch.distributed, world > 1): its own
+        # autograd function couples the samples of all processes and has no double backward
+        raise IgradError(
+            "SyncBatchNorm with synchronised statistics (training under torch.distributed) is not "
+            "supported by the backward rules: the statistics modes need each process's own BatchNorm "
+            "(use nn.BatchNorm2d; igrad train's DDP keeps per-process statistics)"
+        )
+
+    def _conv2d_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._conv2d(*args, **kwargs)
 
     def _batch_norm(
         self,
@@ -301,6 +317,59 @@ class BackwardRules(TorchFunctionMode):
             eps,
             self._state,
         )
+
+
+_Handler = Callable[[BackwardRules, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+_HANDLERS: dict[Callable[..., Any], _Handler] = {
+    **dict.fromkeys(RECTIFIER_FORMS, BackwardRules._rectifier),
+    **dict.fromkeys(DIVISIONS, BackwardRules._division),
+    F.batch_norm: BackwardRules._batch_norm_call,
+    torch.batch_norm: BackwardRules._torch_batch_norm_call,
+    torch.batch_norm_stats: BackwardRules._sync_batch_norm,
+}
+_HANDLERS_DOUBLE = {**_HANDLERS, F.conv2d: BackwardRules._conv2d_call}
+
+
+def _check_allow(allow: Iterable[str]) -> frozenset[str]:
+    """``allow`` as a set of lower-case names, checked: each a name errors give functions (a qualified
+    name such as ``mypkg.op`` for functions outside torch is taken as it is)."""
+    if isinstance(allow, str):
+        raise IgradError(f"allow must be a list of names, e.g. allow=[{allow!r}], not a string")
+    names = frozenset(str(a).lower() for a in allow)
+    unknown = sorted(n for n in names if "." not in n and n not in known_short_names())
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known_short_names(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise IgradError(
+            f"unknown function name {unknown[0]!r} in allow.{hint} Use the name an UnsupportedActivationError "
+            "shows (e.g. 'gelu', 'silu', 'sigmoid'), or a qualified name such as 'mypkg.op' for a function "
+            "from outside torch."
+        )
+    return names
+
+
+def _requires_grad(out: Any) -> bool:
+    """Whether a result (a tensor, or a tuple/list of them) carries a gradient."""
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    if isinstance(out, tuple | list) and not isinstance(out, torch.Size):
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in out)
+    return False
+
+
+def _calling_module(model: nn.Module | None) -> str:
+    """`` (module 'layer1.0.act', GELU)``: the innermost module whose code made the current call, found on
+    the Python stack (only when an error is raised, so the forward pays nothing), named in ``model``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            names = [n for n, m in model.named_modules() if m is owner] if model is not None else []
+            if names and names[0]:
+                return f" (module {names[0]!r}, {type(owner).__name__})"
+            return f" (in the forward of {'the model, ' if names else ''}{type(owner).__name__})"
+        frame = frame.f_back
+    return ""
 
 
 class _Rectifier(torch.autograd.Function):
