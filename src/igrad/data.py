@@ -29,6 +29,7 @@ import torch
 
 from .errors import IgradError
 from .images import DECODER_VERSION, decode_image, to_unit
+from .normalization import NORMALIZATIONS, Normalization
 
 __all__ = [
     "Split",
@@ -41,11 +42,9 @@ __all__ = [
     "match_classes",
 ]
 
-#: Per-channel normalisation (mean, std) of the training sets (SPEC 2).
+#: Per-channel normalisation (mean, std) of the training sets (SPEC 2), as tuples (see NORMALIZATIONS).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    name: (n.mean, n.std) for name, n in NORMALIZATIONS.items()
 }
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
@@ -184,11 +183,8 @@ def load_split(
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, uint16
-    (``/65535``), or a float tensor already in ``[0, 1]``)."""
-    x = to_unit(images)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s) if x is not images else (x - m) / s
+    (``/65535``), or a float tensor already in ``[0, 1]``); see :meth:`Normalization.apply`."""
+    return Normalization.of(mean, std).apply(images)
 
 
 def eval_tensors(

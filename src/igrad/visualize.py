@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
+from .normalization import Normalization
 from .output import model_logits
 from .provenance import atomic_write_bytes
 from .rules import eval_mode
@@ -63,12 +64,9 @@ class Explanation:
 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Raw pixels in [0, 1] of normalised images ``[B, C, H, W]``: ``clamp(x · std + mean, 0, 1)``."""
-    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-        raise IgradError(f"mean/std have {len(mean)}/{len(std)} values for images with {x.shape[1]} channels")
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
-    return (x * s + m).clamp(0, 1)
+    """Raw pixels in [0, 1] of normalised images ``[B, C, H, W]``: ``clamp(x · std + mean, 0, 1)``
+    (:meth:`igrad.normalization.Normalization.invert`)."""
+    return Normalization.of(mean, std).invert(x, clamp=True)
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
