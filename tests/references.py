@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import types
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -88,8 +89,15 @@ def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     return g
 
 
+class Ablation(NamedTuple):
+    activation: torch.Tensor  # the layer's output, in its own layout
+    logits: torch.Tensor  # [B, K] of the unablated forward
+    y: torch.Tensor  # [B] target logits
+    w: torch.Tensor  # [B, K] Ablation-CAM weights
+
+
 def ablation_weights(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor, channel_dim: int = 1):
-    """Brute-force Ablation-CAM weights: ``(A, y, w)`` with ``A`` the layer's output (its own layout),
+    """Brute-force Ablation-CAM weights (an :class:`Ablation`): ``A`` the layer's output (its own layout),
     ``y`` the target logits ``[B]`` and ``w_k = (y − y_k)/y`` ``[B, K]``, ``y_k`` from a *whole-network*
     forward with channel ``k`` (along ``channel_dim``) of the layer's output zeroed by a forward hook (one
     batch of K copies of the image, copy j with channel j zeroed)."""
@@ -110,7 +118,7 @@ def ablation_weights(model: nn.Module, layer: nn.Module, x: torch.Tensor, target
     finally:
         h.remove()
     y = logits.gather(1, target[:, None])[:, 0]
-    return out, y, (y[:, None] - yk) / y[:, None]
+    return Ablation(out, logits, y, (y[:, None] - yk) / y[:, None])
 
 
 def ablation_map_atol(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> float:
@@ -170,15 +178,17 @@ def finish_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def brute_ablationcam(model, layer, x, targets, channel_dim=1, to_bchw=lambda t: t, rectify_activation=False):
-    """Ablation-CAM by brute force (:func:`ablation_weights`): ``S = ReLU(Σ_k w_k A_k)`` with
-    ``A = to_bchw(output)``, upsampled and normalised by :func:`finish_maps`. With ``rectify_activation``
-    the map is ``Σ_k w_k ReLU(A_k)`` instead (the symptom of an activation overwritten by an in-place
-    ReLU), to show that a test can tell the two apart."""
-    out, _, w = ablation_weights(model, layer, x, torch.as_tensor(targets), channel_dim)
-    a = to_bchw(out)
+    """Ablation-CAM by brute force (:func:`ablation_weights`): ``(maps, atol)`` with the maps
+    ``ReLU(Σ_k w_k A_k)``, ``A = to_bchw(output)``, upsampled and normalised by :func:`finish_maps`, and the
+    tolerance a float32 computation of them through other kernels needs (:func:`ablation_map_atol`). With
+    ``rectify_activation`` the map is ``Σ_k w_k ReLU(A_k)`` instead (the symptom of an activation
+    overwritten by an in-place ReLU), to show that a test can tell the two apart."""
+    ab = ablation_weights(model, layer, x, torch.as_tensor(targets), channel_dim)
+    a = to_bchw(ab.activation)
+    atol = ablation_map_atol(a, ab.y, ab.w, ab.logits)
     if rectify_activation:
         a = a.clamp(min=0)
-    return finish_maps(torch.einsum("bk,bkhw->bhw", w, a).relu(), tuple(x.shape[-2:]))
+    return finish_maps(torch.einsum("bk,bkhw->bhw", ab.w, a).relu(), tuple(x.shape[-2:])), atol
 
 
 def brute_scorecam(model, layer, x, targets, to_bchw=lambda t: t):

@@ -46,8 +46,9 @@ def test_densenet_ablationcam_equals_brute_force(densenet):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([2, 7])
     layer = densenet.features.norm5
-    expected = brute_ablationcam(densenet, layer, x, t)
-    overwritten = brute_ablationcam(densenet, layer, x, t, rectify_activation=True)
+    expected, tol = brute_ablationcam(densenet, layer, x, t)
+    overwritten, _ = brute_ablationcam(densenet, layer, x, t, rectify_activation=True)
+    assert tol < 0.01  # tight enough to tell the overwritten map apart
     assert (expected - overwritten).abs().max() > 0.05  # the symptom is visible on this input
     assert (expected.amax(dim=(1, 2)) == 1).all()
     with create_method("ablationcam", densenet) as m:
@@ -57,8 +58,8 @@ def test_densenet_ablationcam_equals_brute_force(densenet):
     with create_method("ablationcam", densenet) as m:
         m._split_failed = "forced"  # the whole-network fallback
         slow = m(x, t)
-    assert (fast - expected).abs().max() < ATOL
-    assert (slow - expected).abs().max() < ATOL
+    assert (fast - expected).abs().max() <= tol
+    assert (slow - expected).abs().max() <= tol
 
 
 @pytest.mark.filterwarnings("error")
@@ -126,7 +127,8 @@ def test_ablationcam_in_place_op_equals_brute_force(op):
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(11))
     given = x.clone()
     t = torch.tensor([0, 2, 4])
-    expected = brute_ablationcam(twin, twin.body, x, t)
+    expected, tol = brute_ablationcam(twin, twin.body, x, t)
+    assert tol < 0.05  # a wrong map (the activation overwritten by the in-place op) differs by ~0.1-1
     assert (expected.amax(dim=(1, 2)) == 1).sum() >= 2
     with create_method("ablationcam", net, "body", batch_size=5) as m:
         fast = m(x, t)
@@ -135,8 +137,8 @@ def test_ablationcam_in_place_op_equals_brute_force(op):
         m._split_failed = "forced"
         slow = m(x, t)
     assert torch.equal(x, given)  # the caller's input is left as it was
-    assert (fast - expected).abs().max() < ATOL
-    assert (slow - expected).abs().max() < ATOL
+    assert (fast - expected).abs().max() <= tol
+    assert (slow - expected).abs().max() <= tol
 
 
 @pytest.mark.filterwarnings("error")  # no fallback from the folded copy

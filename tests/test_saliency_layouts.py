@@ -125,7 +125,8 @@ def test_ablationcam_channels_last_and_tokens_equal_brute_force(tiny_swin, tiny_
     t = torch.tensor([1, 8])
     cases = [(tiny_swin, "features.3", _bhwc), (tiny_vit, VIT_LAYER, _tokens(4, 4))]
     for model, layer, to_bchw in cases:
-        expected = brute_ablationcam(model, model.get_submodule(layer), x, t, channel_dim=-1, to_bchw=to_bchw)
+        expected, tol = brute_ablationcam(model, model.get_submodule(layer), x, t, channel_dim=-1, to_bchw=to_bchw)
+        assert tol < 0.05  # a wrong map (wrong channel axis, class token) differs by ~0.1-1
         assert (expected.amax(dim=(1, 2)) == 1).sum() >= 1
         with create_method("ablationcam", model, layer, batch_size=7) as m:
             fast = m(x, t)
@@ -133,8 +134,8 @@ def test_ablationcam_channels_last_and_tokens_equal_brute_force(tiny_swin, tiny_
         with create_method("ablationcam", model, layer) as m:
             m._split_failed = "forced"  # the whole-network fallback replaces the output in its own layout
             slow = m(x, t)
-        assert (fast - expected).abs().max() < ATOL
-        assert (slow - expected).abs().max() < ATOL
+        assert (fast - expected).abs().max() <= tol
+        assert (slow - expected).abs().max() <= tol
 
 
 class _HandTokens(nn.Module):
