@@ -91,7 +91,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 def test_augment_is_per_sample_torchvision_crop_flip_rotate():
     from torchvision.transforms.v2 import functional as TF
 
-    from igrad.train import _rotate, augment
+    from igrad.train.augment import _rotate, augment
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 10, 14), dtype=torch.uint8, generator=g)
@@ -242,6 +242,25 @@ def test_lam_zero_never_computes_the_regulariser(folder, tmp_path, monkeypatch):
 # --- resume after SIGKILL --------------------------------------------------------------------------------
 
 
+# A training process that stalls after optimiser step STEP (fit's step callback), announcing it in MARKER,
+# until it is killed: argv = config as JSON, STEP, MARKER.
+STALL = """
+import json, os, sys, time
+from pathlib import Path
+from igrad.train import TrainConfig, fit
+
+config, step, marker = TrainConfig.from_dict(json.loads(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3])
+
+def stall(info):
+    if info.global_step == step:
+        marker.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+
+fit(config, quiet=True, callbacks=[stall])
+"""
+
+
 @pytest.mark.parametrize("every", [0, 3], ids=["epoch-checkpoint", "mid-epoch-checkpoint"])
 def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_path, every):
     # 48 images, batch 12: 4 steps per epoch; killed after global step 7 (epoch 2, step 3). With
@@ -249,8 +268,8 @@ def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_
     config = tiny(folder, tmp_path / "killed", checkpoint_every=every)
     marker = tmp_path / "stalled"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "igrad", "train", *cli_args(config)],
-        env={**env(), "IGRAD_TEST_STALL": f"7:{marker}"},
+        [sys.executable, "-c", STALL, json.dumps(config.to_dict()), "7", str(marker)],
+        env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -28,11 +28,12 @@ from torch import nn
 from .data import normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
+from .measure import evaluate_accuracy
 from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
+from .normalization import Normalization
 from .output import model_logits
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from .rules import eval_mode
-from .train import evaluate_accuracy
 
 __all__ = [
     "TARGETS",
@@ -155,7 +156,11 @@ def evaluate_model(
         kwargs[name] = {**kw, **(method_kwargs or {}).get(name, {})}
 
     started = time.perf_counter()
-    acc = evaluate_accuracy(model, split, mean, std, batch_size=batch_size * 4, device=device) if accuracy else None
+    acc = (
+        evaluate_accuracy(model, split, Normalization.of(mean, std), batch_size=batch_size * 4, device=device)
+        if accuracy
+        else None
+    )
     per_sample: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metric_names} for m in method_names}
     curve_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in method_names}
     seconds = {m: {"saliency": 0.0, "metrics": 0.0} for m in method_names}

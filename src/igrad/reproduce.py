@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from . import loss as _loss
-from .data import normalize
 from .errors import IgradError, unknown_name
 from .evaluate import _sha256, compare_results, compare_table, evaluate_checkpoint, select_indices, write_comparison
 from .metrics import METRICS
@@ -269,15 +268,15 @@ def _figure(
     n_images = min(int(settings["figure_images"]), len(data.test))
     indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
     device = next(iter(next(iter(models.values())).parameters())).device
-    x = normalize(data.test.images[indices].to(device), data.mean, data.std)
+    x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
     qualitative_figure(
         models,
         x,
         y,
         list(FIGURE_METHODS),
-        data.mean,
-        data.std,
+        data.normalization.mean,
+        data.normalization.std,
         path,
         class_names=data.classes,
         title=f"{config.model}: baseline (λ = 0) vs regularised; target = label",
