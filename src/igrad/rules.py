@@ -89,6 +89,14 @@ class _State:
     parameter_path: bool = True
 
 
+#: What a refused soft-max most often means: the model returns probabilities (SPEC 4 needs logits).
+_PROBABILITY_HINTS = {
+    name: f" If the model's forward ends in {name}, it returns {kind}: igrad needs logits (pre-softmax), so "
+    f"remove the final {name} from the model (or wrap it in a module that returns the layer before it)."
+    for name, kind in (("softmax", "probabilities"), ("log_softmax", "log-probabilities"))
+}
+
+
 class BackwardRules(TorchFunctionMode):
     """Context manager that records a forward pass so it can be back-propagated with switchable rules.
 
@@ -207,7 +215,7 @@ class BackwardRules(TorchFunctionMode):
                     f"{name!r} ({qualified_name(func)}){_calling_module(self.model)} is on the gradient path, "
                     "but guided backpropagation is only defined for ReLU and ReLU6 (linear, pooling and shape "
                     f"operations pass unchanged) and igrad knows no rule for it. Pass allow=[{name!r}] to "
-                    "keep its ordinary backward."
+                    f"keep its ordinary backward.{_PROBABILITY_HINTS.get(name.lower(), '')}"
                 )
         return out
 
