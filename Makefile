@@ -1,4 +1,4 @@
-# igrad: `make demo` (set up + run the short demonstration), `make test` (set up + lint + tests).
+# igrad: `make demo` (set up + run the short demonstration), `make test` (set up + lint + type check + tests).
 # Each target creates its own virtual environment on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +24,7 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src
 
 test: lint
 	$(BIN)/python -m pytest -q -rs
@@ -34,4 +35,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/metrics.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -435,3 +435,50 @@ def test_real_cifar100_smoke_run_beats_chance(tmp_path, monkeypatch):
     assert result.test_acc > 0.03, result.history  # chance is 0.01
     x = torch.zeros(1, 3, 32, 32)
     assert F.softmax(result.model(x), 1).shape == (1, 100)
+
+
+# --- step callbacks, normalisation, checkpoint fields ------------------------------------------------
+
+
+def test_step_callbacks_see_every_optimiser_step_in_order(folder, tmp_path):
+    seen = []
+    config = tiny(folder, tmp_path / "r", epochs=2, lam=0.0, cos_samples=0)
+    r = fit(config, quiet=True, callbacks=[seen.append])
+    # 48 images, batch 12: 4 steps per epoch
+    assert [(i.epoch, i.step, i.global_step) for i in seen] == [(e, s, 4 * e + s) for e in (0, 1) for s in (1, 2, 3, 4)]
+    assert all(i.steps_per_epoch == 4 and i.run_dir == r.run_dir and i.lr > 0 for i in seen)
+    assert [i.lr for i in seen] == pytest.approx([0.1 * lr_factor(s, config, 4) for s in range(8)], rel=1e-12)
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert "scaler" not in state and all(v is not None for v in state.values())
+
+
+def test_normalization_rule_names_or_computes_never_guesses_from_shape(tmp_path):
+    from igrad.data import load_split, normalization_for
+    from igrad.normalization import NORMALIZATIONS
+    from igrad.train import prepare_data
+
+    # 100 classes of 32x32 images: CIFAR-100's shape, but nothing says it is CIFAR-100
+    classes = [f"c{i:03d}" for i in range(100)]
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "d" / split / name / "0.png")
+    train = load_split(tmp_path / "d", "train")
+    x = train.images.double() / 255
+    computed = normalization_for(tmp_path / "d", train)
+    assert computed.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-6)
+    assert computed.std == pytest.approx(x.std((0, 2, 3)).tolist(), abs=1e-6)
+    assert normalization_for(tmp_path / "d", train, "cifar100") == NORMALIZATIONS["cifar100"]
+    assert normalization_for(tmp_path / "d", train, "data") == computed
+    assert normalization_for("cifar10", None, "cifar100") == NORMALIZATIONS["cifar10"]  # the named data set's own
+    # the config: the recipe's cifar100 by default, "data" computes, mean/std override both
+    assert prepare_data(TrainConfig(data=str(tmp_path / "d"))).normalization == NORMALIZATIONS["cifar100"]
+    assert prepare_data(TrainConfig(data=str(tmp_path / "d"), normalization="data")).normalization == computed
+    given = TrainConfig(data=str(tmp_path / "d"), mean=[0.5] * 3, std=[0.25] * 3)
+    assert prepare_data(given).normalization.mean == (0.5,) * 3
+    with pytest.raises(igrad.IgradError, match="unknown normalization 'cifar1000'"):
+        TrainConfig(normalization="cifar1000").validate()
+    with pytest.raises(igrad.IgradError, match="has 1 channels but the images .* have 3"):
+        prepare_data(TrainConfig(data=str(tmp_path / "d"), mean=[0.5], std=[0.25]))

@@ -150,7 +150,7 @@ def evaluate_model(
     kwargs: dict[str, dict[str, Any]] = {}
     for name in method_names:
         accepted = inspect.signature(METHODS[name]).parameters
-        kw = {k: v for k, v in (("batch_size", batch_size), ("progress", False)) if k in accepted}
+        kw: dict[str, Any] = {k: v for k, v in (("batch_size", batch_size), ("progress", False)) if k in accepted}
         if target_layer is not None and getattr(METHODS[name], "uses_layer", True):
             kw["target_layer"] = target_layer
         kwargs[name] = {**kw, **(method_kwargs or {}).get(name, {})}
@@ -467,10 +467,10 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
             if paired:
                 a = torch.tensor(baseline["per_sample"]["methods"][m][k], dtype=torch.float64)
                 b = torch.tensor(ours["per_sample"]["methods"][m][k], dtype=torch.float64)
-                diff = summarize(b - a, ci=ci)
-                lo, hi = diff["ci_low"], diff["ci_high"]
-                entry["difference"] = diff
-                entry["significant"] = lo is not None and (lo > 0 or hi < 0)
+                paired_diff = summarize(b - a, ci=ci)
+                lo, hi = paired_diff["ci_low"], paired_diff["ci_high"]
+                entry["difference"] = paired_diff
+                entry["significant"] = lo is not None and hi is not None and (lo > 0 or hi < 0)
             out["methods"][m][k] = entry
     return out
 

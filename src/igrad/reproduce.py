@@ -545,7 +545,7 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
         key = (clear, wins, r["val_acc"], r["val_cos"])
         if best_key is None or key > best_key:
             best, best_key = r, key
-    if best is None:
+    if best is None or best_key is None:
         return {"lam": 0.0, "error": None, "wins": 0, "reason": "every λ > 0 lost more than the accuracy margin"}
     chosen = {
         "lam": best["lam"],
@@ -641,6 +641,7 @@ def ablation(
                     print(f"[ablation] {net} {name}: evaluating Grad-CAM on the validation split", file=sys.stderr)
                 model, cfg = load_model(checkpoint, map_location=next(run.model.parameters()).device)
                 val = prepare_data(config).val
+                assert val is not None  # the ablation's configs hold out a validation split
                 res = evaluate_model(
                     model,
                     val,

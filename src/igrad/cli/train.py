@@ -37,7 +37,7 @@ from ..train import (
 
 HELP = "train a network with the interpretable-gradient loss (presets, checkpoints, resume, DDP)"
 
-_CHOICES = {
+_CHOICES: dict[str, typing.Iterable[str]] = {
     "preset": PRESETS,
     "error": ERRORS,
     "stats": STATS_MODES,

@@ -24,6 +24,11 @@ class CifarResNet(nn.Module):
     torchvision's ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``, ``fc``).
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_classes: int = 100, width: float = 1.0, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
         super().__init__()
         width = _check_width(width)

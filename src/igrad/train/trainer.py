@@ -404,11 +404,30 @@ class _Trainer:
         return values
 
     def _train_epoch(self) -> None:
-        c, d = self.config, self.data
+        c = self.config
         epoch = self.epoch  # 0-based; the log calls it epoch + 1
+        start = time.perf_counter()
+        self._train_steps(epoch)
+        train_time = time.perf_counter() - start
+        record = self._epoch_record(self._evaluate(), start, train_time)
+        self.history.append(record)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.sums = torch.zeros(5, dtype=torch.float64)
+        key = "val_acc" if self.data.val is not None else "test_acc"
+        improved = not self.best or record[key] > self.best["value"]
+        if improved:
+            self.best = {"epoch": epoch + 1, "metric": key, "value": record[key]}
+        self._save(best=improved)
+        if self.writes:
+            self._write_logs("running")
+            print(_summary_line(record, c.epochs), flush=True)
+
+    def _train_steps(self, epoch: int) -> None:
+        """The remaining optimiser steps of ``epoch``, with a progress bar, mid-epoch checkpoints and callbacks."""
+        c = self.config
         order = self._epoch_order(epoch)
         self.model.train()
-        start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
@@ -435,35 +454,24 @@ class _Trainer:
                 self._step_done()
         finally:
             bar.close()
-        train_time = time.perf_counter() - start
-        record = self._evaluate()
+
+    def _epoch_record(self, evaluation: dict[str, Any], start: float, train_time: float) -> dict[str, Any]:
+        """The ``metrics.jsonl`` line of the epoch that just ended (keys :data:`METRIC_KEYS`)."""
         s = self.sums
-        record = {
-            "epoch": epoch + 1,
+        return {
+            "epoch": self.epoch + 1,
             "step": self.global_step,
             "lr": self.last_lr,
             "loss": float(s[0] / s[4]),
             "l_c": float(s[1] / s[4]),
-            "l_r": float(s[2] / s[4]) if c.lam > 0 else None,
+            "l_r": float(s[2] / s[4]) if self.config.lam > 0 else None,
             "train_acc": float(s[3] / s[4]),
             "samples": int(s[4]),
-            **record,
+            **evaluation,
             "time": round(time.perf_counter() - start, 3),
             "train_time": round(train_time, 3),
             "elapsed": round(self._elapsed(), 3),
         }
-        self.history.append(record)
-        self.epoch += 1
-        self.step_in_epoch = 0
-        self.sums = torch.zeros(5, dtype=torch.float64)
-        key = "val_acc" if d.val is not None else "test_acc"
-        improved = not self.best or record[key] > self.best["value"]
-        if improved:
-            self.best = {"epoch": epoch + 1, "metric": key, "value": record[key]}
-        self._save(best=improved)
-        if self.writes:
-            self._write_logs("running")
-            print(_summary_line(record, c.epochs), flush=True)
 
     def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of global batch ``step``: augmented, normalised images and labels."""
