@@ -1,4 +1,4 @@
-# igrad: `make demo` (set up + run the short demonstration), `make test` (set up + lint + tests).
+# igrad: `make demo` (set up + run the short demonstration), `make test` (set up + lint + type check + tests).
 # Each target creates its own virtual environment on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +24,7 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src
 
 # The suite runs twice, with 1 and with 2 torch threads: float32 reductions split differently across
 # threads, and every tolerance must follow from the arithmetic, not from one thread count (tests/conftest.py).
@@ -37,4 +38,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/metrics.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

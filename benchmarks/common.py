@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from igrad.data import NORMALIZATION, data_root_from_env, eval_tensors, load_split
+from igrad.data import data_root_from_env, eval_tensors, load_split
+from igrad.normalization import NORMALIZATIONS
 
 
 def load_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -15,7 +16,7 @@ def load_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     if root is not None:
         split = load_split(root, "test")
         idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-        x, y = eval_tensors(split, *NORMALIZATION["cifar100"], idx)
+        x, y = eval_tensors(split, NORMALIZATIONS["cifar100"], idx)
         return x, y, f"real CIFAR-100 test images from {root}"
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 32, 32, generator=gen)

@@ -25,7 +25,10 @@ import torch
 
 from common import sync
 from igrad.data import Split, data_root_from_env
-from igrad.train import TrainConfig, TrainData, _Dist, _Trainer
+from igrad.normalization import NORMALIZATIONS
+from igrad.train import TrainConfig, TrainData
+from igrad.train.distributed import Dist
+from igrad.train.trainer import _Trainer
 
 
 def synthetic() -> TrainData:
@@ -39,13 +42,13 @@ def synthetic() -> TrainData:
             classes,
         )
 
-    return TrainData(split(50000), split(10000), None, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return TrainData(split(50000), split(10000), None, NORMALIZATIONS["cifar100"])
 
 
 def make_trainer(config: TrainConfig, data: TrainData | None) -> _Trainer:
-    import igrad.train as train
+    import igrad.train.trainer as train
 
-    trainer = _Trainer(config, _Dist(), quiet=True)
+    trainer = _Trainer(config, Dist(), quiet=True)
     if data is not None:  # no real data: stand in the synthetic splits
         original = train.prepare_data
         train.prepare_data = lambda c: data

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import igrad
 from common import load_images
-from igrad.data import NORMALIZATION, data_root_from_env
+from igrad.data import data_root_from_env
 from igrad.metrics import deletion, insertion
+from igrad.normalization import NORMALIZATIONS
 
 
 def rise_single_run(model, img, sal, target, mode, step, blur_kernel):
@@ -115,7 +116,7 @@ def bench_evaluate(args):
         return
     torch.manual_seed(args.seed)
     model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width)
-    mean, std = NORMALIZATION["cifar100"]
+    mean, std = NORMALIZATIONS["cifar100"].mean, NORMALIZATIONS["cifar100"].std
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "untrained.pt"
         config = {"model": "cifar_resnet18", "model_kwargs": {"width": args.width}, "num_classes": 100}

@@ -25,6 +25,7 @@ from igrad.cli import main
 from igrad.data import eval_tensors, load_split
 from igrad.errors import IgradError
 from igrad.images import decode_image
+from igrad.normalization import Normalization
 
 SIZE = 8
 EXACT = 1e-6  # far below 1/65535 ≈ 1.5e-5: a value cut to 8 bits misses by up to 1/256
@@ -187,7 +188,7 @@ def test_image_folder_decodes_every_kind_to_its_values(tmp_path):
     _write(tmp_path / "data" / "test" / "x", names, GOOD)
     split = load_split(tmp_path / "data", "test")
     assert split.images.dtype == torch.uint16  # a 16-bit file in the folder: every image kept at 16 bits
-    x, _ = eval_tensors(split, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    x, _ = eval_tensors(split, Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     for i, name in enumerate(names):
         np.testing.assert_allclose(x[i].permute(1, 2, 0).double().numpy(), GOOD[name][1], atol=EXACT, err_msg=name)
 
@@ -198,7 +199,7 @@ def test_eight_bit_folder_stays_uint8_and_jpeg_is_close(tmp_path):
     Image.fromarray(np.full((SIZE, SIZE, 3), (200, 100, 50), np.uint8)).save(tmp_path / "data/test/x/z.jpg", quality=95)
     split = load_split(tmp_path / "data", "test")
     assert split.images.dtype == torch.uint8
-    x, _ = eval_tensors(split, mean=(0.0,) * 3, std=(1.0,) * 3)
+    x, _ = eval_tensors(split, Normalization((0.0,) * 3, (1.0,) * 3))
     for i, name in enumerate(sorted(names)):
         np.testing.assert_allclose(x[i].permute(1, 2, 0).double().numpy(), GOOD[name][1], atol=EXACT, err_msg=name)
     np.testing.assert_allclose(x[3].mean((1, 2)).numpy(), [200 / 255, 100 / 255, 50 / 255], atol=3 / 255)  # lossy
@@ -238,7 +239,7 @@ def test_cache_of_an_older_decoder_is_not_reused(tmp_path, monkeypatch):
     stale = tmp_path / "cache" / f"test-{old_key}.npz"
     stale.parent.mkdir(parents=True)
     np.savez(stale, images=np.full((1, 3, SIZE, SIZE), 255, np.uint8), labels=np.zeros(1, np.int64))
-    x, _ = eval_tensors(load_split(tmp_path / "data", "test"), mean=(0.0,) * 3, std=(1.0,) * 3)
+    x, _ = eval_tensors(load_split(tmp_path / "data", "test"), Normalization((0.0,) * 3, (1.0,) * 3))
     np.testing.assert_allclose(x[0].permute(1, 2, 0).double().numpy(), GOOD["grey16.png"][1], atol=EXACT)
 
     # the new cache holds the 16-bit values: read back without decoding
@@ -255,7 +256,7 @@ def test_training_reads_sixteen_bit_images_at_full_precision(tmp_path):
     batch ``u`` and the same batch at 16 bits (``u · 257``) are augmented to the same [0, 1] values, and
     the computed normalisation of a 16-bit folder is the hand-computed mean of ``v / 65535``."""
     from igrad.data import normalization_for
-    from igrad.train import augment
+    from igrad.train.augment import augment
 
     u8 = torch.from_numpy(np.stack([RGB8, np.dstack([GREY8] * 3)]).transpose(0, 3, 1, 2).copy())
     u16 = (u8.to(torch.int32) * 257).to(torch.uint16)
@@ -263,5 +264,5 @@ def test_training_reads_sixteen_bit_images_at_full_precision(tmp_path):
     b = augment(u16, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(b, a, atol=EXACT, rtol=0)
     _write(tmp_path / "data" / "train" / "x", ["grey16.png"], GOOD)
-    mean, _ = normalization_for(tmp_path / "data", load_split(tmp_path / "data", "train"))
+    mean = normalization_for(tmp_path / "data", load_split(tmp_path / "data", "train")).mean
     assert mean == pytest.approx([GREY16.mean() / 65535] * 3, abs=1e-6)

@@ -31,9 +31,10 @@ import igrad
 from igrad import IgradError, LogitsOutput
 from igrad.data import Split
 from igrad.evaluate import evaluate_model
+from igrad.measure import evaluate_accuracy
 from igrad.metrics import causal_curves, compute_metrics, confidence_metrics, deletion, insertion
+from igrad.normalization import Normalization
 from igrad.saliency import METHODS, create_method
-from igrad.train import evaluate_accuracy
 from igrad.visualize import explain
 from references import plain_input_gradient
 
@@ -136,7 +137,7 @@ ENTRY = {
     "deletion": lambda m, x, y: tuple(deletion(m, x, _maps(), None, step=16, batch_size=4)),
     "compute_metrics": lambda m, x, y: compute_metrics(m, x, _maps(), y, mean=MEAN, std=STD, step=32).values,
     "causal_curves": lambda m, x, y: causal_curves(m, x, torch.zeros_like(x), _maps(), y, step=16, batch_size=4),
-    "evaluate_accuracy": lambda m, x, y: evaluate_accuracy(m, _split(), MEAN, STD, batch_size=4),
+    "evaluate_accuracy": lambda m, x, y: evaluate_accuracy(m, _split(), Normalization(MEAN, STD), batch_size=4),
     "evaluate_model": lambda m, x, y: evaluate_model(
         m, _split(), mean=MEAN, std=STD, methods="gradient", metrics="ad", accuracy=False, progress=False
     )["per_sample"],

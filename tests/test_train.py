@@ -91,7 +91,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 def test_augment_is_per_sample_torchvision_crop_flip_rotate():
     from torchvision.transforms.v2 import functional as TF
 
-    from igrad.train import _rotate, augment
+    from igrad.train.augment import _rotate, augment
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (16, 3, 10, 14), dtype=torch.uint8, generator=g)
@@ -242,6 +242,25 @@ def test_lam_zero_never_computes_the_regulariser(folder, tmp_path, monkeypatch):
 # --- resume after SIGKILL --------------------------------------------------------------------------------
 
 
+# A training process that stalls after optimiser step STEP (fit's step callback), announcing it in MARKER,
+# until it is killed: argv = config as JSON, STEP, MARKER.
+STALL = """
+import json, os, sys, time
+from pathlib import Path
+from igrad.train import TrainConfig, fit
+
+config, step, marker = TrainConfig.from_dict(json.loads(sys.argv[1])), int(sys.argv[2]), Path(sys.argv[3])
+
+def stall(info):
+    if info.global_step == step:
+        marker.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+
+fit(config, quiet=True, callbacks=[stall])
+"""
+
+
 @pytest.mark.parametrize("every", [0, 3], ids=["epoch-checkpoint", "mid-epoch-checkpoint"])
 def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_path, every):
     # 48 images, batch 12: 4 steps per epoch; killed after global step 7 (epoch 2, step 3). With
@@ -249,8 +268,8 @@ def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_
     config = tiny(folder, tmp_path / "killed", checkpoint_every=every)
     marker = tmp_path / "stalled"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "igrad", "train", *cli_args(config)],
-        env={**env(), "IGRAD_TEST_STALL": f"7:{marker}"},
+        [sys.executable, "-c", STALL, json.dumps(config.to_dict()), "7", str(marker)],
+        env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -416,3 +435,50 @@ def test_real_cifar100_smoke_run_beats_chance(tmp_path, monkeypatch):
     assert result.test_acc > 0.03, result.history  # chance is 0.01
     x = torch.zeros(1, 3, 32, 32)
     assert F.softmax(result.model(x), 1).shape == (1, 100)
+
+
+# --- step callbacks, normalisation, checkpoint fields ------------------------------------------------
+
+
+def test_step_callbacks_see_every_optimiser_step_in_order(folder, tmp_path):
+    seen = []
+    config = tiny(folder, tmp_path / "r", epochs=2, lam=0.0, cos_samples=0)
+    r = fit(config, quiet=True, callbacks=[seen.append])
+    # 48 images, batch 12: 4 steps per epoch
+    assert [(i.epoch, i.step, i.global_step) for i in seen] == [(e, s, 4 * e + s) for e in (0, 1) for s in (1, 2, 3, 4)]
+    assert all(i.steps_per_epoch == 4 and i.run_dir == r.run_dir and i.lr > 0 for i in seen)
+    assert [i.lr for i in seen] == pytest.approx([0.1 * lr_factor(s, config, 4) for s in range(8)], rel=1e-12)
+    state = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert "scaler" not in state and all(v is not None for v in state.values())
+
+
+def test_normalization_rule_names_or_computes_never_guesses_from_shape(tmp_path):
+    from igrad.data import load_split, normalization_for
+    from igrad.normalization import NORMALIZATIONS
+    from igrad.train import prepare_data
+
+    # 100 classes of 32x32 images: CIFAR-100's shape, but nothing says it is CIFAR-100
+    classes = [f"c{i:03d}" for i in range(100)]
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "d" / split / name / "0.png")
+    train = load_split(tmp_path / "d", "train")
+    x = train.images.double() / 255
+    computed = normalization_for(tmp_path / "d", train)
+    assert computed.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-6)
+    assert computed.std == pytest.approx(x.std((0, 2, 3)).tolist(), abs=1e-6)
+    assert normalization_for(tmp_path / "d", train, "cifar100") == NORMALIZATIONS["cifar100"]
+    assert normalization_for(tmp_path / "d", train, "data") == computed
+    assert normalization_for("cifar10", None, "cifar100") == NORMALIZATIONS["cifar10"]  # the named data set's own
+    # the config: the recipe's cifar100 by default, "data" computes, mean/std override both
+    assert prepare_data(TrainConfig(data=str(tmp_path / "d"))).normalization == NORMALIZATIONS["cifar100"]
+    assert prepare_data(TrainConfig(data=str(tmp_path / "d"), normalization="data")).normalization == computed
+    given = TrainConfig(data=str(tmp_path / "d"), mean=[0.5] * 3, std=[0.25] * 3)
+    assert prepare_data(given).normalization.mean == (0.5,) * 3
+    with pytest.raises(igrad.IgradError, match="unknown normalization 'cifar1000'"):
+        TrainConfig(normalization="cifar1000").validate()
+    with pytest.raises(igrad.IgradError, match="has 1 channels but the images .* have 3"):
+        prepare_data(TrainConfig(data=str(tmp_path / "d"), mean=[0.5], std=[0.25]))

@@ -183,7 +183,7 @@ def _public_names() -> dict[Callable[..., Any], str]:
             if attr.startswith("_") and not attr.endswith("__"):
                 continue
             obj = getattr(ns, attr, None)
-            if type(obj).__name__ == "getset_descriptor":
+            if obj is not None and type(obj).__name__ == "getset_descriptor":
                 obj = obj.__get__
             if callable(obj) and not isinstance(obj, type):
                 try:
@@ -211,7 +211,7 @@ def qualified_name(func: Callable[..., Any]) -> str:
     """``torch.Tensor.add``, ``torch.exp``, ``torch.nn.functional.gelu``, ``torch.Tensor.real`` (attribute),
     or ``module.name`` for functions from elsewhere."""
     owner = getattr(func, "__self__", None)
-    if type(owner).__name__ == "getset_descriptor":
+    if owner is not None and type(owner).__name__ == "getset_descriptor":
         return f"torch.Tensor.{owner.__name__}"
     name = getattr(func, "__name__", None) or repr(func)
     qual = getattr(func, "__qualname__", name)

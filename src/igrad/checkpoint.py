@@ -5,9 +5,10 @@ loaded with ``torch.load(..., weights_only=True)``, so a checkpoint holding pick
 
 * ``"model"``: the model's ``state_dict`` (never a DDP-wrapped one: keys have no ``module.`` prefix);
 * ``"config"``: a plain dict; :func:`load_model` needs ``model`` (registry name), ``model_kwargs``
-  (e.g. ``{"width": 0.5}``), ``num_classes``, and uses ``mean``/``std`` (normalisation) and ``data``;
-* anything else the trainer needs to resume (``optimizer``, ``scheduler``, ``scaler``, ``epoch``,
-  ``step``, ``rng``, ...), plus ``"format": FORMAT_VERSION`` and ``"provenance"``.
+  (e.g. ``{"width": 0.5}``), ``num_classes``; ``mean``/``std`` are the normalisation
+  (:meth:`igrad.normalization.Normalization.from_config` reads them back), ``data`` the data source;
+* anything else the trainer needs to resume (``optimizer``, ``scheduler``, ``epoch``, ``step``,
+  ``rng``, ...), plus ``"format": FORMAT_VERSION`` and ``"provenance"``.
 """
 
 from __future__ import annotations

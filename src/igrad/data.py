@@ -27,25 +27,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import IgradError
+from .errors import IgradError, unknown_name
 from .images import DECODER_VERSION, decode_image, to_unit
 from .normalization import NORMALIZATIONS, Normalization
 
 __all__ = [
     "Split",
+    "TrainData",
     "load_split",
+    "load_train_data",
+    "holdout_split",
+    "cos_subset",
     "data_root_from_env",
-    "NORMALIZATION",
     "normalization_for",
     "normalize",
     "eval_tensors",
     "match_classes",
 ]
 
-#: Per-channel normalisation (mean, std) of the training sets (SPEC 2), as tuples (see NORMALIZATIONS).
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    name: (n.mean, n.std) for name, n in NORMALIZATIONS.items()
-}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
@@ -70,20 +69,28 @@ def data_root_from_env() -> Path | None:
     return path if path.is_dir() else None
 
 
-def normalization_for(source: str | os.PathLike[str], split: Split | None = None) -> tuple[tuple[float, ...], ...]:
-    """(mean, std) for a data source: the CIFAR constants for ``cifar10``/``cifar100`` or a folder
-    that holds the 100 CIFAR-100 classes, else computed from ``split`` (the training split)."""
-    name = str(source).lower()
-    if name in NORMALIZATION:
-        return NORMALIZATION[name]
-    if split is not None and len(split.classes) == 100 and split.images.shape[-2:] == (32, 32):
-        return NORMALIZATION["cifar100"]
+def normalization_for(
+    source: str | os.PathLike[str], split: Split | None = None, name: str | None = None
+) -> Normalization:
+    """The normalisation of a data source, by one rule (no guessing from the images' shape):
+
+    * ``source`` names a data set (``cifar10``, ``cifar100``: torchvision's): its constants (SPEC 2);
+    * else ``name``, one of :data:`igrad.normalization.NORMALIZATIONS` (e.g. ``cifar100`` for the CIFAR-100
+      image-folder copy), or ``"data"``;
+    * else (or for ``"data"``) computed from ``split``, the training split: per-channel mean and std of
+      its [0, 1] pixels.
+    """
+    known = str(source).lower()
+    if known in ("cifar10", "cifar100") and not Path(source).is_dir():
+        return NORMALIZATIONS[known]
+    if name is not None and name != "data":
+        if name not in NORMALIZATIONS:
+            raise unknown_name("normalization", name, [*NORMALIZATIONS, "data"])
+        return NORMALIZATIONS[name]
     if split is None:
-        return NORMALIZATION["imagenet"]
+        raise IgradError(f"the normalisation of {source} is computed from its training split; none was given")
     x = to_unit(split.images)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3))
-    return tuple(mean.tolist()), tuple(std.tolist())
+    return Normalization.of(x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist())
 
 
 def _cache_dir() -> Path:
@@ -189,8 +196,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 def eval_tensors(
     split: Split,
-    mean: Sequence[float],
-    std: Sequence[float],
+    normalization: Normalization,
     indices: torch.Tensor | Sequence[int] | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +206,96 @@ def eval_tensors(
     if indices is not None:
         index = torch.as_tensor(indices, dtype=torch.long)
         images, labels = images[index], labels[index]
-    return normalize(images.to(device), mean, std), labels.to(device)
+    return normalization.apply(images.to(device)), labels.to(device)
+
+
+# -- the splits of a training run ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """The splits of a training run and their normalisation."""
+
+    train: Split
+    test: Split
+    val: Split | None
+    normalization: Normalization
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in label order."""
+        return self.train.classes
+
+
+def _subset(split: Split, index: torch.Tensor) -> Split:
+    return Split(split.images[index], split.labels[index], split.classes)
+
+
+def holdout_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """``(rest, held out)``: per class ``c``, ``round(fraction · n_c)`` samples chosen by a permutation seeded
+    with ``seed`` are held out (a stratified validation split; both parts keep the original order)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = split.labels
+    perm = torch.randperm(len(labels), generator=g)
+    held = []
+    for c in labels.unique().tolist():
+        members = perm[labels[perm] == c]
+        held.append(members[: round(fraction * len(members))])
+    held_idx = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held_idx] = False
+    return _subset(split, keep.nonzero().squeeze(1)), _subset(split, held_idx)
+
+
+def cos_subset(n: int, samples: int, seed: int) -> torch.Tensor:
+    """The fixed, seeded subset (sorted indices) of ``min(samples, n)`` images for the cos diagnostic."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[: min(samples, n)].sort().values
+
+
+def _check_splits(source: str | os.PathLike[str], train: Split, test: Split) -> None:
+    if train.classes != test.classes:
+        first = next((a, b) for a, b in zip(train.classes + [""], test.classes + [""], strict=False) if a != b)
+        raise IgradError(
+            f"the train and test splits of {source} have different classes "
+            f"({len(train.classes)} vs {len(test.classes)}; first difference: {first})"
+        )
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise IgradError(
+            f"train images are {tuple(train.images.shape[1:])} but test images {tuple(test.images.shape[1:])}"
+        )
+
+
+def load_train_data(
+    source: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    normalization: Normalization | str | None = None,
+) -> TrainData:
+    """The training and test splits of ``source`` (:func:`load_split`) and, with ``val_fraction > 0``, a
+    validation split held out of the training set (:func:`holdout_split` with ``split_seed``: the same for
+    every training seed, λ and network). ``normalization``: the object itself, or a name for
+    :func:`normalization_for`."""
+    train = load_split(source, "train", root=root, download=download)
+    test = load_split(source, "test", root=root, download=download)
+    _check_splits(source, train, test)
+    norm = (
+        normalization if isinstance(normalization, Normalization) else normalization_for(source, train, normalization)
+    )
+    if norm.channels != train.images.shape[1]:
+        raise IgradError(
+            f"the normalisation (mean {norm.mean}, std {norm.std}) has {norm.channels} channels but the images "
+            f"of {source} have {train.images.shape[1]}; use --normalization data or give --mean and --std"
+        )
+    val = None
+    if val_fraction > 0:
+        train, val = holdout_split(train, val_fraction, split_seed)
+        if len(val) == 0:
+            raise IgradError(f"val_fraction {val_fraction} holds out no image of {len(train)}")
+    return TrainData(train, test, val, norm)
 
 
 def match_classes(

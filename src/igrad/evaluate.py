@@ -28,11 +28,12 @@ from torch import nn
 from .data import normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
+from .measure import evaluate_accuracy
 from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
+from .normalization import Normalization
 from .output import model_logits
 from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from .rules import eval_mode
-from .train import evaluate_accuracy
 
 __all__ = [
     "TARGETS",
@@ -149,13 +150,17 @@ def evaluate_model(
     kwargs: dict[str, dict[str, Any]] = {}
     for name in method_names:
         accepted = inspect.signature(METHODS[name]).parameters
-        kw = {k: v for k, v in (("batch_size", batch_size), ("progress", False)) if k in accepted}
+        kw: dict[str, Any] = {k: v for k, v in (("batch_size", batch_size), ("progress", False)) if k in accepted}
         if target_layer is not None and getattr(METHODS[name], "uses_layer", True):
             kw["target_layer"] = target_layer
         kwargs[name] = {**kw, **(method_kwargs or {}).get(name, {})}
 
     started = time.perf_counter()
-    acc = evaluate_accuracy(model, split, mean, std, batch_size=batch_size * 4, device=device) if accuracy else None
+    acc = (
+        evaluate_accuracy(model, split, Normalization.of(mean, std), batch_size=batch_size * 4, device=device)
+        if accuracy
+        else None
+    )
     per_sample: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metric_names} for m in method_names}
     curve_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in method_names}
     seconds = {m: {"saliency": 0.0, "metrics": 0.0} for m in method_names}
@@ -462,10 +467,10 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
             if paired:
                 a = torch.tensor(baseline["per_sample"]["methods"][m][k], dtype=torch.float64)
                 b = torch.tensor(ours["per_sample"]["methods"][m][k], dtype=torch.float64)
-                diff = summarize(b - a, ci=ci)
-                lo, hi = diff["ci_low"], diff["ci_high"]
-                entry["difference"] = diff
-                entry["significant"] = lo is not None and (lo > 0 or hi < 0)
+                paired_diff = summarize(b - a, ci=ci)
+                lo, hi = paired_diff["ci_low"], paired_diff["ci_high"]
+                entry["difference"] = paired_diff
+                entry["significant"] = lo is not None and hi is not None and (lo > 0 or hi < 0)
             out["methods"][m][k] = entry
     return out
 

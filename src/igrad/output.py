@@ -58,6 +58,7 @@ def _select_hint(value: object, batch: int) -> str:
     def looks(v: object) -> bool:
         return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == batch
 
+    pick: int | str
     if isinstance(value, tuple | list):
         pick = next((i for i, v in enumerate(value) if looks(v)), 0)
     elif isinstance(value, Mapping):
@@ -192,5 +193,5 @@ class LogitsOutput(nn.Module):
         elif isinstance(out, Mapping):
             if self.select not in out:
                 raise IgradError(f"select={self.select!r} is not a key of {_describe(out)}")
-        elif not hasattr(out, self.select):
+        elif not hasattr(out, str(self.select)):
             raise IgradError(f"select={self.select!r} is not a field of {_describe(out)}")

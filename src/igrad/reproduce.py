@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from . import loss as _loss
-from .data import normalize
 from .errors import IgradError, unknown_name
 from .evaluate import _sha256, compare_results, compare_table, evaluate_checkpoint, select_indices, write_comparison
 from .metrics import METRICS
@@ -269,15 +268,15 @@ def _figure(
     n_images = min(int(settings["figure_images"]), len(data.test))
     indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
     device = next(iter(next(iter(models.values())).parameters())).device
-    x = normalize(data.test.images[indices].to(device), data.mean, data.std)
+    x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
     qualitative_figure(
         models,
         x,
         y,
         list(FIGURE_METHODS),
-        data.mean,
-        data.std,
+        data.normalization.mean,
+        data.normalization.std,
         path,
         class_names=data.classes,
         title=f"{config.model}: baseline (λ = 0) vs regularised; target = label",
@@ -546,7 +545,7 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
         key = (clear, wins, r["val_acc"], r["val_cos"])
         if best_key is None or key > best_key:
             best, best_key = r, key
-    if best is None:
+    if best is None or best_key is None:
         return {"lam": 0.0, "error": None, "wins": 0, "reason": "every λ > 0 lost more than the accuracy margin"}
     chosen = {
         "lam": best["lam"],
@@ -642,6 +641,7 @@ def ablation(
                     print(f"[ablation] {net} {name}: evaluating Grad-CAM on the validation split", file=sys.stderr)
                 model, cfg = load_model(checkpoint, map_location=next(run.model.parameters()).device)
                 val = prepare_data(config).val
+                assert val is not None  # the ablation's configs hold out a validation split
                 res = evaluate_model(
                     model,
                     val,

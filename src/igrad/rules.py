@@ -37,6 +37,7 @@ import enum
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -226,7 +227,7 @@ class BackwardRules(TorchFunctionMode):
         tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
         if self.input is None or any(t is self.input for t in tensors):
             return True
-        stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+        stack: list[Any] = [t.grad_fn for t in tensors if t.grad_fn is not None]
         seen = set()
         while stack:
             node = stack.pop()
@@ -335,7 +336,7 @@ _HANDLERS: dict[Callable[..., Any], _Handler] = {
     torch.batch_norm: BackwardRules._torch_batch_norm_call,
     torch.batch_norm_stats: BackwardRules._sync_batch_norm,
 }
-_HANDLERS_DOUBLE = {**_HANDLERS, F.conv2d: BackwardRules._conv2d_call}
+_HANDLERS_DOUBLE: dict[Callable[..., Any], _Handler] = {**_HANDLERS, F.conv2d: BackwardRules._conv2d_call}
 
 
 def _check_allow(allow: Iterable[str]) -> frozenset[str]:
@@ -368,7 +369,7 @@ def _requires_grad(out: Any) -> bool:
 def _calling_module(model: nn.Module | None) -> str:
     """`` (module 'layer1.0.act', GELU)``: the innermost module whose code made the current call, found on
     the Python stack (only when an error is raised, so the forward pays nothing), named in ``model``."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if isinstance(owner, nn.Module):
@@ -543,7 +544,9 @@ class _ConvInputGrad(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(grad, weight)
         ctx.conf = conf
-        return _conv_backward(grad, x, weight, conf, [True, False, False], False)[0]
+        dx = _conv_backward(grad, x, weight, conf, [True, False, False], False)[0]
+        assert dx is not None  # asked for by the mask
+        return dx
 
     @staticmethod
     @torch.autograd.function.once_differentiable

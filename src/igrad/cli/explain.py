@@ -6,8 +6,9 @@ with --compare, the two checkpoints' rows side by side: the paper's qualitative 
 explain.json (targets, predictions, files, provenance).
 
 Images (PNG, JPEG, BMP, TIFF, ...; 8 or 16 bits; alpha dropped; see igrad.images) are resized to the
-model's input size (--size, else the checkpoint's image_shape, else 32x32 for the CIFAR networks and
-224x224 otherwise) and normalised with the checkpoint's mean/std.
+model's input size (--size, else the checkpoint's image_shape, else the input size the model registry
+gives for the network: 32x32 for the CIFAR networks, 224x224 for torchvision's) and normalised with the
+checkpoint's mean/std.
 
 example:
   igrad explain --checkpoint runs/base/best.pt cat.png dog.png --methods gradcam,scorecam --out maps/
@@ -100,15 +101,17 @@ def _parse_target(text: str | None, n_images: int, classes: list[str] | None) ->
 
 def _image_size(config: dict[str, Any], model_name: str) -> tuple[int, int]:
     """``(H, W)`` the model was trained on: the checkpoint's ``image_shape`` ``[C, H, W]`` (or ``image_size``),
-    else 32×32 for the CIFAR networks and 224×224 otherwise."""
+    else the registry's input size of the network (:func:`igrad.models.model_info`)."""
     shape = config.get("image_shape")
     if isinstance(shape, list | tuple) and len(shape) == 3:
         return int(shape[1]), int(shape[2])
     size = config.get("image_size")
     if isinstance(size, int):
         return size, size
-    side = 32 if str(model_name).startswith("cifar") else 224
-    return side, side
+    from ..models import model_info
+
+    _, h, w = model_info(str(model_name)).input_size
+    return h, w
 
 
 def _normalization(config: dict[str, Any], path: str) -> tuple[list[float], list[float]]:
@@ -117,8 +120,8 @@ def _normalization(config: dict[str, Any], path: str) -> tuple[list[float], list
     if "data" in config:
         from ..data import normalization_for
 
-        mean, std = normalization_for(config["data"])
-        return list(mean), list(std)
+        norm = normalization_for(config["data"])
+        return list(norm.mean), list(norm.std)
     raise IgradError(f"checkpoint {path} config has no mean/std to normalise the images with")
 
 

@@ -24,11 +24,26 @@ from ..checkpoint import load_checkpoint
 from ..errors import IgradError
 from ..loss import ERRORS
 from ..rules import STATS_MODES
-from ..train import PRESETS, RESUME_OVERRIDES, SCHEDULES, TrainConfig, config_from_toml, fit, saved_config
+from ..train import (
+    NORMALIZATION_CHOICES,
+    PRESETS,
+    RESUME_OVERRIDES,
+    SCHEDULES,
+    TrainConfig,
+    config_from_toml,
+    fit,
+    saved_config,
+)
 
 HELP = "train a network with the interpretable-gradient loss (presets, checkpoints, resume, DDP)"
 
-_CHOICES = {"preset": PRESETS, "error": ERRORS, "stats": STATS_MODES, "schedule": SCHEDULES}
+_CHOICES: dict[str, typing.Iterable[str]] = {
+    "preset": PRESETS,
+    "error": ERRORS,
+    "stats": STATS_MODES,
+    "schedule": SCHEDULES,
+    "normalization": NORMALIZATION_CHOICES,
+}
 _METAVARS = {"data": "CIFAR|FOLDER", "out": "RUN_DIR", "model": "NAME"}
 
 

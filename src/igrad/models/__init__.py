@@ -7,18 +7,23 @@
 * ``tv:<name>``: any torchvision classification model (``tv:resnet50``, ``tv:densenet121``, ...), with
   ``weights=`` passed to torchvision (fine-tuning: the head is replaced when ``num_classes`` differs).
 
-Every model carries ``igrad_target_layer``, the dotted name of its default saliency target layer
-(SPEC 3: the last convolutional stage); :func:`default_target_layer` reads it, with a fallback for
-models built elsewhere. :func:`layer_layout` knows how the layers of torchvision's transformers lay out
-their outputs (Swin: channels-last ``BHWC``; ViT: ``tokens``). Wrappers that hide a network
-(``DataParallel``, ``DistributedDataParallel``, ``torch.compile``'s ``OptimizedModule``, SWA's
-``AveragedModel``) are seen through by :func:`unwrap_model`, the one place that knows them.
+The registry carries each model's metadata (:class:`ModelInfo`, :func:`model_info`): its default saliency
+target layer (SPEC 3: the last convolutional stage) and the input size it is made for.
+:func:`default_target_layer` answers for a model instance: the registry's entry for a model
+:func:`create_model` built, else the layer a model built elsewhere declares (a class attribute or
+property ``igrad_target_layer``), else torchvision's conventions. :func:`layer_layout` knows how the
+layers of torchvision's transformers lay out their outputs (Swin: channels-last ``BHWC``; ViT:
+``tokens``). Wrappers that hide a network (``DataParallel``, ``DistributedDataParallel``,
+``torch.compile``'s ``OptimizedModule``, SWA's ``AveragedModel``) are seen through by
+:func:`unwrap_model`, the one place that knows them.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -28,6 +33,8 @@ from ..errors import IgradError, unknown_name
 
 __all__ = [
     "register_model",
+    "ModelInfo",
+    "model_info",
     "create_model",
     "list_models",
     "default_target_layer",
@@ -40,20 +47,56 @@ __all__ = [
 ]
 
 ModelFn = Callable[..., nn.Module]
-MODELS: dict[str, ModelFn] = {}
 TORCHVISION_PREFIX = "tv:"
 
 
-def register_model(name: str) -> Callable[[ModelFn], ModelFn]:
-    """Decorator: register ``fn(num_classes=..., **kw) -> nn.Module`` under ``name``."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registry entry: the builder ``build(num_classes=..., **kw) -> nn.Module`` of model ``name`` and its
+    metadata: ``default_target_layer``, the dotted name of its saliency target layer (``None``: found on
+    the built network by torchvision's conventions), and ``input_size`` ``(C, H, W)``, the images it is
+    made for."""
+
+    name: str
+    build: ModelFn
+    default_target_layer: str | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+
+
+#: The registered models by name (``tv:<name>`` models are looked up in torchvision by :func:`model_info`).
+MODELS: dict[str, ModelInfo] = {}
+#: The registry entry of each model :func:`create_model` built (weakly held: a model may be freed).
+_BUILT: weakref.WeakKeyDictionary[nn.Module, ModelInfo] = weakref.WeakKeyDictionary()
+
+
+def register_model(
+    name: str, *, default_target_layer: str | None = None, input_size: tuple[int, int, int] = (3, 224, 224)
+) -> Callable[[ModelFn], ModelFn]:
+    """Decorator: register ``fn(num_classes=..., **kw) -> nn.Module`` under ``name``, with its default
+    saliency target layer (a dotted module name; ``None``: by torchvision's conventions) and the input size
+    ``(C, H, W)`` it is made for (default: torchvision's 3×224×224)."""
 
     def deco(fn: ModelFn) -> ModelFn:
         if name in MODELS:
             raise IgradError(f"model {name!r} is already registered")
-        MODELS[name] = fn
+        if name.startswith(TORCHVISION_PREFIX):
+            raise IgradError(f"model names starting with {TORCHVISION_PREFIX!r} are torchvision's; not {name!r}")
+        MODELS[name] = ModelInfo(name, fn, default_target_layer, input_size)
         return fn
 
     return deco
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of model ``name``: a registered name or ``tv:<torchvision name>`` (torchvision's
+    classification models: 3×224×224 inputs, target layer by torchvision's conventions)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        from .tv import torchvision_builder
+
+        return ModelInfo(name, torchvision_builder(name[len(TORCHVISION_PREFIX) :]))
+    if name not in MODELS:
+        raise unknown_name("model", name, [*MODELS, "tv:<torchvision name>"])
+    return MODELS[name]
 
 
 def list_models(torchvision: bool = False) -> list[str]:
@@ -70,16 +113,12 @@ def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     """Build a registered model (or ``tv:<torchvision name>``) with ``num_classes`` outputs."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise IgradError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if name.startswith(TORCHVISION_PREFIX):
-        from .tv import create_torchvision_model
-
-        return create_torchvision_model(name[len(TORCHVISION_PREFIX) :], num_classes=num_classes, **kwargs)
-    if name not in MODELS:
-        raise unknown_name("model", name, [*MODELS, "tv:<torchvision name>"])
+    info = model_info(name)
     try:
-        model = MODELS[name](num_classes=num_classes, **kwargs)
+        model = info.build(num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise IgradError(f"bad arguments for model {name!r}: {exc}") from exc
+    _BUILT[model] = info
     return model
 
 
@@ -137,14 +176,19 @@ def inner_name(model: nn.Module, name: str) -> str:
 def default_target_layer(model: nn.Module) -> str:
     """Dotted name in ``model`` of the default saliency target layer (SPEC 3: the last convolutional stage).
 
-    Uses the model's ``igrad_target_layer`` when set (every model from :func:`create_model`), else
-    the torchvision conventions (``layer4`` for ResNets, the last block of ``features`` otherwise),
-    else the top-level child that holds the last ``Conv2d``. A wrapped model (:func:`unwrap_model`)
-    gets its network's layer with the wrapper's prefix: ``"module.layer4"`` for a ``DataParallel``.
+    The registry's (:func:`model_info`) for a model :func:`create_model` built; else the ``igrad_target_layer``
+    a model built elsewhere declares (a class attribute or property); else the torchvision conventions
+    (``layer4`` for ResNets, the last block of ``features`` otherwise), else the top-level child that holds
+    the last ``Conv2d``. A wrapped model (:func:`unwrap_model`) gets its network's layer with the wrapper's
+    prefix: ``"module.layer4"`` for a ``DataParallel``.
     """
     inner = unwrap_model(model)
-    name = getattr(inner, "igrad_target_layer", None)
-    if not isinstance(name, str):
+    info = _BUILT.get(inner)
+    name = info.default_target_layer if info is not None else None
+    if name is None:
+        declared = getattr(inner, "igrad_target_layer", None)
+        name = declared if isinstance(declared, str) else None
+    if name is None:
         from .tv import infer_target_layer
 
         name = infer_target_layer(inner)

@@ -24,6 +24,11 @@ class CifarResNet(nn.Module):
     torchvision's ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``, ``fc``).
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, num_classes: int = 100, width: float = 1.0, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
         super().__init__()
         width = _check_width(width)
@@ -45,7 +50,6 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        self.igrad_target_layer = "layer4"
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -57,18 +61,19 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model("cifar_resnet18")
+@register_model("cifar_resnet18", default_target_layer="layer4", input_size=(3, 32, 32))
 def cifar_resnet18(num_classes: int = 100, width: float = 1.0) -> nn.Module:
     """CIFAR ResNet-18 of SPEC 2 with width multiplier ``width``."""
     return CifarResNet(num_classes=num_classes, width=width)
 
 
-@register_model("cifar_mobilenet_v2")
+@register_model("cifar_mobilenet_v2", default_target_layer="features.18", input_size=(3, 32, 32))
 def cifar_mobilenet_v2(num_classes: int = 100, width: float = 1.0, dropout: float = 0.2) -> nn.Module:
     """torchvision's MobileNet-V2 with ReLU6, adapted to 32×32: stem stride 1, stage 2 stride 1.
 
     Channels are ``make_divisible(c · width, 8)`` as in torchvision; the last 1×1 conv keeps
-    ``1280 · max(1, width)`` channels. Default target layer: ``features.18`` (the last feature block).
+    ``1280 · max(1, width)`` channels. Default target layer: ``features.18`` (the last feature block, at
+    every width).
     """
     width = _check_width(width)
     setting = [
@@ -85,5 +90,4 @@ def cifar_mobilenet_v2(num_classes: int = 100, width: float = 1.0, dropout: floa
     stem = model.features[0][0]
     assert isinstance(stem, nn.Conv2d)
     stem.stride = (1, 1)  # 2 in the ImageNet network
-    model.igrad_target_layer = f"features.{len(model.features) - 1}"
     return model

@@ -3,6 +3,8 @@ output layouts of torchvision's transformers."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torchvision
@@ -27,20 +29,23 @@ def create_torchvision_model(name: str, num_classes: int = 1000, weights: Any = 
     """``torchvision.models.get_model(name, weights=weights, ...)`` with ``num_classes`` outputs.
 
     With pretrained ``weights`` (downloaded by torchvision, so only where the machine has internet)
-    the 1000-class head is replaced by a new linear layer when ``num_classes`` differs.
+    the 1000-class head is replaced by a new linear layer when ``num_classes`` differs. ``name`` is
+    checked by :func:`torchvision_builder`.
     """
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        raise unknown_name("torchvision model", name, known)
     if weights is not None and num_classes != 1000:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
         _replace_last_linear(model, num_classes)
     else:
         model = torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
-    target = infer_target_layer(model)
-    if target is not None:
-        model.igrad_target_layer = target
     return model
+
+
+def torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder ``fn(num_classes=..., **kw)`` of torchvision model ``name`` (checked now)."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        raise unknown_name("torchvision model", name, known)
+    return functools.partial(create_torchvision_model, name)
 
 
 def infer_target_layer(model: nn.Module) -> str | None:

@@ -109,7 +109,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span[:, None, None] > 0, out, torch.zeros_like(out))
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+def upsample(maps: torch.Tensor, size: tuple[int, ...], align_corners: bool = False) -> torch.Tensor:
     """Bilinear resize of ``[B, h, w]`` maps to ``size`` (``align_corners=False`` equals OpenCV's
     ``cv2.resize(..., INTER_LINEAR)``, which pytorch-grad-cam uses); a no-op at equal size."""
     if tuple(maps.shape[-2:]) == tuple(size):
@@ -183,6 +183,8 @@ class SaliencyMethod:
         if not isinstance(model, nn.Module):
             raise IgradError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = unwrap_model(model)  # the network inside DataParallel, torch.compile, ...
+        self.layer: nn.Module | None
+        self.layer_name: str | None
         if self.uses_layer:
             self.layer, self.layer_name = resolve_layer(model, target_layer)
         elif target_layer is not None:

@@ -96,6 +96,19 @@ class CAMContext:
         if self.output is None:  # built by hand from maps [B, K, h, w]
             self.output, self.layout = self.activation, "BCHW"
 
+    @property
+    def grad(self) -> torch.Tensor:
+        """``gradient``, for the methods that need it (an error where the method was run without it)."""
+        if self.gradient is None:
+            raise IgradError("this CAM method needs the target layer's gradient; the context has none")
+        return self.gradient
+
+    @property
+    def recorded(self) -> torch.Tensor:
+        """``output`` (set by :meth:`__post_init__` when not given)."""
+        assert self.output is not None
+        return self.output
+
 
 class CAMMethod(SaliencyMethod):
     """A class-activation-map method on a target layer (torch-cam style).
@@ -113,6 +126,8 @@ class CAMMethod(SaliencyMethod):
     """
 
     #: the method needs ``g = ∂y_c/∂A`` (one backward pass)
+    layer: nn.Module  # a CAM method always has a target layer
+    layer_name: str
     needs_gradient: ClassVar[bool] = True
     #: the map goes through ReLU before upsampling
     relu: ClassVar[bool] = True
@@ -239,7 +254,7 @@ class GradCAM(CAMMethod):
     """Grad-CAM: ``α_k = mean_ij g_kij``, ``S = ReLU(Σ_k α_k A_k)``."""
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        return ctx.gradient.mean(dim=(2, 3))
+        return ctx.grad.mean(dim=(2, 3))
 
 
 @register_method("gradcam++")
@@ -260,7 +275,7 @@ class GradCAMPlusPlus(CAMMethod):
         self.eps = float(eps)
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        a, g = ctx.activation, ctx.gradient
+        a, g = ctx.activation, ctx.grad
         g2 = g * g
         denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + self.eps
         ok = (g != 0) & (denom != 0)
@@ -275,7 +290,7 @@ class XGradCAM(CAMMethod):
     eps: ClassVar[float] = 1e-7
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        a, g = ctx.activation, ctx.gradient
+        a, g = ctx.activation, ctx.grad
         return (a * g).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + self.eps)
 
 
@@ -284,7 +299,7 @@ class LayerCAM(CAMMethod):
     """LayerCAM: ``S = ReLU(Σ_k ReLU(g_k) ⊙ A_k)`` (element-wise weights)."""
 
     def cam(self, ctx: CAMContext) -> torch.Tensor:
-        return (F.relu(ctx.gradient) * ctx.activation).sum(dim=1)
+        return (F.relu(ctx.grad) * ctx.activation).sum(dim=1)
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -365,7 +380,7 @@ class ScoreCAM(CAMMethod):
         super()._detach()
         self._folded = None  # the copy's weights are released with the hooks
 
-    def masks(self, activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def masks(self, activation: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
         m = upsample(activation, size, align_corners=self.mask_align_corners)
         flat = m.flatten(1)
@@ -446,7 +461,7 @@ class AblationCAM(CAMMethod):
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         # ablate the layer's output as it is laid out (channels along channel_dim), then run the tail on it
-        out, t, cdim = ctx.output, ctx.target, channel_dim(ctx.layout)
+        out, t, cdim = ctx.recorded, ctx.target, channel_dim(ctx.layout)
         b, k = out.shape[0], out.shape[cdim]
         y = ctx.logits.gather(1, t[:, None])[:, 0].float()
         run = self._tail_runner(ctx)
@@ -472,7 +487,7 @@ class AblationCAM(CAMMethod):
             try:
                 with torch.inference_mode():  # copies: head and tail may change their inputs in place
                     extra = split.externals(ctx.x.clone())
-                    reproduced = split.tail(ctx.output.clone(), *[e.clone() for e in extra])
+                    reproduced = split.tail(ctx.recorded.clone(), *[e.clone() for e in extra])
                 if not _reproduces(reproduced, ctx.logits):
                     raise SplitError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
             except SplitError as exc:

@@ -52,14 +52,14 @@ def _token_grid(n: int, size: tuple[int, int]) -> tuple[int, int] | None:
     return h, n // h
 
 
-def to_bchw(t: torch.Tensor, layout: str, size: tuple[int, int], what: str = "the layer") -> torch.Tensor:
+def to_bchw(t: torch.Tensor, layout: str, size: tuple[int, ...], what: str = "the layer") -> torch.Tensor:
     """The ``[B, K, h, w]`` view of a layer output (or its gradient) ``t`` of ``layout``, for an input
     of spatial ``size``; the class token of ``"tokens"`` is dropped. ``what`` names the layer in errors."""
     if layout == "BCHW":
         return t
     if layout == "BHWC":
         return t.permute(0, 3, 1, 2)
-    grid = _token_grid(t.shape[1] - 1, size)
+    grid = _token_grid(t.shape[1] - 1, (size[0], size[1]))
     if grid is None:
         raise IgradError(
             f"{what} outputs {tuple(t.shape)}: {t.shape[1]} tokens are not a class token and a patch grid "

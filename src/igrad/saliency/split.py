@@ -132,4 +132,5 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         m._forward_pre_hooks.clear()
         m._backward_hooks.clear()
         m._backward_pre_hooks.clear()
+    assert isinstance(folded, fx.GraphModule)  # what fuse returns (typed as nn.Module)
     return folded

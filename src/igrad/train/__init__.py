@@ -1,0 +1,46 @@
+"""Training with the interpretable-gradient loss (SPEC 1-2): ``L = L_C + λ L_R``.
+
+One module per concept: :mod:`~igrad.train.config` (:class:`TrainConfig`, presets, TOML),
+:mod:`~igrad.train.augment` (SPEC 2's augmentation, per sample), :mod:`~igrad.train.distributed`
+(several processes), :mod:`~igrad.train.trainer` (:func:`fit`, the run folder, resuming). The data of a
+run (splits, validation hold-out, the fixed cos subset) is :mod:`igrad.data`'s; accuracy and mean
+``cos(δx, δᴳx)`` are measured by :mod:`igrad.measure`, as in evaluation.
+"""
+
+from __future__ import annotations
+
+from ..data import TrainData
+from .augment import augment
+from .config import (
+    NORMALIZATION_CHOICES,
+    PRESETS,
+    RESUME_OVERRIDES,
+    SCHEDULES,
+    TrainConfig,
+    config_from_toml,
+    config_to_toml,
+    prepare_data,
+    saved_config,
+)
+from .trainer import METRIC_KEYS, NonFiniteLossError, RunResult, StepInfo, fit, fit_or_resume, lr_factor
+
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "SCHEDULES",
+    "METRIC_KEYS",
+    "NORMALIZATION_CHOICES",
+    "RESUME_OVERRIDES",
+    "RunResult",
+    "StepInfo",
+    "TrainData",
+    "NonFiniteLossError",
+    "fit",
+    "prepare_data",
+    "augment",
+    "fit_or_resume",
+    "lr_factor",
+    "config_from_toml",
+    "config_to_toml",
+    "saved_config",
+]

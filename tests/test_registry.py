@@ -1,0 +1,54 @@
+"""The model registry carries each model's metadata (issue 11): default target layer and input size,
+for registered and torchvision models; no attribute is set on the instances it builds."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import igrad
+from igrad.models import MODELS, model_info, register_model
+
+
+def test_registered_and_torchvision_models_have_metadata():
+    r18, mnv2 = model_info("cifar_resnet18"), model_info("cifar_mobilenet_v2")
+    assert (r18.default_target_layer, r18.input_size) == ("layer4", (3, 32, 32))
+    assert (mnv2.default_target_layer, mnv2.input_size) == ("features.18", (3, 32, 32))
+    tv = model_info("tv:resnet18")
+    assert tv.input_size == (3, 224, 224) and tv.default_target_layer is None  # by torchvision's conventions
+    with pytest.raises(igrad.IgradError, match="unknown torchvision model 'resnet181'"):
+        model_info("tv:resnet181")
+    with pytest.raises(igrad.IgradError, match="unknown model 'cifar_resnet81'"):
+        model_info("cifar_resnet81")
+    for name, width in (("cifar_resnet18", 0.125), ("cifar_mobilenet_v2", 0.5)):
+        model = igrad.create_model(name, num_classes=3, width=width)
+        assert not hasattr(model, "igrad_target_layer")
+        assert igrad.default_target_layer(model) == model_info(name).default_target_layer
+        model.get_submodule(igrad.default_target_layer(model))  # names a real module
+
+
+class _TwoStages(nn.Module):
+    """The last convolution sits in ``late``, but the registered target layer is ``early``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.early = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.late = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.late(self.early(x)).mean((2, 3)))
+
+
+def test_register_model_metadata_is_what_default_target_layer_gives():
+    if "test_two_stages" not in MODELS:
+        register_model("test_two_stages", default_target_layer="early", input_size=(3, 16, 16))(_TwoStages)
+    model = igrad.create_model("test_two_stages", num_classes=2)
+    assert igrad.default_target_layer(model) == "early"
+    assert igrad.default_target_layer(nn.DataParallel(model)) == "module.early"
+    assert igrad.default_target_layer(_TwoStages()) == "late"  # built elsewhere: torchvision's conventions
+    assert model_info("test_two_stages").input_size == (3, 16, 16)
+    with pytest.raises(igrad.IgradError, match="already registered"):
+        register_model("test_two_stages")(_TwoStages)
+    with pytest.raises(igrad.IgradError, match="torchvision's"):
+        register_model("tv:mine")(_TwoStages)
