@@ -11,7 +11,7 @@ import pytest
 
 from igrad.cli import main
 from igrad.errors import IgradError
-from igrad.reproduce import FIGURE_METHODS, LABELS, NETWORKS, PRESETS, ablation, preset_settings, reproduce
+from igrad.reproduce import EXPERIMENTS, FIGURE_METHODS, LABELS, NETWORKS, ablation, preset_settings, reproduce
 from references import write_folder
 
 TINY_TRAIN = {"width": 0.125, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "cos_samples": 8}
@@ -62,7 +62,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         # the same test subset for both models, every method with every metric
         base, reg = (json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in LABELS)
         assert base["data"]["indices"] == reg["data"]["indices"] and base["data"]["n"] == 6
-        assert set(base["results"]) == set(PRESETS["demo"]["evaluate"]["methods"])
+        assert set(base["results"]) == set(EXPERIMENTS["demo"]["evaluate"]["methods"])
         assert all(set(d) == {"ad", "ag", "ai", "ins", "del"} for d in base["results"].values())
         cmp = entry["comparison"]
         assert cmp["paired"] and set(cmp["methods"]) == set(base["results"])
@@ -79,7 +79,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
     for heading in [f"## {n}" for n in NETWORKS] + ["## Configuration", "## Machine and versions"]:
         assert heading in md
     assert "igrad reproduce --preset demo" in md and "wall time" in md
-    for method in PRESETS["demo"]["evaluate"]["methods"]:
+    for method in EXPERIMENTS["demo"]["evaluate"]["methods"]:
         rows = [line for line in md.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == len(NETWORKS)
         for row in rows:
@@ -153,7 +153,7 @@ def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
 def test_preset_settings_are_data_and_checked():
     s = preset_settings("cpu", train={"epochs": 1}, evaluation={"limit": 10}, lam=0.1)
     assert s["train"]["epochs"] == 1 and s["evaluate"]["limit"] == 10 and s["lam"] == 0.1
-    assert PRESETS["cpu"]["train"]["epochs"] != 1  # a copy
+    assert EXPERIMENTS["cpu"]["train"]["epochs"] != 1  # a copy
     with pytest.raises(IgradError, match="preset"):
         preset_settings("tiny")
     with pytest.raises(IgradError, match="λ > 0"):
