@@ -169,11 +169,11 @@ def test_compare_table_marks_the_better_value():
     ours = _fake(mean(ours_ps), 0.69, 0.80, ours_ps)
     cmp = compare_results(base, ours)
     g = cmp["methods"]["gradcam"]
-    assert g["ad"]["better"] == "ours"  # lower AD is better
+    assert g["ad"]["better"] == "regularised"  # lower AD is better
     assert g["ag"]["better"] == "baseline"  # AG: 3 vs 2, higher is better
-    assert g["ins"]["better"] == "ours" and g["del"]["better"] == "tie"
+    assert g["ins"]["better"] == "regularised" and g["del"]["better"] == "tie"
     assert g["ad"]["significant"] and not g["ag"]["significant"]
-    assert cmp["model"]["accuracy"]["better"] == "baseline" and cmp["model"]["cos"]["better"] == "ours"
+    assert cmp["model"]["accuracy"]["better"] == "baseline" and cmp["model"]["cos"]["better"] == "regularised"
     table = compare_table(base, ours)
     row = next(line for line in table.splitlines() if line.startswith("| gradcam |"))
     assert row == "| gradcam | 10.00 | **5.00**\\* | **3.00** | 2.00 | 40.00 | **52.00**\\* | 5.00 | 5.00 |"

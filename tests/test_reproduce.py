@@ -137,7 +137,7 @@ def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
     for r in rows[1:]:  # paired against λ = 0 on the same validation images
         assert set(r["vs_baseline"]) == {"ad", "ag", "ai", "ins", "del"}
         for k, e in r["vs_baseline"].items():
-            assert e["baseline"] == rows[0]["gradcam"][k]["mean"] and e["ours"] == r["gradcam"][k]["mean"]
+            assert e["baseline"] == rows[0]["gradcam"][k]["mean"] and e["regularised"] == r["gradcam"][k]["mean"]
             assert isinstance(e["significant"], bool)
     chosen = report["networks"][NETWORKS[0]]["chosen"]
     assert chosen["lam"] in (0.0, 0.5)
@@ -171,9 +171,9 @@ def test_ablation_choice_prefers_clear_wins_and_says_when_there_are_none():
         return {"lam": lam, "error": "cosine", "val_acc": acc, "val_cos": 0.1, "gradcam": gradcam, "vs_baseline": vs}
 
     base = {"lam": 0.0, "error": None, "val_acc": 0.50, "val_cos": 0.1, "gradcam": dict.fromkeys("abcde")}
-    many_wins = row(0.1, 0.50, [("ours", False)] * 4 + [("baseline", False)])
-    one_clear = row(0.2, 0.50, [("ours", True)] + [("baseline", False)] * 4)
-    too_costly = row(0.3, 0.40, [("ours", True)] * 5)  # 10 points of accuracy lost: out of the margin
+    many_wins = row(0.1, 0.50, [("regularised", False)] * 4 + [("baseline", False)])
+    one_clear = row(0.2, 0.50, [("regularised", True)] + [("baseline", False)] * 4)
+    too_costly = row(0.3, 0.40, [("regularised", True)] * 5)  # 10 points of accuracy lost: out of the margin
     chosen = _ablation_choice([base, many_wins, one_clear, too_costly], acc_margin=0.02)
     assert (chosen["lam"], chosen["clear"], chosen["wins"]) == (0.2, 1, 1) and "note" not in chosen
     chosen = _ablation_choice([base, many_wins], acc_margin=0.02)

@@ -369,7 +369,9 @@ def evaluate_model(
     from tqdm.auto import tqdm
 
     parts = []
-    bar = tqdm(total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress)
+    bar = tqdm(
+        total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
+    )
     with bar, eval_mode(model):
         for chunk, lo in enumerate(range(0, len(indices), cfg.batch_size)):
             idx = indices[lo : lo + cfg.batch_size]
@@ -517,27 +519,29 @@ def evaluate_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------------
-# baseline vs ours
+# baseline vs regularised
 
 
-def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci: str = "normal") -> dict[str, Any]:
-    """Per method and metric: both means, which is better (``"baseline"``, ``"ours"`` or ``"tie"``;
+def compare_results(
+    baseline: Mapping[str, Any], regularised: Mapping[str, Any], *, ci: str = "normal"
+) -> dict[str, Any]:
+    """Per method and metric: both means, which is better (``"baseline"``, ``"regularised"`` or ``"tie"``;
     AD and deletion lower is better) and, when both ran on the same images, the paired difference
-    ``ours − baseline`` with its 95% interval (``significant`` when the interval excludes 0)."""
-    paired = baseline["data"]["indices"] == ours["data"]["indices"]
+    ``regularised − baseline`` with its 95% interval (``significant`` when the interval excludes 0)."""
+    paired = baseline["data"]["indices"] == regularised["data"]["indices"]
     out: dict[str, Any] = {"paired": paired, "methods": {}}
     model = {}
     for key in ("accuracy", "cos"):  # higher is better for both
         b = baseline["model"][key]
-        o = ours["model"][key]
+        o = regularised["model"][key]
         bv = b["mean"] if isinstance(b, Mapping) else b
         ov = o["mean"] if isinstance(o, Mapping) else o
-        model[key] = {"baseline": bv, "ours": ov, "better": _better(bv, ov, True)}
+        model[key] = {"baseline": bv, "regularised": ov, "better": _better(bv, ov, True)}
     if paired:
-        diff = torch.tensor(ours["per_sample"]["cos"]) - torch.tensor(baseline["per_sample"]["cos"])
+        diff = torch.tensor(regularised["per_sample"]["cos"]) - torch.tensor(baseline["per_sample"]["cos"])
         model["cos"]["difference"] = summarize(diff, ci=ci)
     out["model"] = model
-    for m, d in ours["results"].items():
+    for m, d in regularised["results"].items():
         if m not in baseline["results"]:
             continue
         out["methods"][m] = {}
@@ -545,11 +549,11 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
             if k not in baseline["results"][m]:
                 continue
             hib = METRICS[k].higher_is_better
-            entry = {"baseline": baseline["results"][m][k]["mean"], "ours": s["mean"], "higher_is_better": hib}
-            entry["better"] = _better(entry["baseline"], entry["ours"], hib)
+            entry = {"baseline": baseline["results"][m][k]["mean"], "regularised": s["mean"], "higher_is_better": hib}
+            entry["better"] = _better(entry["baseline"], entry["regularised"], hib)
             if paired:
                 a = torch.tensor(baseline["per_sample"]["methods"][m][k], dtype=torch.float64)
-                b = torch.tensor(ours["per_sample"]["methods"][m][k], dtype=torch.float64)
+                b = torch.tensor(regularised["per_sample"]["methods"][m][k], dtype=torch.float64)
                 diff = summarize(b - a, ci=ci)
                 lo, hi = diff["ci_low"], diff["ci_high"]
                 entry["difference"] = diff
@@ -558,9 +562,9 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
     return out
 
 
-def _better(base: float | None, ours: float | None, higher_is_better: bool) -> str | None:
-    if base is None or ours is None:
+def _better(base: float | None, regularised: float | None, higher_is_better: bool) -> str | None:
+    if base is None or regularised is None:
         return None
-    if base == ours:
+    if base == regularised:
         return "tie"
-    return "ours" if (ours > base) == higher_is_better else "baseline"
+    return "regularised" if (regularised > base) == higher_is_better else "baseline"

@@ -154,12 +154,15 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
 
 
 def compare_table(
-    baseline: Mapping[str, Any], ours: Mapping[str, Any], *, labels: tuple[str, str] = ("baseline", "ours")
+    baseline: Mapping[str, Any],
+    regularised: Mapping[str, Any],
+    *,
+    labels: tuple[str, str] = ("baseline", "regularised"),
 ) -> str:
     """SPEC 5 side by side, in Markdown: accuracy and mean cos, then per method each metric for the
-    baseline and ours; the better value of each pair in bold, ``*`` where the paired 95% interval of
+    baseline and regularised; the better value of each pair in bold, ``*`` where the paired 95% interval of
     the difference excludes 0 (same images)."""
-    cmp = compare_results(baseline, ours)
+    cmp = compare_results(baseline, regularised)
     lb, lo = labels
 
     def mark(value: str, side: str, entry: Mapping[str, Any]) -> str:
@@ -171,25 +174,25 @@ def compare_table(
 
     lines = [f"| | {lb} | {lo} |", "|---|---:|---:|"]
     acc = cmp["model"]["accuracy"]
-    if acc["baseline"] is not None and acc["ours"] is not None:
-        fmt = [f"{100 * acc['baseline']:.2f}", f"{100 * acc['ours']:.2f}"]
-        lines.append(f"| top-1 accuracy (%) | {mark(fmt[0], 'baseline', acc)} | {mark(fmt[1], 'ours', acc)} |")
+    if acc["baseline"] is not None and acc["regularised"] is not None:
+        fmt = [f"{100 * acc['baseline']:.2f}", f"{100 * acc['regularised']:.2f}"]
+        lines.append(f"| top-1 accuracy (%) | {mark(fmt[0], 'baseline', acc)} | {mark(fmt[1], 'regularised', acc)} |")
     cos = dict(cmp["model"]["cos"])
     d = cos.get("difference")
     if d is not None:
         cos["significant"] = d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
-    cos_b, cos_o = f"{cos['baseline']:.4f}", f"{cos['ours']:.4f}"
-    lines.append(f"| mean cos(δx, δᴳx) | {mark(cos_b, 'baseline', cos)} | {mark(cos_o, 'ours', cos)} |")
-    metrics = [k for k in ours["settings"]["metrics"] if k in baseline["settings"]["metrics"]]
+    cos_b, cos_o = f"{cos['baseline']:.4f}", f"{cos['regularised']:.4f}"
+    lines.append(f"| mean cos(δx, δᴳx) | {mark(cos_b, 'baseline', cos)} | {mark(cos_o, 'regularised', cos)} |")
+    metrics = [k for k in regularised["settings"]["metrics"] if k in baseline["settings"]["metrics"]]
     head = "| method | " + " | ".join(f"{METRICS[k].title} {_arrow(k)} {lb} | {METRICS[k].title} {lo}" for k in metrics)
     rows = [head + " |", "|---|" + "---:|---:|" * len(metrics)]
     for m, entries in cmp["methods"].items():
         cells = []
         for k in metrics:
             e = entries[k]
-            cells += [mark(f"{e['baseline']:.2f}", "baseline", e), mark(f"{e['ours']:.2f}", "ours", e)]
+            cells += [mark(f"{e['baseline']:.2f}", "baseline", e), mark(f"{e['regularised']:.2f}", "regularised", e)]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    n_b, n_o = baseline["data"]["n"], ours["data"]["n"]
+    n_b, n_o = baseline["data"]["n"], regularised["data"]["n"]
     legend = (
         f"N = {n_b} ({lb}) and {n_o} ({lo}) images"
         + (", the same images" if cmp["paired"] else ", NOT the same images (no paired test)")
@@ -201,20 +204,20 @@ def compare_table(
 
 def write_comparison(
     baseline: Mapping[str, Any],
-    ours: Mapping[str, Any],
+    regularised: Mapping[str, Any],
     out_dir: str | os.PathLike[str],
     *,
-    labels: tuple[str, str] = ("baseline", "ours"),
+    labels: tuple[str, str] = ("baseline", "regularised"),
 ) -> dict[str, Path]:
     """Write each side's report into ``out_dir/<label>/`` and ``compare.md`` + ``compare.json``."""
     out = Path(out_dir)
     paths: dict[str, Path] = {}
-    for label, res in zip(labels, (baseline, ours), strict=True):
+    for label, res in zip(labels, (baseline, regularised), strict=True):
         for k, p in write_report(res, out / label).items():
             paths[f"{label}.{k}"] = p
     paths["compare.md"] = out / "compare.md"
     atomic_write_text(
-        paths["compare.md"], "# igrad evaluate: comparison\n\n" + compare_table(baseline, ours, labels=labels)
+        paths["compare.md"], "# igrad evaluate: comparison\n\n" + compare_table(baseline, regularised, labels=labels)
     )
     paths["compare.json"] = out / "compare.json"
     atomic_write_json(
@@ -222,9 +225,9 @@ def write_comparison(
         {
             "kind": "igrad.compare",
             "labels": list(labels),
-            "checkpoints": [baseline.get("checkpoint"), ours.get("checkpoint")],
-            "comparison": compare_results(baseline, ours, ci=ours["settings"]["ci"]),
-            "provenance": provenance(None, ours["data"]["seed"]),
+            "checkpoints": [baseline.get("checkpoint"), regularised.get("checkpoint")],
+            "comparison": compare_results(baseline, regularised, ci=regularised["settings"]["ci"]),
+            "provenance": provenance(None, regularised["data"]["seed"]),
         },
     )
     return paths
@@ -340,7 +343,7 @@ def _ablation_mark(entry: Mapping[str, Any] | None) -> str:
     """`` +``/`` −`` for a metric clearly better/worse than λ = 0 (paired interval excluding 0)."""
     if not entry or not entry.get("significant"):
         return ""
-    return " +" if entry["better"] == "ours" else " −"
+    return " +" if entry["better"] == "regularised" else " −"
 
 
 def ablation_markdown(report: Mapping[str, Any]) -> str:

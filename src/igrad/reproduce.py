@@ -284,7 +284,7 @@ def _wins(cmp: Mapping[str, Any]) -> dict[str, int]:
     for entries in cmp["methods"].values():
         for e in entries.values():
             counts["cells"] += 1
-            side = {"ours": "regularised", "baseline": "baseline", "tie": "tie"}.get(e["better"] or "tie", "tie")
+            side = e["better"] or "tie"
             counts[side] += 1
             if e.get("significant") and side != "tie":
                 counts[f"{side}_significant"] += 1
@@ -420,8 +420,8 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
         if r["lam"] == 0 or r["val_acc"] < base["val_acc"] - acc_margin:
             continue
         vs = r.get("vs_baseline", {})
-        wins = sum(1 for e in vs.values() if e["better"] == "ours")
-        clear = sum(1 for e in vs.values() if e["better"] == "ours" and e.get("significant"))
+        wins = sum(1 for e in vs.values() if e["better"] == "regularised")
+        clear = sum(1 for e in vs.values() if e["better"] == "regularised" and e.get("significant"))
         key = (clear, wins, r["val_acc"], r["val_cos"])
         if best_key is None or key > best_key:
             best, best_key = r, key
