@@ -235,7 +235,8 @@ def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path
     args = ["evaluate", "--checkpoint", str(ckpt), "--methods", "gradcam,gradient,smoothgrad"]
     args += ["--batch-size", "3", "--step", "5", "--no-progress"]
     killed, marker = tmp_path / "killed", tmp_path / "stalled"
-    env = {**os.environ, "IGRAD_TEST_STALL_EVAL": f"1:{marker}", "OMP_NUM_THREADS": "1"}
+    threads = str(torch.get_num_threads())  # the same float kernels as the runs in this process
+    env = {**os.environ, "IGRAD_TEST_STALL_EVAL": f"1:{marker}", "OMP_NUM_THREADS": threads}
     env["PYTHONPATH"] = str(Path(igrad.__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
         [sys.executable, "-m", "igrad", *args, "--out", str(killed)],

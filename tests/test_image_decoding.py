@@ -25,6 +25,7 @@ from igrad.cli import main
 from igrad.data import eval_tensors, load_split
 from igrad.errors import IgradError
 from igrad.images import decode_image
+from igrad.normalization import Normalization
 
 SIZE = 8
 EXACT = 1e-6  # far below 1/65535 ≈ 1.5e-5: a value cut to 8 bits misses by up to 1/256
@@ -149,15 +150,15 @@ def _checkpoint(path: Path) -> Path:
 
 
 def _explain_pixels(tmp_path: Path, files: list[Path], monkeypatch) -> torch.Tensor:
-    """The [0, 1] pixels ``igrad explain`` normalises (recorded at igrad.data.normalize)."""
+    """The [0, 1] pixels ``igrad explain`` normalises (recorded at igrad.normalization.Normalization.apply)."""
     seen = []
-    real = igrad.data.normalize
+    real = Normalization.apply
 
-    def record(raw, mean, std):
+    def record(self, raw):
         seen.append(raw.detach().cpu().clone())
-        return real(raw, mean, std)
+        return real(self, raw)
 
-    monkeypatch.setattr(igrad.data, "normalize", record)
+    monkeypatch.setattr(Normalization, "apply", record)
     ckpt = _checkpoint(tmp_path / "ckpt.pt")
     argv = [
         "explain",
