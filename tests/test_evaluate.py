@@ -4,8 +4,15 @@ numbers it writes (checked against direct calls), the side-by-side comparison, a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +24,9 @@ from igrad.checkpoint import save_checkpoint
 from igrad.cli import main
 from igrad.data import Split, load_split
 from igrad.errors import IgradError
-from igrad.evaluate import compare_results, compare_table, evaluate_model, select_indices
+from igrad.evaluate import compare_results, evaluate_model, select_indices
 from igrad.metrics import confidence_metrics, deletion, insertion
+from igrad.report import compare_table
 from igrad.saliency import create_method
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.3]
@@ -161,11 +169,11 @@ def test_compare_table_marks_the_better_value():
     ours = _fake(mean(ours_ps), 0.69, 0.80, ours_ps)
     cmp = compare_results(base, ours)
     g = cmp["methods"]["gradcam"]
-    assert g["ad"]["better"] == "ours"  # lower AD is better
+    assert g["ad"]["better"] == "regularised"  # lower AD is better
     assert g["ag"]["better"] == "baseline"  # AG: 3 vs 2, higher is better
-    assert g["ins"]["better"] == "ours" and g["del"]["better"] == "tie"
+    assert g["ins"]["better"] == "regularised" and g["del"]["better"] == "tie"
     assert g["ad"]["significant"] and not g["ag"]["significant"]
-    assert cmp["model"]["accuracy"]["better"] == "baseline" and cmp["model"]["cos"]["better"] == "ours"
+    assert cmp["model"]["accuracy"]["better"] == "baseline" and cmp["model"]["cos"]["better"] == "regularised"
     table = compare_table(base, ours)
     row = next(line for line in table.splitlines() if line.startswith("| gradcam |"))
     assert row == "| gradcam | 10.00 | **5.00**\\* | **3.00** | 2.00 | 40.00 | **52.00**\\* | 5.00 | 5.00 |"
@@ -187,7 +195,7 @@ def test_cli_compare(tmp_path, data_dir):
     )
     assert rc == 0
     b = json.loads((out / "baseline" / "results.json").read_text())
-    o = json.loads((out / "ours" / "results.json").read_text())
+    o = json.loads((out / "regularised" / "results.json").read_text())
     assert b["data"]["indices"] == o["data"]["indices"]
     row = next(line for line in (out / "compare.md").read_text().splitlines() if line.startswith("| gradcam |"))
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
@@ -210,3 +218,83 @@ def test_cli_errors(tmp_path, data_dir, capsys):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+# --- resumable evaluation ------------------------------------------------------------------------------
+
+
+def _numbers(res: dict) -> dict:
+    """Everything an evaluation measured: all but the wall times and the provenance's clock."""
+    return {k: v for k, v in res.items() if k not in ("timing", "provenance")}
+
+
+def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path, data_dir):
+    # 12 test images in chunks of 3: killed once chunk 1 (the second) is stored; SmoothGrad's noise is
+    # seeded per chunk, so a resumed chunk must give the same maps as in one go
+    ckpt = make_checkpoint(tmp_path / "best.pt", 0, data_dir)
+    args = ["evaluate", "--checkpoint", str(ckpt), "--methods", "gradcam,gradient,smoothgrad"]
+    args += ["--batch-size", "3", "--step", "5", "--no-progress"]
+    killed, marker = tmp_path / "killed", tmp_path / "stalled"
+    threads = str(torch.get_num_threads())  # the same float kernels as the runs in this process
+    env = {**os.environ, "IGRAD_TEST_STALL_EVAL": f"1:{marker}", "OMP_NUM_THREADS": threads}
+    env["PYTHONPATH"] = str(Path(igrad.__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "igrad", *args, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=5)[0].decode()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert not (killed / "results.json").exists()
+    stored = sorted(p.name for p in (killed / ".partial").glob("*/*"))
+    assert stored == ["accuracy.pt", "chunk-00000.pt", "chunk-00001.pt"]
+
+    # other arguments never pick up these chunks (and leave them alone)
+    assert main([*args, "--seed", "1", "--out", str(killed)]) == 0
+    assert json.loads((killed / "results.json").read_text())["timing"]["resumed_parts"] == 0
+    assert sorted(p.name for p in (killed / ".partial").glob("*/*")) == stored
+
+    assert main([*args, "--out", str(killed)]) == 0  # the same arguments: continues
+    resumed = json.loads((killed / "results.json").read_text())
+    assert resumed["timing"]["resumed_parts"] == 3  # the accuracy and two chunks were not recomputed
+    assert not list((killed / ".partial").glob("*/*"))  # removed once complete
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert straight["timing"]["resumed_parts"] == 0
+    assert _numbers(resumed) == _numbers(straight)  # exactly: JSON numbers are the float64 values
+
+
+def test_eval_config_is_checked_and_every_field_is_a_flag():
+    from igrad.cli import build_parser
+    from igrad.evaluate import EvalConfig
+
+    cfg = EvalConfig(methods="gradcam, gradient", metrics="all", limit=5)
+    assert cfg.methods == ("gradcam", "gradient") and cfg.metrics == ("ad", "ag", "ai", "ins", "del")
+    assert EvalConfig.from_dict(cfg.to_dict()) == cfg and cfg.replace(seed=3).seed == 3
+    for bad, match in (
+        ({"target": "label"}, "unknown target"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"limit": 0}, "limit"),
+        ({"deletion_substrate": "black"}, "unknown substrate"),
+        ({"score": "logprob"}, "unknown score"),
+        ({"ci": "exact"}, "unknown confidence interval"),
+        ({"methods": "gradcan"}, "unknown saliency method"),
+        ({"lmit": 3}, "unknown evaluation setting"),
+    ):
+        with pytest.raises(IgradError, match=match):
+            EvalConfig.from_dict(bad)
+    help_text = build_parser().parse_args(["evaluate", "--checkpoint", "c.pt", "--out", "o"])
+    for f in dataclasses.fields(EvalConfig):
+        assert getattr(help_text, f.name) == f.default, f.name  # each field is a flag with the field's default
+    args = build_parser().parse_args(
+        ["evaluate", "--checkpoint", "c.pt", "--out", "o", "--deletion-substrate", "mean", "--no-accuracy"]
+    )
+    assert args.deletion_substrate == "mean" and args.accuracy is False

@@ -150,15 +150,15 @@ def _checkpoint(path: Path) -> Path:
 
 
 def _explain_pixels(tmp_path: Path, files: list[Path], monkeypatch) -> torch.Tensor:
-    """The [0, 1] pixels ``igrad explain`` normalises (recorded at igrad.data.normalize)."""
+    """The [0, 1] pixels ``igrad explain`` normalises (recorded at igrad.normalization.Normalization.apply)."""
     seen = []
-    real = igrad.data.normalize
+    real = Normalization.apply
 
-    def record(raw, mean, std):
+    def record(self, raw):
         seen.append(raw.detach().cpu().clone())
-        return real(raw, mean, std)
+        return real(self, raw)
 
-    monkeypatch.setattr(igrad.data, "normalize", record)
+    monkeypatch.setattr(Normalization, "apply", record)
     ckpt = _checkpoint(tmp_path / "ckpt.pt")
     argv = [
         "explain",

@@ -16,6 +16,7 @@ from igrad.errors import IgradError
 from igrad.metrics import (
     METRICS,
     blur_kernel,
+    clean_forward,
     compute_metrics,
     confidence_metrics,
     deletion,
@@ -24,6 +25,7 @@ from igrad.metrics import (
     resolve_metrics,
     summarize,
 )
+from igrad.normalization import Normalization
 from references import metric_tolerances
 
 
@@ -358,3 +360,67 @@ def test_errors_are_clear():
         deletion(model, X9, S9, torch.tensor([2]))
     with pytest.raises(IgradError, match="one value per channel"):
         confidence_metrics(model, X9, S9, t, mean=[0.0, 0.0], std=[1.0, 1.0])
+
+
+# --- raw pixels, one clean forward ---------------------------------------------------------------------
+
+
+class Counting(nn.Module):
+    """A model that counts the images it is given."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        return self.inner(x)
+
+
+def test_raw_pixels_are_masked_then_normalised(small_cnn):
+    model, x, maps, target = small_cnn
+    norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    raw = (x * 0.1 + 0.5).clamp(0, 1)
+    m, s = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
+    with torch.no_grad():  # SPEC 4 written out: p on (raw − m)/s, o on (raw ⊙ S − m)/s, one forward each
+        p = model((raw - m) / s).softmax(1)[torch.arange(3), target]
+        o = model((raw * maps[:, None] - m) / s).softmax(1)[torch.arange(3), target]
+    out = confidence_metrics(model, raw, maps, target, normalization=norm, pixels="raw", batch_size=3)
+    assert torch.equal(out["p"], p) and torch.equal(out["o"], o)
+    # the same images given normalised: the raw pixels are then normalization.invert(x), equal up to rounding
+    xn = norm.apply(raw)
+    again = confidence_metrics(model, xn, maps, target, normalization=norm, batch_size=3)
+    with torch.no_grad():
+        tol = metric_tolerances(model(xn), target)
+    for k in ("ad", "ag"):
+        torch.testing.assert_close(again[k], out[k], atol=tol[k], rtol=0)
+    with pytest.raises(IgradError, match="normalization"):
+        confidence_metrics(model, raw, maps, target, pixels="raw")
+    with pytest.raises(IgradError, match="unknown pixels"):
+        deletion(model, raw, maps, target, pixels="unit", normalization=norm)
+
+
+def test_one_clean_forward_serves_every_metric(small_cnn):
+    model, x, maps, target = small_cnn
+    norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    counting = Counting(model)
+    clean = clean_forward(counting, x, target, normalization=norm)
+    assert counting.seen == 3 and torch.equal(clean.target, target)
+    counting.seen = 0
+    res = compute_metrics(counting, clean, maps, metrics="all", step=23, batch_size=7)
+    n = math.ceil(256 / 23)
+    assert counting.seen == 3 + 2 * 3 * n  # masked images, then each curve without its clean point
+    # the clean points are the clean forward's scores; the rest as computed from the images alone
+    p = clean.score()
+    assert torch.equal(res.curves["del"][:, 0], p) and torch.equal(res.curves["ins"][:, -1], p)
+    alone = compute_metrics(model, x, maps, target, "all", normalization=norm, step=23, batch_size=7)
+    for k in METRICS:
+        assert torch.equal(res.values[k], alone.values[k]), k
+    # given logits are used as they are (no forward): the prediction and p come from them
+    fake = torch.zeros(3, 10)
+    fake[:, 4] = 1.0
+    counting.seen = 0
+    given = clean_forward(counting, x, None, normalization=norm, logits=fake)
+    assert counting.seen == 0 and given.target.tolist() == [4, 4, 4]
+    with pytest.raises(IgradError, match="logits must have shape"):
+        clean_forward(model, x, target, logits=torch.zeros(2, 10))

@@ -11,7 +11,7 @@ import pytest
 
 from igrad.cli import main
 from igrad.errors import IgradError
-from igrad.reproduce import FIGURE_METHODS, LABELS, NETWORKS, PRESETS, ablation, preset_settings, reproduce
+from igrad.reproduce import EXPERIMENTS, FIGURE_METHODS, LABELS, NETWORKS, ablation, preset_settings, reproduce
 from references import write_folder
 
 TINY_TRAIN = {"width": 0.125, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "cos_samples": 8}
@@ -62,7 +62,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         # the same test subset for both models, every method with every metric
         base, reg = (json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in LABELS)
         assert base["data"]["indices"] == reg["data"]["indices"] and base["data"]["n"] == 6
-        assert set(base["results"]) == set(PRESETS["demo"]["evaluate"]["methods"])
+        assert set(base["results"]) == set(EXPERIMENTS["demo"]["evaluate"]["methods"])
         assert all(set(d) == {"ad", "ag", "ai", "ins", "del"} for d in base["results"].values())
         cmp = entry["comparison"]
         assert cmp["paired"] and set(cmp["methods"]) == set(base["results"])
@@ -79,7 +79,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
     for heading in [f"## {n}" for n in NETWORKS] + ["## Configuration", "## Machine and versions"]:
         assert heading in md
     assert "igrad reproduce --preset demo" in md and "wall time" in md
-    for method in PRESETS["demo"]["evaluate"]["methods"]:
+    for method in EXPERIMENTS["demo"]["evaluate"]["methods"]:
         rows = [line for line in md.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == len(NETWORKS)
         for row in rows:
@@ -137,7 +137,7 @@ def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
     for r in rows[1:]:  # paired against λ = 0 on the same validation images
         assert set(r["vs_baseline"]) == {"ad", "ag", "ai", "ins", "del"}
         for k, e in r["vs_baseline"].items():
-            assert e["baseline"] == rows[0]["gradcam"][k]["mean"] and e["ours"] == r["gradcam"][k]["mean"]
+            assert e["baseline"] == rows[0]["gradcam"][k]["mean"] and e["regularised"] == r["gradcam"][k]["mean"]
             assert isinstance(e["significant"], bool)
     chosen = report["networks"][NETWORKS[0]]["chosen"]
     assert chosen["lam"] in (0.0, 0.5)
@@ -153,7 +153,7 @@ def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
 def test_preset_settings_are_data_and_checked():
     s = preset_settings("cpu", train={"epochs": 1}, evaluation={"limit": 10}, lam=0.1)
     assert s["train"]["epochs"] == 1 and s["evaluate"]["limit"] == 10 and s["lam"] == 0.1
-    assert PRESETS["cpu"]["train"]["epochs"] != 1  # a copy
+    assert EXPERIMENTS["cpu"]["train"]["epochs"] != 1  # a copy
     with pytest.raises(IgradError, match="preset"):
         preset_settings("tiny")
     with pytest.raises(IgradError, match="λ > 0"):
@@ -171,9 +171,9 @@ def test_ablation_choice_prefers_clear_wins_and_says_when_there_are_none():
         return {"lam": lam, "error": "cosine", "val_acc": acc, "val_cos": 0.1, "gradcam": gradcam, "vs_baseline": vs}
 
     base = {"lam": 0.0, "error": None, "val_acc": 0.50, "val_cos": 0.1, "gradcam": dict.fromkeys("abcde")}
-    many_wins = row(0.1, 0.50, [("ours", False)] * 4 + [("baseline", False)])
-    one_clear = row(0.2, 0.50, [("ours", True)] + [("baseline", False)] * 4)
-    too_costly = row(0.3, 0.40, [("ours", True)] * 5)  # 10 points of accuracy lost: out of the margin
+    many_wins = row(0.1, 0.50, [("regularised", False)] * 4 + [("baseline", False)])
+    one_clear = row(0.2, 0.50, [("regularised", True)] + [("baseline", False)] * 4)
+    too_costly = row(0.3, 0.40, [("regularised", True)] * 5)  # 10 points of accuracy lost: out of the margin
     chosen = _ablation_choice([base, many_wins, one_clear, too_costly], acc_margin=0.02)
     assert (chosen["lam"], chosen["clear"], chosen["wins"]) == (0.2, 1, 1) and "note" not in chosen
     chosen = _ablation_choice([base, many_wins], acc_margin=0.02)

@@ -1,56 +1,137 @@
 """Evaluation of saliency methods on a trained classifier: the tables of SPEC 5.
 
-:func:`evaluate_model` runs every requested saliency method (:mod:`igrad.saliency`) and metric
-(:mod:`igrad.metrics`) over a fixed, seeded subset of a data split, together with the model's top-1
-accuracy and the mean ``cos(δx, δᴳx)`` diagnostic, and returns a JSON-ready dict;
-:func:`evaluate_checkpoint` does the same from a checkpoint file. :func:`write_report` writes
-``results.json``, ``results.csv``, ``results.md`` and ``curves.png``; :func:`compare_table` and
-:func:`write_comparison` put a baseline and a regularised model side by side, the better value of
-each cell marked (AD and deletion: lower is better).
+:class:`EvalConfig` holds every choice of an evaluation (methods, metrics, subset, target, step,
+substrates, score, chunk size, interval, device); :func:`evaluate_model` runs it over a fixed, seeded
+subset of a data split, together with the model's top-1 accuracy and the mean ``cos(δx, δᴳx)``
+diagnostic, and returns a JSON-ready dict; :func:`evaluate_checkpoint` does the same from a checkpoint
+file. Each chunk of images is forwarded once (:func:`igrad.metrics.clean_forward`); finished chunks can
+be persisted (``resume_dir``) so that a killed evaluation continues where it stopped.
+:func:`compare_results` puts a baseline and a regularised model side by side (AD and deletion: lower
+is better). The reports (Markdown, CSV, figures) are written by :mod:`igrad.report`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import io
+import json
 import math
 import os
+import pickle
+import shutil
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import normalize
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
+from .images import to_unit
 from .measure import evaluate_accuracy
-from .metrics import METRICS, compute_metrics, resolve_metrics, summarize
-from .normalization import Normalization
-from .output import model_logits
-from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
+from .normalization import Normalization, resolve_normalization
+from .provenance import atomic_save, provenance
 from .rules import eval_mode
 
 __all__ = [
     "TARGETS",
+    "CIS",
+    "EvalConfig",
     "select_indices",
     "resolve_methods",
     "evaluate_model",
     "evaluate_checkpoint",
-    "write_report",
-    "results_table",
     "compare_results",
-    "compare_table",
-    "write_comparison",
 ]
 
 RESULTS_FORMAT = 1
 #: Target class choices: ``gt`` the ground-truth label (SPEC 3 decision), ``pred`` the predicted class.
 TARGETS = ("gt", "pred")
+#: Confidence-interval methods of :func:`igrad.metrics.summarize`.
+CIS = ("normal", "bootstrap")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _positive_int(name: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise IgradError(f"{name} must be a positive integer{' (or None)' if optional else ''}, got {value!r}")
+
+
+def _choice(kind: str, value: object, choices: Iterable[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise unknown_name(kind, str(value), tuple(choices))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every choice of an evaluation (SPEC 4-5): what :func:`evaluate_model` measures and how.
+
+    ``methods`` and ``metrics`` are given as ``"all"``, a comma-separated string or names, and stored as
+    the resolved tuple of names. Validated on construction (:class:`IgradError` naming the field).
+    ``igrad evaluate``'s flags are generated from these fields; :meth:`to_dict` is what a result's
+    ``settings`` and the resume key record.
+    """
+
+    methods: tuple[str, ...] | str = _f("all", "'all' or comma-separated saliency methods")
+    metrics: tuple[str, ...] | str = _f("all", "'all' or comma-separated metrics (ad, ag, ai, ins, del)")
+    limit: int | None = _f(None, "evaluate a fixed seeded subset of N images (default: all)")
+    seed: int = _f(0, "seed of the subset and of noisy methods")
+    target: str = _f("gt", "class explained: the label (gt) or the prediction (pred)")
+    step: int | None = _f(None, "insertion/deletion pixels per step (default: the image width)")
+    target_layer: str | None = _f(None, "CAM target layer (default: the model's last convolutional stage)")
+    insertion_substrate: str = _f("blur", "what insertion starts from (SPEC 4: blur)")
+    deletion_substrate: str = _f("zero", "what deleted pixels become (SPEC 4: zero, in normalised space)")
+    score: str = _f("prob", "score of a curve point (SPEC 4: prob, the class softmax probability)")
+    batch_size: int = _f(64, "images per chunk: saliency batch, clean forward and metric forwards")
+    ci: str = _f("normal", "95%% interval method")
+    accuracy: bool = _f(True, "measure the top-1 accuracy over the whole split")
+    device: str | None = _f(None, "cpu, cuda, cuda:N for a checkpoint's model (default: cuda when available)")
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "methods", tuple(resolve_methods(self.methods)))
+        set_(self, "metrics", tuple(resolve_metrics(self.metrics)))
+        _positive_int("limit", self.limit, optional=True)
+        _positive_int("step", self.step, optional=True)
+        _positive_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise IgradError(f"seed must be an integer, got {self.seed!r}")
+        _choice("target", self.target, TARGETS)
+        _choice("confidence interval", self.ci, CIS)
+        _choice("substrate", self.insertion_substrate, SUBSTRATES)
+        _choice("substrate", self.deletion_substrate, SUBSTRATES)
+        _choice("score", self.score, SCORES)
+        if not isinstance(self.accuracy, bool):
+            raise IgradError(f"accuracy must be true or false, got {self.accuracy!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EvalConfig:
+        """A config from plain values (JSON, a preset, CLI flags); unknown names raise."""
+        known = [f.name for f in fields(cls)]
+        for name in values:
+            if name not in known:
+                raise unknown_name("evaluation setting", str(name), known)
+        return cls(**dict(values))
+
+    def replace(self, **changes: Any) -> EvalConfig:
+        """A copy with ``changes`` (checked like :meth:`from_dict`)."""
+        return EvalConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready values (methods and metrics as lists)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["methods"], out["metrics"] = list(self.methods), list(self.metrics)
+        return out
 
 
 def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
@@ -96,174 +177,290 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _method_kwargs(cfg: EvalConfig, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Keyword arguments of each method: the chunk size, no progress bar, the CAM layer, ``extra``."""
+    from .saliency import METHODS
+
+    kwargs: dict[str, dict[str, Any]] = {}
+    for name in cfg.methods:
+        accepted = inspect.signature(METHODS[name]).parameters
+        kw: dict[str, Any] = {k: v for k, v in (("batch_size", cfg.batch_size), ("progress", False)) if k in accepted}
+        if cfg.target_layer is not None and getattr(METHODS[name], "uses_layer", True):
+            kw["target_layer"] = cfg.target_layer
+        kwargs[name] = {**kw, **(extra or {}).get(name, {})}
+    return kwargs
+
+
+def _saliency(model: nn.Module, name: str, kw: Mapping[str, Any], clean: CleanBatch, seed: int) -> torch.Tensor:
+    """Maps of method ``name`` for the chunk, with the method's seed fixed (``seed``) in a forked RNG."""
+    from .saliency import METHODS, create_method
+
+    if "seed" in inspect.signature(METHODS[name]).parameters and "seed" not in kw:
+        kw = {**kw, "seed": seed}
+    device = clean.x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with create_method(name, model, **kw) as m:
+            return m(clean.x, clean.target).detach()
+
+
+def _evaluate_chunk(
+    model: nn.Module,
+    clean: CleanBatch,
+    labels: torch.Tensor,
+    chunk: int,
+    cfg: EvalConfig,
+    kwargs: Mapping[str, Mapping[str, Any]],
+    bar: Any,
+) -> dict[str, Any]:
+    """One chunk: its single clean forward is ``clean``; cos, then each method's maps and metrics.
+    Returns plain tensors (per-sample values, the chunk's curve sums), as persisted for resuming."""
+    part: dict[str, Any] = {
+        "target": clean.target.cpu(),
+        "correct": int((clean.logits.argmax(1) == labels).sum()),
+        "cos": gradient_cosine(model, clean.x, clean.target).detach().float().cpu(),
+        "values": {},
+        "curve_sums": {},
+        "seconds": {},
+    }
+    for name in cfg.methods:
+        bar.set_postfix_str(name, refresh=False)
+        t0 = time.perf_counter()
+        maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))
+        t1 = time.perf_counter()
+        try:
+            res = compute_metrics(
+                model,
+                clean,
+                maps,
+                metrics=cfg.metrics,
+                step=cfg.step,
+                batch_size=cfg.batch_size,
+                substrates=(cfg.insertion_substrate, cfg.deletion_substrate),
+                score=cfg.score,
+            )
+        except IgradError as exc:
+            raise IgradError(f"method {name!r}: {exc}") from exc
+        part["seconds"][name] = {"saliency": t1 - t0, "metrics": time.perf_counter() - t1}
+        part["values"][name] = dict(res.values)
+        part["curve_sums"][name] = {k: cv.double().sum(0) for k, cv in res.curves.items()}
+    return part
+
+
+def _stall_hook(chunk: int) -> None:
+    """Test hook: ``IGRAD_TEST_STALL_EVAL="CHUNK:FILE"`` makes the process write FILE once chunk CHUNK is
+    saved and wait there (for a test to kill it at a known point)."""
+    spec = os.environ.get("IGRAD_TEST_STALL_EVAL")
+    if spec and int(spec.partition(":")[0]) == chunk:
+        Path(spec.partition(":")[2]).write_text(str(os.getpid()))
+        while True:  # pragma: no cover - killed by the test
+            time.sleep(0.05)
+
+
+class _Partials:
+    """Finished chunks of one evaluation, persisted atomically in ``root/<key>/`` (``key``: a hash of
+    everything the numbers depend on, so different arguments never mix); removed when it completes."""
+
+    def __init__(self, root: Path | None, key: str) -> None:
+        self.dir = None if root is None else Path(root) / key[:24]
+        self.resumed = 0
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The stored value ``name``, or ``compute()`` stored atomically."""
+        if self.dir is None:
+            return compute()
+        path = self.dir / f"{name}.pt"
+        if path.is_file():
+            try:
+                value = torch.load(path, map_location="cpu", weights_only=True)
+                self.resumed += 1
+                return value
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+                pass  # unreadable: compute it again
+        value = compute()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(value, path)
+        return value
+
+    def remove(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fingerprint(*parts: Any) -> str:
+    """SHA-256 of JSON values and tensors (bytes, dtype, shape), in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _resume_key(
+    model: nn.Module, split: Any, indices: torch.Tensor, cfg: EvalConfig, norm: Normalization, extra: Any
+) -> str:
+    """What the numbers depend on: the model's weights, the evaluated images and labels, the settings,
+    the normalisation, the methods' extra arguments and the device."""
+    state = [t for _, t in sorted(model.state_dict().items())]
+    return _fingerprint(
+        cfg.to_dict(),
+        norm.to_config(),
+        extra,
+        str(_device_of(model)),
+        len(split),
+        split.images[indices],
+        split.labels[indices],
+        *state,
+    )
+
+
 def evaluate_model(
     model: nn.Module,
     split: Any,
+    settings: EvalConfig | None = None,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    methods: str | Iterable[str] = "all",
-    metrics: str | Iterable[str] = "all",
-    limit: int | None = None,
-    seed: int = 0,
-    target: str = "gt",
-    batch_size: int = 64,
-    step: int | None = None,
-    target_layer: str | None = None,
-    ci: str = "normal",
-    accuracy: bool = True,
+    normalization: Normalization | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     source: str | None = None,
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    resume_dir: str | os.PathLike[str] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Evaluate saliency ``methods`` with ``metrics`` on ``split`` (an :class:`igrad.data.Split` whose
-    labels are the model's class indices: :func:`igrad.data.match_classes` renumbers a folder's).
+    """Evaluate saliency methods with metrics on ``split`` (an :class:`igrad.data.Split` whose labels are
+    the model's class indices: :func:`igrad.data.match_classes` renumbers a folder's), on the model's device.
 
-    Images are the seeded subset :func:`select_indices` ``(len(split), limit, seed)``, normalised with
-    ``mean``/``std``, processed ``batch_size`` at a time (saliency maps, then metrics whose forwards
-    are packed ``batch_size`` images at a time), on the model's device. Target class: the label
-    (``target="gt"``) or the prediction (``"pred"``). Each metric is summarised by :func:`summarize`
-    (mean, ``ci`` 95% interval, N); the mean insertion/deletion curves are kept for plotting and
-    per-sample values for paired comparisons. With ``accuracy=True`` the top-1 accuracy is measured
-    on the whole split; ``cos(δx, δᴳx)`` (:func:`igrad.gradient_cosine`) on the subset.
+    ``settings`` (:class:`EvalConfig`, default all fields' defaults) with ``overrides`` (its field names,
+    e.g. ``methods="gradcam"``); ``normalization`` the model's (or ``mean``/``std``); ``config``: the
+    training config, recorded; ``method_kwargs``: extra arguments per method. Images are the seeded
+    subset :func:`select_indices` ``(len(split), limit, seed)``, processed ``batch_size`` at a time:
+    one clean forward per chunk (:func:`igrad.metrics.clean_forward` on the raw pixels: logits,
+    target, ``p``), cos, then each method's maps and metrics. Target class: the label (``gt``) or the
+    prediction (``pred``). Each metric is summarised by :func:`summarize` (mean, ``ci`` interval, N);
+    the mean insertion/deletion curves and per-sample values are kept. With ``accuracy`` the top-1
+    accuracy is measured on the whole split. With ``resume_dir`` each finished chunk (and the accuracy)
+    is stored there atomically, keyed by everything the numbers depend on; a killed call started again
+    continues from them and returns the same numbers; the stored chunks are removed at the end.
     """
-    from .saliency import METHODS, create_method
-
-    method_names = resolve_methods(methods)
-    metric_names = resolve_metrics(metrics)
-    if target not in TARGETS:
-        raise unknown_name("target", str(target), TARGETS)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if ci not in ("normal", "bootstrap"):
-        raise unknown_name("confidence interval", str(ci), ("normal", "bootstrap"))
+    cfg = EvalConfig.from_dict({**(settings.to_dict() if settings is not None else {}), **overrides})
+    norm = resolve_normalization(normalization, mean, std)
     if len(split) == 0:
         raise IgradError("the data split is empty")
-    indices = select_indices(len(split), limit, seed)
+    indices = select_indices(len(split), cfg.limit, cfg.seed)
     device = _device_of(model)
-    c = split.images.shape[1]
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-    if mean_t.numel() != c or std_t.numel() != c:
-        raise IgradError(f"mean and std need one value per channel ({c}), got {mean_t.numel()} and {std_t.numel()}")
-    kwargs: dict[str, dict[str, Any]] = {}
-    for name in method_names:
-        accepted = inspect.signature(METHODS[name]).parameters
-        kw: dict[str, Any] = {k: v for k, v in (("batch_size", batch_size), ("progress", False)) if k in accepted}
-        if target_layer is not None and getattr(METHODS[name], "uses_layer", True):
-            kw["target_layer"] = target_layer
-        kwargs[name] = {**kw, **(method_kwargs or {}).get(name, {})}
-
-    started = time.perf_counter()
-    acc = (
-        evaluate_accuracy(model, split, Normalization.of(mean, std), batch_size=batch_size * 4, device=device)
-        if accuracy
-        else None
+    kwargs = _method_kwargs(cfg, method_kwargs)
+    partials = _Partials(
+        None if resume_dir is None else Path(resume_dir),
+        _resume_key(model, split, indices, cfg, norm, method_kwargs) if resume_dir is not None else "",
     )
-    per_sample: dict[str, dict[str, list[torch.Tensor]]] = {m: {k: [] for k in metric_names} for m in method_names}
-    curve_sums: dict[str, dict[str, torch.Tensor]] = {m: {} for m in method_names}
-    seconds = {m: {"saliency": 0.0, "metrics": 0.0} for m in method_names}
-    cos_parts: list[torch.Tensor] = []
-    subset_correct = 0
-    targets_used: list[torch.Tensor] = []
-
+    started = time.perf_counter()
+    acc = None
+    if cfg.accuracy:
+        acc = partials.get(
+            "accuracy",
+            lambda: evaluate_accuracy(model, split, norm, batch_size=cfg.batch_size * 4, device=device),
+        )
     from tqdm.auto import tqdm
 
-    total = len(indices) * len(method_names)
-    bar = tqdm(total=total, unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True)
+    parts = []
+    bar = tqdm(
+        total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
+    )
     with bar, eval_mode(model):
-        for chunk, lo in enumerate(range(0, len(indices), batch_size)):
-            idx = indices[lo : lo + batch_size]
-            x = normalize(split.images[idx].to(device), mean, std)
-            labels = split.labels[idx].to(device)
-            with torch.no_grad():  # not inference_mode: the targets feed autograd below
-                pred = model_logits(model, x).argmax(1)
-            subset_correct += int((pred == labels).sum())
-            tgt = labels if target == "gt" else pred
-            targets_used.append(tgt.cpu())
-            cos_parts.append(gradient_cosine(model, x, tgt).detach().float().cpu())
-            for name in method_names:
-                bar.set_postfix_str(name, refresh=False)
-                t0 = time.perf_counter()
-                kw = kwargs[name]
-                run_seed = _seed_for(seed, name, chunk)
-                if "seed" in inspect.signature(METHODS[name]).parameters and "seed" not in kw:
-                    kw = {**kw, "seed": run_seed}
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(run_seed)
-                    with create_method(name, model, **kw) as m:
-                        maps = m(x, tgt)
-                t1 = time.perf_counter()
-                try:
-                    res = compute_metrics(
-                        model, x, maps.detach(), tgt, metric_names, mean=mean, std=std, step=step, batch_size=batch_size
-                    )
-                except IgradError as exc:
-                    raise IgradError(f"method {name!r}: {exc}") from exc
-                seconds[name]["saliency"] += t1 - t0
-                seconds[name]["metrics"] += time.perf_counter() - t1
-                for k, v in res.values.items():
-                    per_sample[name][k].append(v)
-                for k, cv in res.curves.items():
-                    curve_sums[name][k] = curve_sums[name].get(k, 0) + cv.double().sum(0)
-                bar.update(len(idx))
+        for chunk, lo in enumerate(range(0, len(indices), cfg.batch_size)):
+            idx = indices[lo : lo + cfg.batch_size]
 
+            def compute(idx: torch.Tensor = idx, chunk: int = chunk) -> dict[str, Any]:
+                labels = split.labels[idx].to(device)
+                clean = clean_forward(
+                    model,
+                    to_unit(split.images[idx].to(device)),
+                    labels if cfg.target == "gt" else None,
+                    normalization=norm,
+                    pixels="raw",
+                    batch_size=cfg.batch_size,
+                )
+                return _evaluate_chunk(model, clean, labels, chunk, cfg, kwargs, bar)
+
+            parts.append(partials.get(f"chunk-{chunk:05d}", compute))
+            _stall_hook(chunk)
+            bar.update(len(idx) * len(cfg.methods))
+    results = _results(parts, split, indices, cfg, norm, acc, config, source)
+    results["timing"] = {
+        "total_s": time.perf_counter() - started,
+        "method_s": {
+            m: {k: sum(p["seconds"][m][k] for p in parts) for k in ("saliency", "metrics")} for m in cfg.methods
+        },
+        "device": str(device),
+        "resumed_parts": partials.resumed,
+    }
+    partials.remove()
+    return results
+
+
+def _results(
+    parts: Sequence[Mapping[str, Any]],
+    split: Any,
+    indices: torch.Tensor,
+    cfg: EvalConfig,
+    norm: Normalization,
+    acc: float | None,
+    config: Mapping[str, Any] | None,
+    source: str | None,
+) -> dict[str, Any]:
+    """The results dict of :func:`evaluate_model` from its chunks (in order)."""
     n = len(indices)
-    cos = torch.cat(cos_parts)
-    values = {m: {k: torch.cat(v) for k, v in d.items()} for m, d in per_sample.items()}
+    cos = torch.cat([p["cos"] for p in parts])
+    values = {m: {k: torch.cat([p["values"][m][k] for p in parts]) for k in cfg.metrics} for m in cfg.methods}
+    curve_sums: dict[str, dict[str, Any]] = {m: {} for m in cfg.methods}
+    for p in parts:
+        for m, d in p["curve_sums"].items():
+            for k, s in d.items():
+                curve_sums[m][k] = curve_sums[m].get(k, 0) + s
     h, w = split.images.shape[-2:]
-    step_px = w if step is None else step
-    results = {
+    step_px = w if cfg.step is None else cfg.step
+    ci, seed = cfg.ci, cfg.seed
+    settings = {**cfg.to_dict(), "step": step_px, "n_steps": math.ceil(h * w / step_px), "ci_level": 0.95}
+    settings.update(norm.to_config())
+    return {
         "kind": "igrad.evaluate",
         "format": RESULTS_FORMAT,
         "model": {
             "name": (config or {}).get("model"),
             "model_kwargs": (config or {}).get("model_kwargs"),
             "accuracy": acc,
-            "accuracy_n": len(split) if accuracy else None,
-            "subset_accuracy": subset_correct / n,
+            "accuracy_n": len(split) if cfg.accuracy else None,
+            "subset_accuracy": sum(p["correct"] for p in parts) / n,
             "cos": summarize(cos, ci=ci, seed=seed),
         },
         "data": {
             "source": source,
             "n_total": len(split),
             "n": n,
-            "limit": limit,
+            "limit": cfg.limit,
             "seed": seed,
             "image_size": [int(h), int(w)],
             "indices": indices.tolist(),
         },
-        "settings": {
-            "methods": method_names,
-            "metrics": metric_names,
-            "target": target,
-            "target_layer": target_layer,
-            "step": step_px,
-            "n_steps": math.ceil(h * w / step_px),
-            "insertion_substrate": "blur",
-            "deletion_substrate": "zero",
-            "score": "prob",
-            "batch_size": batch_size,
-            "ci": ci,
-            "ci_level": 0.95,
-            "mean": list(map(float, mean_t.flatten().tolist())),
-            "std": list(map(float, std_t.flatten().tolist())),
-        },
+        "settings": settings,
         "metrics": {
-            k: {"title": METRICS[k].title, "higher_is_better": METRICS[k].higher_is_better} for k in metric_names
+            k: {"title": METRICS[k].title, "higher_is_better": METRICS[k].higher_is_better} for k in cfg.metrics
         },
         "results": {m: {k: summarize(v, ci=ci, seed=seed) for k, v in d.items()} for m, d in values.items()},
         "curves": {m: {k: (s / n).tolist() for k, s in d.items()} for m, d in curve_sums.items()},
         "per_sample": {
-            "target": torch.cat(targets_used).tolist(),
+            "target": torch.cat([p["target"] for p in parts]).tolist(),
             "cos": cos.tolist(),
             "methods": {m: {k: v.tolist() for k, v in d.items()} for m, d in values.items()},
         },
-        "timing": {"total_s": time.perf_counter() - started, "method_s": seconds, "device": str(device)},
         "provenance": provenance(config, seed),
     }
-    return results
 
 
 def _sha256(path: Path) -> str:
@@ -277,26 +474,28 @@ def _sha256(path: Path) -> str:
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str] | None = None,
+    settings: EvalConfig | None = None,
     *,
     split: str = "test",
-    device: str | torch.device | None = None,
-    **kwargs: Any,
+    progress: bool = True,
+    resume_dir: str | os.PathLike[str] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model, its
-    normalisation (``config["mean"]``/``["std"]``) and, unless ``data`` is given, ``config["data"]``.
-    The data's labels are matched to the checkpoint's classes by name (:func:`igrad.data.match_classes`),
-    so ``data`` may hold any subset of them."""
+    """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model on
+    ``settings.device`` (default: cuda when available), its normalisation
+    (:meth:`Normalization.from_config`) and, unless ``data`` is given, ``config["data"]``. The data's
+    labels are matched to the checkpoint's classes by name (:func:`igrad.data.match_classes`), so
+    ``data`` may hold any subset of them. ``overrides``: :class:`EvalConfig` fields."""
     from .checkpoint import load_model
     from .data import load_split, match_classes
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = EvalConfig.from_dict({**(settings.to_dict() if settings is not None else {}), **overrides})
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_model(checkpoint, map_location=device)
     source = data if data is not None else config.get("data")
     if source is None:
         raise IgradError(f"checkpoint {checkpoint} does not name its data set; pass --data")
-    if "mean" not in config or "std" not in config:
-        raise IgradError(f"checkpoint {checkpoint} config lacks the normalisation (mean, std)")
+    norm = Normalization.from_config(config, f"checkpoint {checkpoint}")
     data_split = match_classes(
         load_split(source, split),
         config.get("classes"),
@@ -305,7 +504,14 @@ def evaluate_checkpoint(
         model=f"checkpoint {checkpoint}",
     )
     results = evaluate_model(
-        model, data_split, mean=config["mean"], std=config["std"], config=config, source=str(source), **kwargs
+        model,
+        data_split,
+        cfg,
+        normalization=norm,
+        config=config,
+        source=str(source),
+        progress=progress,
+        resume_dir=resume_dir,
     )
     results["data"]["split"] = split
     results["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(Path(checkpoint))}
@@ -313,148 +519,29 @@ def evaluate_checkpoint(
 
 
 # --------------------------------------------------------------------------------------------------
-# reports
+# baseline vs regularised
 
 
-def _arrow(metric: str) -> str:
-    return "↑" if METRICS[metric].higher_is_better else "↓"
-
-
-def _cell(s: Mapping[str, Any], digits: int = 2) -> str:
-    if s["ci_low"] is None:
-        return f"{s['mean']:.{digits}f}"
-    half = (s["ci_high"] - s["ci_low"]) / 2
-    return f"{s['mean']:.{digits}f} ± {half:.{digits}f}"
-
-
-def _header(results: Mapping[str, Any]) -> list[str]:
-    d, st, mo = results["data"], results["settings"], results["model"]
-    name = mo.get("name") or "model"
-    lines = [
-        f"Model `{name}` {mo.get('model_kwargs') or ''} · data `{d.get('source')}` {d.get('split', '')} · "
-        f"N = {d['n']} images (seed {d['seed']}) · target: {'ground truth' if st['target'] == 'gt' else 'prediction'}"
-        f" · step {st['step']} px ({st['n_steps']} steps)",
-    ]
-    acc = "n/a" if mo["accuracy"] is None else f"{100 * mo['accuracy']:.2f}% ({mo['accuracy_n']} images)"
-    lines.append(f"Top-1 accuracy: {acc} · mean cos(δx, δᴳx): {_cell(mo['cos'], 4)}")
-    return lines
-
-
-def results_table(results: Mapping[str, Any]) -> str:
-    """A Markdown table: one row per method, one column per metric, ``mean ± half the 95% CI``."""
-    metrics = results["settings"]["metrics"]
-    head = "| method | " + " | ".join(f"{METRICS[k].title} {_arrow(k)}" for k in metrics) + " |"
-    rule = "|---|" + "---:|" * len(metrics)
-    rows = [f"| {m} | " + " | ".join(_cell(d[k]) for k in metrics) + " |" for m, d in results["results"].items()]
-    return "\n".join([head, rule, *rows])
-
-
-def _markdown(results: Mapping[str, Any]) -> str:
-    ci = results["settings"]["ci"]
-    return (
-        "# igrad evaluate\n\n"
-        + "\n\n".join(_header(results))
-        + "\n\n"
-        + results_table(results)
-        + f"\n\nValues ×100; ± is half the 95% confidence interval ({ci}); ↑ higher is better, ↓ lower is better.\n"
-    )
-
-
-def _csv(results: Mapping[str, Any]) -> str:
-    import csv
-    import json
-
-    buf = io.StringIO()
-    prov = {k: results["provenance"].get(k) for k in ("commit", "time", "versions", "seed")}
-    buf.write(f"# igrad evaluate results; provenance: {json.dumps(prov, default=str)}\n")
-    buf.write(f"# checkpoint: {json.dumps(results.get('checkpoint'))}; data: {results['data'].get('source')}\n")
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"])
-    mo = results["model"]
-    if mo["accuracy"] is not None:
-        writer.writerow(["(model)", "accuracy", mo["accuracy"], "", "", mo["accuracy_n"], True])
-    cos = mo["cos"]
-    writer.writerow(["(model)", "cos", cos["mean"], cos["ci_low"], cos["ci_high"], cos["n"], True])
-    for m, d in results["results"].items():
-        for k, s in d.items():
-            writer.writerow([m, k, s["mean"], s["ci_low"], s["ci_high"], s["n"], METRICS[k].higher_is_better])
-    return buf.getvalue()
-
-
-def _plot(results: Mapping[str, Any]) -> bytes | None:
-    curves = results["curves"]
-    kinds = [k for k in ("ins", "del") if any(k in d for d in curves.values())]
-    if not kinds:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6 * len(kinds), 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
-    for ax, k in zip(axes, kinds, strict=True):
-        for i, (m, d) in enumerate(curves.items()):
-            if k in d:
-                ys = d[k]
-                xs = [j / (len(ys) - 1) for j in range(len(ys))]
-                auc = results["results"][m][k]["mean"]
-                style = "-" if i < 10 else "--"  # ten colours, then dashed
-                ax.plot(xs, ys, style, color=f"C{i % 10}", label=f"{m} ({auc:.1f})")
-        ax.set_title(f"{METRICS[k].title} ({'higher' if METRICS[k].higher_is_better else 'lower'} is better)")
-        ax.set_xlabel("fraction of pixels " + ("inserted" if k == "ins" else "deleted"))
-        ax.set_ylabel("mean class probability")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"N = {results['data']['n']} images")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
-
-
-def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``results.json``, ``results.csv``, ``results.md`` and ``curves.png`` (when insertion or
-    deletion was measured) into ``out_dir``, each atomically; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out / "results.json",
-        "csv": out / "results.csv",
-        "md": out / "results.md",
-    }
-    atomic_write_json(paths["json"], results)
-    atomic_write_text(paths["csv"], _csv(results))
-    atomic_write_text(paths["md"], _markdown(results))
-    png = _plot(results)
-    if png is not None:
-        paths["png"] = out / "curves.png"
-        atomic_write_bytes(paths["png"], png)
-    return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# baseline vs ours
-
-
-def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci: str = "normal") -> dict[str, Any]:
-    """Per method and metric: both means, which is better (``"baseline"``, ``"ours"`` or ``"tie"``;
+def compare_results(
+    baseline: Mapping[str, Any], regularised: Mapping[str, Any], *, ci: str = "normal"
+) -> dict[str, Any]:
+    """Per method and metric: both means, which is better (``"baseline"``, ``"regularised"`` or ``"tie"``;
     AD and deletion lower is better) and, when both ran on the same images, the paired difference
-    ``ours − baseline`` with its 95% interval (``significant`` when the interval excludes 0)."""
-    paired = baseline["data"]["indices"] == ours["data"]["indices"]
+    ``regularised − baseline`` with its 95% interval (``significant`` when the interval excludes 0)."""
+    paired = baseline["data"]["indices"] == regularised["data"]["indices"]
     out: dict[str, Any] = {"paired": paired, "methods": {}}
     model = {}
     for key in ("accuracy", "cos"):  # higher is better for both
         b = baseline["model"][key]
-        o = ours["model"][key]
+        o = regularised["model"][key]
         bv = b["mean"] if isinstance(b, Mapping) else b
         ov = o["mean"] if isinstance(o, Mapping) else o
-        model[key] = {"baseline": bv, "ours": ov, "better": _better(bv, ov, True)}
+        model[key] = {"baseline": bv, "regularised": ov, "better": _better(bv, ov, True)}
     if paired:
-        diff = torch.tensor(ours["per_sample"]["cos"]) - torch.tensor(baseline["per_sample"]["cos"])
+        diff = torch.tensor(regularised["per_sample"]["cos"]) - torch.tensor(baseline["per_sample"]["cos"])
         model["cos"]["difference"] = summarize(diff, ci=ci)
     out["model"] = model
-    for m, d in ours["results"].items():
+    for m, d in regularised["results"].items():
         if m not in baseline["results"]:
             continue
         out["methods"][m] = {}
@@ -462,11 +549,11 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
             if k not in baseline["results"][m]:
                 continue
             hib = METRICS[k].higher_is_better
-            entry = {"baseline": baseline["results"][m][k]["mean"], "ours": s["mean"], "higher_is_better": hib}
-            entry["better"] = _better(entry["baseline"], entry["ours"], hib)
+            entry = {"baseline": baseline["results"][m][k]["mean"], "regularised": s["mean"], "higher_is_better": hib}
+            entry["better"] = _better(entry["baseline"], entry["regularised"], hib)
             if paired:
                 a = torch.tensor(baseline["per_sample"]["methods"][m][k], dtype=torch.float64)
-                b = torch.tensor(ours["per_sample"]["methods"][m][k], dtype=torch.float64)
+                b = torch.tensor(regularised["per_sample"]["methods"][m][k], dtype=torch.float64)
                 paired_diff = summarize(b - a, ci=ci)
                 lo, hi = paired_diff["ci_low"], paired_diff["ci_high"]
                 entry["difference"] = paired_diff
@@ -475,86 +562,9 @@ def compare_results(baseline: Mapping[str, Any], ours: Mapping[str, Any], *, ci:
     return out
 
 
-def _better(base: float | None, ours: float | None, higher_is_better: bool) -> str | None:
-    if base is None or ours is None:
+def _better(base: float | None, regularised: float | None, higher_is_better: bool) -> str | None:
+    if base is None or regularised is None:
         return None
-    if base == ours:
+    if base == regularised:
         return "tie"
-    return "ours" if (ours > base) == higher_is_better else "baseline"
-
-
-def compare_table(
-    baseline: Mapping[str, Any], ours: Mapping[str, Any], *, labels: tuple[str, str] = ("baseline", "ours")
-) -> str:
-    """SPEC 5 side by side, in Markdown: accuracy and mean cos, then per method each metric for the
-    baseline and ours; the better value of each pair in bold, ``*`` where the paired 95% interval of
-    the difference excludes 0 (same images)."""
-    cmp = compare_results(baseline, ours)
-    lb, lo = labels
-
-    def mark(value: str, side: str, entry: Mapping[str, Any]) -> str:
-        if entry.get("better") == side:
-            value = f"**{value}**"
-            if entry.get("significant"):
-                value += "\\*"
-        return value
-
-    lines = [f"| | {lb} | {lo} |", "|---|---:|---:|"]
-    acc = cmp["model"]["accuracy"]
-    if acc["baseline"] is not None and acc["ours"] is not None:
-        fmt = [f"{100 * acc['baseline']:.2f}", f"{100 * acc['ours']:.2f}"]
-        lines.append(f"| top-1 accuracy (%) | {mark(fmt[0], 'baseline', acc)} | {mark(fmt[1], 'ours', acc)} |")
-    cos = dict(cmp["model"]["cos"])
-    d = cos.get("difference")
-    if d is not None:
-        cos["significant"] = d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
-    cos_b, cos_o = f"{cos['baseline']:.4f}", f"{cos['ours']:.4f}"
-    lines.append(f"| mean cos(δx, δᴳx) | {mark(cos_b, 'baseline', cos)} | {mark(cos_o, 'ours', cos)} |")
-    metrics = [k for k in ours["settings"]["metrics"] if k in baseline["settings"]["metrics"]]
-    head = "| method | " + " | ".join(f"{METRICS[k].title} {_arrow(k)} {lb} | {METRICS[k].title} {lo}" for k in metrics)
-    rows = [head + " |", "|---|" + "---:|---:|" * len(metrics)]
-    for m, entries in cmp["methods"].items():
-        cells = []
-        for k in metrics:
-            e = entries[k]
-            cells += [mark(f"{e['baseline']:.2f}", "baseline", e), mark(f"{e['ours']:.2f}", "ours", e)]
-        rows.append(f"| {m} | " + " | ".join(cells) + " |")
-    n_b, n_o = baseline["data"]["n"], ours["data"]["n"]
-    legend = (
-        f"N = {n_b} ({lb}) and {n_o} ({lo}) images"
-        + (", the same images" if cmp["paired"] else ", NOT the same images (no paired test)")
-        + ". Bold: the better value of the pair (AD and deletion: lower is better); \\*: the paired 95% interval "
-        "of the per-image difference excludes 0. Metric values ×100."
-    )
-    return "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n" + legend + "\n"
-
-
-def write_comparison(
-    baseline: Mapping[str, Any],
-    ours: Mapping[str, Any],
-    out_dir: str | os.PathLike[str],
-    *,
-    labels: tuple[str, str] = ("baseline", "ours"),
-) -> dict[str, Path]:
-    """Write each side's report into ``out_dir/<label>/`` and ``compare.md`` + ``compare.json``."""
-    out = Path(out_dir)
-    paths: dict[str, Path] = {}
-    for label, res in zip(labels, (baseline, ours), strict=True):
-        for k, p in write_report(res, out / label).items():
-            paths[f"{label}.{k}"] = p
-    paths["compare.md"] = out / "compare.md"
-    atomic_write_text(
-        paths["compare.md"], "# igrad evaluate: comparison\n\n" + compare_table(baseline, ours, labels=labels)
-    )
-    paths["compare.json"] = out / "compare.json"
-    atomic_write_json(
-        paths["compare.json"],
-        {
-            "kind": "igrad.compare",
-            "labels": list(labels),
-            "checkpoints": [baseline.get("checkpoint"), ours.get("checkpoint")],
-            "comparison": compare_results(baseline, ours, ci=ours["settings"]["ci"]),
-            "provenance": provenance(None, ours["data"]["seed"]),
-        },
-    )
-    return paths
+    return "regularised" if (regularised > base) == higher_is_better else "baseline"

@@ -1,10 +1,11 @@
 """Saliency metrics of SPEC 4: Average Drop / Gain / Increase and RISE insertion / deletion.
 
-Notation: ``x`` the model's normalised input ``[B, C, H, W]``, ``S`` the saliency maps ``[B, H, W]``,
-``c`` the target class of each sample, ``p`` the class-``c`` softmax probability on ``x``.
+Notation: ``x`` the model's normalised input ``[B, C, H, W]``, ``raw`` its [0, 1] pixels (``x =
+norm(raw)``, :class:`igrad.normalization.Normalization`), ``S`` the saliency maps ``[B, H, W]``, ``c``
+the target class of each sample, ``p`` the class-``c`` softmax probability on ``x``.
 
-* :func:`confidence_metrics`: ``o`` the same probability on ``norm(raw(x) ⊙ S)`` (the map multiplies
-  the raw [0, 1] pixels, all channels alike, and the result is normalised again), then per sample
+* :func:`confidence_metrics`: ``o`` the same probability on ``norm(raw ⊙ S)`` (the map multiplies
+  the raw [0, 1] pixels, all channels alike, and the result is normalised), then per sample
   ``ad = 100·max(0, p − o)/p``, ``ag = 100·max(0, o − p)/(1 − p)``, ``ai = 100·1[o > p]``.
 * :func:`insertion` / :func:`deletion`: pixels ranked by decreasing ``S`` (ties by position), ``s``
   pixels per step, ``n = ceil(HW/s)`` steps, ``n + 1`` points; AUC ``(Σa − a₀/2 − a_n/2)/n·100``.
@@ -16,6 +17,12 @@ mode (the model's modes are restored afterwards). The model must return logits `
 (pre-softmax): every forward goes through :func:`igrad.output.model_logits`, so a tuple, a dict or
 probabilities (a model ending in softmax, which would be soft-maxed twice) raise :class:`IgradError`.
 The names of :data:`METRICS` feed the CLI.
+
+Each batch is validated and forwarded once (:func:`clean_forward`: model input, raw pixels, logits,
+target); the metrics take that :class:`CleanBatch` (or compute it themselves when given images), so
+``p`` and the clean points of the curves are never forwarded again. Images may be given raw
+(``pixels="raw"``, with the model's ``normalization``) or normalised (the model's input; the raw
+pixels are then ``normalization.invert(x)``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IgradError, check_images, resolve_target, unknown_name
+from .normalization import Normalization, resolve_normalization
 from .output import model_logits
 from .rules import eval_mode
 
@@ -39,8 +47,11 @@ __all__ = [
     "METRICS",
     "SUBSTRATES",
     "SCORES",
+    "PIXELS",
+    "CleanBatch",
     "CurveResult",
     "MetricResults",
+    "clean_forward",
     "confidence_metrics",
     "insertion",
     "deletion",
@@ -216,29 +227,116 @@ def _check_target(target: object, batch: int, device: torch.device) -> torch.Ten
     return t.long()
 
 
-def _predicted(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([model_logits(model, x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
-
-
 def _check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
 
 
-def _stats(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, x: torch.Tensor) -> tuple:
-    c = x.shape[1]
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1)
-    if m.numel() == 1:
-        m = m.expand(c)
-    if s.numel() == 1:
-        s = s.expand(c)
-    if m.numel() != c or s.numel() != c:
-        raise IgradError(f"mean and std need one value per channel ({c}), got {m.numel()} and {s.numel()}")
-    if not bool((s > 0).all()):
-        raise IgradError(f"std must be positive, got {s.tolist()}")
-    return m.view(1, c, 1, 1), s.view(1, c, 1, 1)
+# --------------------------------------------------------------------------------------------------
+# the clean forward: model input, raw pixels, logits, target
+
+
+#: How the images given to the metrics are expressed: ``normalised`` (the model's input) or ``raw``
+#: (pixels in [0, 1]; the model's input is ``normalization.apply(raw)``).
+PIXELS = ("normalised", "raw")
+
+
+@dataclass(frozen=True)
+class CleanBatch:
+    """One batch as every metric needs it, from a single clean forward (:func:`clean_forward`).
+
+    ``x``: the model's input ``[B, C, H, W]`` (normalised); ``raw``: its raw [0, 1] pixels (``None``
+    without a normalisation: then the masking metrics cannot run); ``logits``: ``f(x)`` ``[B, K]``;
+    ``target``: the class of each sample ``[B]`` (long; the prediction where none was given);
+    ``normalization``: the model's, or ``None``.
+    """
+
+    x: torch.Tensor
+    raw: torch.Tensor | None
+    logits: torch.Tensor
+    target: torch.Tensor
+    normalization: Normalization | None
+
+    def score(self, score: str | ScoreFn = "prob") -> torch.Tensor:
+        """The unperturbed score of each sample ``[B]`` (float32, CPU); ``prob``: ``p = softmax(f(x))_c``."""
+        return _score_fn(score)(self.logits, self.target).float().cpu()
+
+
+def _normalization(
+    normalization: Normalization | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Normalization | None:
+    """``normalization``, one built from ``mean``/``std`` (the older keywords), or ``None`` (neither)."""
+    if normalization is None and mean is None and std is None:
+        return None
+    return resolve_normalization(normalization, mean, std)
+
+
+def _model_input(
+    x: object, normalization: Normalization | None, pixels: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(model input, raw pixels or None)`` of validated images ``x`` expressed as ``pixels``."""
+    if pixels not in PIXELS:
+        raise unknown_name("pixels", str(pixels), PIXELS)
+    x = check_images(x, "raw pixels" if pixels == "raw" else "x")
+    if normalization is not None and x.shape[1] != normalization.channels:
+        raise IgradError(
+            f"the normalisation has one value per channel ({normalization.channels}), but the images have "
+            f"{x.shape[1]} channels"
+        )
+    if pixels == "normalised":
+        return x, (normalization.invert(x) if normalization is not None else None)
+    if normalization is None:
+        raise IgradError("pixels='raw' needs the model's normalization= (Normalization(mean, std))")
+    return normalization.apply(x), x
+
+
+def clean_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | Sequence[int] | int | None = None,
+    *,
+    normalization: Normalization | None = None,
+    pixels: str = "normalised",
+    logits: torch.Tensor | None = None,
+    batch_size: int = 64,
+) -> CleanBatch:
+    """Validate a batch once and forward it once: a :class:`CleanBatch` for :func:`compute_metrics`.
+
+    ``x`` ``[B, C, H, W]`` holds normalised images (``pixels="normalised"``, the model's input; the raw
+    pixels are ``normalization.invert(x)`` when a normalisation is given) or raw [0, 1] pixels
+    (``pixels="raw"``; the model's input is ``normalization.apply(x)``). ``logits`` ``[B, K]``, when the
+    caller already has ``f(x)``, are used instead of a forward (then ``batch_size`` images at a time,
+    eval mode, no gradient). ``target``: class indices ``[B]``, an ``int``, or ``None`` (the prediction).
+    Raises :class:`IgradError` on bad images, channel counts, logits or targets.
+    """
+    x, raw = _model_input(x, normalization, pixels)
+    batch_size = _check_batch_size(batch_size)
+    t = _check_target(target, x.shape[0], x.device)
+    if logits is None:
+        with eval_mode(model), torch.no_grad():  # not inference_mode: the targets may feed autograd later
+            logits = torch.cat([model_logits(model, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    elif not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise IgradError(f"logits must have shape [B, num_classes] with B = {x.shape[0]}, got {got}")
+    logits = logits.detach()
+    return CleanBatch(x, raw, logits, resolve_target(t, logits), normalization)
+
+
+def _clean(
+    model: nn.Module,
+    x: torch.Tensor | CleanBatch,
+    target: torch.Tensor | Sequence[int] | int | None,
+    normalization: Normalization | None,
+    pixels: str,
+    logits: torch.Tensor | None,
+    batch_size: int,
+) -> CleanBatch:
+    if isinstance(x, CleanBatch):
+        return x
+    return clean_forward(
+        model, x, target, normalization=normalization, pixels=pixels, logits=logits, batch_size=batch_size
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,42 +345,47 @@ def _stats(mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Te
 
 def confidence_metrics(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None,
+    target: torch.Tensor | Sequence[int] | int | None = None,
     *,
-    mean: Sequence[float] | torch.Tensor,
-    std: Sequence[float] | torch.Tensor,
+    normalization: Normalization | None = None,
+    pixels: str = "normalised",
+    logits: torch.Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Per-sample ``p``, ``o``, ``ad``, ``ag``, ``ai`` (SPEC 4), each a float tensor ``[B]`` on CPU.
 
-    ``p = softmax(f(x))_c``, ``o = softmax(f(x̃))_c`` with ``x̃ = (((x·std + mean) ⊙ S) − mean)/std``
-    (``S`` broadcast over channels); ``p`` and ``o`` are probabilities in [0, 1]. Then
-    ``ad = 100·max(0, p − o)/p``, ``ag = 100·max(0, o − p)/(1 − p)``, ``ai = 100·1[o > p]``, so
+    ``p = softmax(f(x))_c``, ``o = softmax(f(norm(raw ⊙ S)))_c`` (``S`` ``[B, H, W]`` in [0, 1],
+    broadcast over channels, multiplies the raw [0, 1] pixels); ``p`` and ``o`` are probabilities.
+    Then ``ad = 100·max(0, p − o)/p``, ``ag = 100·max(0, o − p)/(1 − p)``, ``ai = 100·1[o > p]``, so
     that AD, AG and AI over a set of images are the means of these values. A zero denominator
     (``p = 0`` in ``ad``, ``p = 1`` in ``ag``) has a zero numerator; its term is 0.
-    ``target`` is class indices ``[B]`` (an ``int`` for all; ``None``: the predicted class).
+
+    The images: ``x`` normalised (the model's input; ``raw = normalization.invert(x)``) or, with
+    ``pixels="raw"``, the raw pixels themselves; or a :class:`CleanBatch` (:func:`clean_forward`, which
+    then also gives the target and ``p``). ``normalization`` (or the older ``mean=``/``std=``) is
+    required. ``logits``: ``f(x)`` when already computed. ``target``: class indices ``[B]`` (an ``int``
+    for all; ``None``: the predicted class). Masked images are forwarded ``batch_size`` at a time.
     """
-    x = check_images(x)
-    maps = _check_maps(maps, x, unit=True)
-    batch_size = _check_batch_size(batch_size)
-    t = _check_target(target, x.shape[0], x.device)
-    m, s = _stats(mean, std, x)
-    p_parts, o_parts = [], []
+    clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
+    return _confidence(model, clean, maps, _check_batch_size(batch_size))
+
+
+def _confidence(model: nn.Module, clean: CleanBatch, maps: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    norm = clean.normalization
+    if norm is None or clean.raw is None:
+        raise IgradError("the masking metrics (AD, AG, AI) need the model's normalization= (or mean= and std=)")
+    maps = _check_maps(maps, clean.x, unit=True)
+    o_parts = []
     with eval_mode(model), torch.inference_mode():
-        if t is None:
-            t = _predicted(model, x, batch_size)
-        half = max(1, batch_size // 2)  # each chunk forwards its originals and masked copies together
-        for i in range(0, x.shape[0], half):
-            xi, si, ti = x[i : i + half], maps[i : i + half, None], t[i : i + half]
-            masked = ((xi * s + m) * si - m) / s
-            logits = model_logits(model, torch.cat([xi, masked]))
-            both = torch.cat([ti, ti])
-            prob = _softmax_prob(logits, resolve_target(both, logits))
-            p_parts.append(prob[: len(ti)])
-            o_parts.append(prob[len(ti) :])
-    p = torch.cat(p_parts).double().cpu()
+        for i in range(0, clean.x.shape[0], batch_size):
+            masked = norm.apply(clean.raw[i : i + batch_size] * maps[i : i + batch_size, None])
+            logits = model_logits(model, masked)
+            o_parts.append(_softmax_prob(logits, resolve_target(clean.target[i : i + batch_size], logits)))
+    p = clean.score("prob").double()
     o = torch.cat(o_parts).double().cpu()
     zero = torch.zeros_like(p)
     ad = 100 * torch.where(p > 0, (p - o).clamp(min=0) / p.clamp(min=torch.finfo(p.dtype).tiny), zero)
@@ -330,23 +433,32 @@ def causal_curves(
     step: int,
     batch_size: int = 64,
     score: str | ScoreFn = "prob",
+    known: tuple[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scores ``a[b, k]``, ``k = 0..n``, of the images that take the ``min(k·s, HW)`` most salient
     pixels (all channels) from ``end`` and the others from ``start``; ``[B, n+1]`` float on CPU.
 
     The ``B·(n+1)`` images are built on the fly, chunk by chunk, and forwarded ``batch_size`` at a
-    time, so a forward batch mixes steps and samples. (Low-level: inputs are not validated here.)
+    time, so a forward batch mixes steps and samples. ``known = (k, scores [B])``: the point ``k`` is
+    already known (the clean image's score at deletion's ``k = 0`` or insertion's ``k = n``) and is not
+    forwarded. (Low-level: inputs are not validated here.)
     """
     b, c, h, w = start.shape
     hw = h * w
     n = math.ceil(hw / step)
     ranks = _ranks(maps)
     score_fn = _score_fn(score)
-    total = b * (n + 1)
-    out = torch.empty(total, dtype=torch.float32)
+    out = torch.empty(b, n + 1, dtype=torch.float32)
+    skip = -1 if known is None else int(known[0])
+    if known is not None:
+        out[:, skip] = known[1].float().cpu()
+    per = n + 1 - (known is not None)  # forwarded points per sample
+    total = b * per
     for lo in range(0, total, batch_size):
         idx = torch.arange(lo, min(lo + batch_size, total), device=start.device)
-        sample, k = idx // (n + 1), idx % (n + 1)
+        sample, k = idx // per, idx % per
+        if known is not None:
+            k = k + (k >= skip).long()
         changed = ranks[sample] < (k * step).clamp(max=hw)[:, None]  # [m, HW]
         images = torch.where(changed.view(-1, 1, h, w), end[sample], start[sample])
         logits = model_logits(model, images)
@@ -354,8 +466,8 @@ def causal_curves(
         if not isinstance(values, torch.Tensor) or values.shape != (len(idx),):
             got = getattr(values, "shape", type(values).__name__)
             raise IgradError(f"score must return one value per image [{len(idx)}], got {got}")
-        out[lo : lo + len(idx)] = values.float().cpu()
-    return out.view(b, n + 1)
+        out[sample.cpu(), k.cpu()] = values.float().cpu()
+    return out
 
 
 def _auc(curves: torch.Tensor) -> torch.Tensor:
@@ -368,67 +480,79 @@ def _auc(curves: torch.Tensor) -> torch.Tensor:
 def _causal_metric(
     mode: str,
     model: nn.Module,
-    x: torch.Tensor,
+    clean: CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None,
     step: int | None,
     batch_size: int,
     substrate: str | SubstrateFn,
     score: str | ScoreFn,
 ) -> CurveResult:
-    x = check_images(x)
+    x = clean.x
     maps = _check_maps(maps, x)
     batch_size = _check_batch_size(batch_size)
-    step, _ = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
-    t = _check_target(target, x.shape[0], x.device)
-    _score_fn(score)
+    step, n = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
+    known = (0 if mode == "deletion" else n, clean.score(score))  # the clean image's point
     with eval_mode(model), torch.inference_mode():
         base = _substrate(substrate, x)
-        if t is None:
-            t = _predicted(model, x, batch_size)
         start, end = (x, base) if mode == "deletion" else (base, x)
-        curves = causal_curves(model, start, end, maps, t, step=step, batch_size=batch_size, score=score)
+        curves = causal_curves(
+            model, start, end, maps, clean.target, step=step, batch_size=batch_size, score=score, known=known
+        )
     return CurveResult(_auc(curves), curves)
 
 
 def deletion(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None,
+    target: torch.Tensor | Sequence[int] | int | None = None,
     *,
     step: int | None = None,
     batch_size: int = 64,
     substrate: str | SubstrateFn = "zero",
     score: str | ScoreFn = "prob",
+    normalization: Normalization | None = None,
+    pixels: str = "normalised",
+    logits: torch.Tensor | None = None,
 ) -> CurveResult:
     """RISE deletion (SPEC 4): per sample, the scores ``a_k`` of ``x`` with its ``min(k·s, HW)`` most
     salient pixels (decreasing ``S``, ties by position, all channels) replaced by the substrate
     (default ``zero``: 0 in normalised space), ``k = 0..n``, ``n = ceil(HW/s)``, ``s = step`` (default:
     the image width). Returns ``(auc, curves)``: ``auc = (Σa − a₀/2 − a_n/2)/n·100`` ``[B]`` (lower is
     better) and ``curves`` ``[B, n+1]``. ``score``: ``prob`` (class-``c`` softmax probability),
-    ``logit``, or ``fn(logits, target) -> [m]``. ``target=None`` uses the predicted class.
+    ``logit``, or ``fn(logits, target) -> [m]``.
+    Images ``x`` (normalised, raw with ``pixels="raw"``, or a :class:`CleanBatch`), ``target``
+    (``None``: the prediction), ``normalization`` and ``logits`` as in :func:`clean_forward`; the
+    clean image's point of the curve comes from its one clean forward.
     """
-    return _causal_metric("deletion", model, x, maps, target, step, batch_size, substrate, score)
+    clean = _clean(model, x, target, normalization, pixels, logits, _check_batch_size(batch_size))
+    return _causal_metric("deletion", model, clean, maps, step, batch_size, substrate, score)
 
 
 def insertion(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None,
+    target: torch.Tensor | Sequence[int] | int | None = None,
     *,
     step: int | None = None,
     batch_size: int = 64,
     substrate: str | SubstrateFn = "blur",
     score: str | ScoreFn = "prob",
+    normalization: Normalization | None = None,
+    pixels: str = "normalised",
+    logits: torch.Tensor | None = None,
 ) -> CurveResult:
     """RISE insertion (SPEC 4): per sample, the scores ``a_k`` of the substrate (default ``blur``:
     :func:`gaussian_blur` of the normalised image, 11×11, σ = 5, zero padding) with the
     ``min(k·s, HW)`` most salient pixels of ``x`` put back, ``k = 0..n``. Same ranking, steps, scores
     and AUC as :func:`deletion`; higher is better. Returns ``(auc, curves)``.
+    Images ``x`` (normalised, raw with ``pixels="raw"``, or a :class:`CleanBatch`), ``target``
+    (``None``: the prediction), ``normalization`` and ``logits`` as in :func:`clean_forward`; the
+    clean image's point of the curve comes from its one clean forward.
     """
-    return _causal_metric("insertion", model, x, maps, target, step, batch_size, substrate, score)
+    clean = _clean(model, x, target, normalization, pixels, logits, _check_batch_size(batch_size))
+    return _causal_metric("insertion", model, clean, maps, step, batch_size, substrate, score)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,26 +569,36 @@ class MetricResults:
 
 def compute_metrics(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None,
+    target: torch.Tensor | Sequence[int] | int | None = None,
     metrics: str | Iterable[str] = "all",
     *,
-    mean: Sequence[float] | torch.Tensor,
-    std: Sequence[float] | torch.Tensor,
+    normalization: Normalization | None = None,
+    pixels: str = "normalised",
+    logits: torch.Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     step: int | None = None,
     batch_size: int = 64,
+    substrates: tuple[str | SubstrateFn, str | SubstrateFn] = ("blur", "zero"),
+    score: str | ScoreFn = "prob",
 ) -> MetricResults:
-    """The metrics named in ``metrics`` (see :data:`METRICS`) for one batch, with SPEC 4 defaults."""
+    """The metrics named in ``metrics`` (see :data:`METRICS`) for one batch, with SPEC 4 defaults;
+    ``substrates``: insertion's and deletion's (:data:`SUBSTRATES`); ``score``: the curves' points
+    (:data:`SCORES`; AD/AG/AI always use the probability). The images (validated and
+    forwarded once for all the metrics) as in :func:`clean_forward`, or a :class:`CleanBatch`."""
     names = resolve_metrics(metrics)
+    batch_size = _check_batch_size(batch_size)
+    clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, torch.Tensor] = {}
     if any(METRICS[n].kind == "confidence" for n in names):
-        conf = confidence_metrics(model, x, maps, target, mean=mean, std=std, batch_size=batch_size)
+        conf = _confidence(model, clean, maps, batch_size)
         values.update({n: conf[n] for n in names if METRICS[n].kind == "confidence"})
-    for name, fn in (("ins", insertion), ("del", deletion)):
+    for name, mode, substrate in (("ins", "insertion", substrates[0]), ("del", "deletion", substrates[1])):
         if name in names:
-            res = fn(model, x, maps, target, step=step, batch_size=batch_size)
+            res = _causal_metric(mode, model, clean, maps, step, batch_size, substrate, score)
             values[name], curves[name] = res.auc, res.curves
     return MetricResults({n: values[n] for n in names}, curves)
 

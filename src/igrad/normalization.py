@@ -19,7 +19,7 @@ import torch
 from .errors import IgradError
 from .images import to_unit
 
-__all__ = ["Normalization", "NORMALIZATIONS"]
+__all__ = ["Normalization", "NORMALIZATIONS", "resolve_normalization"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,21 @@ NORMALIZATIONS: dict[str, Normalization] = {
     "cifar10": Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+def resolve_normalization(
+    normalization: Normalization | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Normalization:
+    """``normalization``, or ``Normalization(mean, std)`` from the older pair of keywords; exactly one
+    of the two forms, else :class:`~igrad.errors.IgradError`."""
+    if normalization is not None and (mean is not None or std is not None):
+        raise IgradError("give either normalization= or mean=/std=, not both")
+    if normalization is not None:
+        if not isinstance(normalization, Normalization):
+            raise IgradError(f"normalization must be an igrad Normalization, got {type(normalization).__name__}")
+        return normalization
+    if mean is None or std is None:
+        raise IgradError("the model's normalisation is needed: normalization=Normalization(mean, std)")
+    return Normalization.of(torch.as_tensor(mean).reshape(-1).tolist(), torch.as_tensor(std).reshape(-1).tolist())

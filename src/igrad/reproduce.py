@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,16 @@ import torch
 
 from . import loss as _loss
 from .errors import IgradError, unknown_name
-from .evaluate import _sha256, compare_results, compare_table, evaluate_checkpoint, select_indices, write_comparison
-from .metrics import METRICS
+from .evaluate import EvalConfig, _sha256, compare_results, evaluate_model, select_indices
+from .normalization import Normalization
 from .provenance import atomic_write_json, atomic_write_text, provenance
-from .train import TrainConfig, config_to_toml, fit_or_resume, prepare_data
+from .report import FIGURE_METHODS, LABELS, ablation_markdown, compare_table, reproduce_markdown, write_comparison
+from .train import TrainConfig, TrainData, fit_or_resume, prepare_data
 
 __all__ = [
     "NETWORKS",
-    "PRESETS",
+    "EXPERIMENTS",
+    "LABELS",
     "ABLATION_LAMBDAS",
     "FIGURE_METHODS",
     "preset_settings",
@@ -61,24 +63,15 @@ __all__ = [
 NETWORKS = ("cifar_resnet18", "cifar_mobilenet_v2")
 #: λ values of the ablation (SPEC 5 / issue 6).
 ABLATION_LAMBDAS = (0.0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75)
-#: Columns of the qualitative figure after the image.
-FIGURE_METHODS = ("gradient", "guided", "gradcam", "scorecam")
-LABELS = ("baseline", "regularised")
+#: Evaluation settings of every experiment preset before its own (:class:`igrad.evaluate.EvalConfig`
+#: defaults otherwise).
+_EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 
-_EVAL_DEFAULTS: dict[str, Any] = {
-    "limit": 500,
-    "seed": 0,
-    "methods": "all",
-    "metrics": "all",
-    "batch_size": 64,
-    "target": "gt",
-    "ci": "normal",
-}
-
-#: Presets, as data. ``train``: :class:`igrad.train.TrainConfig` overrides of the recipe ``recipe``
+#: Experiment presets (named apart from :data:`igrad.train.PRESETS`, the training recipes), as data.
+#: ``train``: :class:`igrad.train.TrainConfig` overrides of the recipe ``recipe``
 #: (a :data:`igrad.train.PRESETS` name) shared by every run; ``networks``: extra overrides per network;
 #: ``lam``: λ of the regularised model (``None``: :data:`igrad.DEFAULT_LAMBDA` at call time);
-#: ``evaluate``: the evaluation settings (:func:`igrad.evaluate.evaluate_model` arguments);
+#: ``evaluate``: the evaluation settings (:class:`igrad.evaluate.EvalConfig` fields);
 #: ``figure_images``: test images in the qualitative figure; ``ablation``: the ablation's budget.
 #:
 #: ``paper`` (a GPU): SPEC 2's recipe as is (200 epochs, MultiStep 60/120/160, full width), all
@@ -106,7 +99,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {
 #: even at this width, 30), one accuracy pass over the test set per run, 32 test images for three
 #: methods (Score-CAM only in the figure: on MobileNet-V2 it costs 1.5 s per image). It shows the
 #: pipeline and the direction of cos(δx, δᴳx), not the paper's numbers.
-PRESETS: dict[str, dict[str, Any]] = {
+EXPERIMENTS: dict[str, dict[str, Any]] = {
     "paper": {
         "recipe": "paper",
         "train": {},
@@ -162,19 +155,16 @@ def preset_settings(
     figure_images: int | None = None,
 ) -> dict[str, Any]:
     """The settings of ``preset`` with overrides: ``train`` (TrainConfig fields, for every run),
-    ``evaluation`` (evaluation settings), ``lam`` and ``figure_images``. A deep copy: changing it leaves
-    :data:`PRESETS` alone."""
-    if preset not in PRESETS:
-        raise unknown_name("reproduce preset", preset, PRESETS)
-    s = copy.deepcopy(PRESETS[preset])
+    ``evaluation`` (:class:`EvalConfig` fields; ``settings["evaluate"]`` is its :meth:`EvalConfig.to_dict`),
+    ``lam`` and ``figure_images``. A deep copy: changing it leaves :data:`EXPERIMENTS` alone."""
+    if preset not in EXPERIMENTS:
+        raise unknown_name("reproduce preset", preset, EXPERIMENTS)
+    s = copy.deepcopy(EXPERIMENTS[preset])
     s["preset"] = preset
     s["train"] = {**s["train"], **(train or {})}
     # the caller's overrides also win over the preset's per-network values
     s["networks"] = {net: {**values, **(train or {})} for net, values in s["networks"].items()}
-    s["evaluate"] = {**_EVAL_DEFAULTS, **s["evaluate"], **(evaluation or {})}
-    unknown = set(s["evaluate"]) - set(_EVAL_DEFAULTS)
-    if unknown:
-        raise unknown_name("evaluation setting", sorted(unknown)[0], _EVAL_DEFAULTS)
+    s["evaluate"] = EvalConfig.from_dict({**_EVAL_DEFAULTS, **s["evaluate"], **(evaluation or {})}).to_dict()
     s["lam"] = float(lam if lam is not None else (s["lam"] if s["lam"] is not None else _loss.DEFAULT_LAMBDA))
     if not (math.isfinite(s["lam"]) and s["lam"] > 0):
         raise IgradError(f"the regularised model needs λ > 0, got {s['lam']}")
@@ -216,70 +206,64 @@ def _train(config: TrainConfig, quiet: bool) -> tuple[Any, bool]:
     return result, trained
 
 
-def _eval_key(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(settings["evaluate"]), sort_keys=True))
-
-
-def _evaluate(
-    checkpoint: Path, data: str, out: Path, settings: Mapping[str, Any], device: str | None, progress: bool
+def _cached_evaluation(
+    stored: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]
 ) -> tuple[dict[str, Any], bool]:
-    """``evaluate_checkpoint`` on the test split, or the stored results in ``out/results.json`` when
-    they are of the same checkpoint (SHA-256) and settings; returns (results, reused)."""
-    key = _eval_key(settings)
-    stored = out / "results.json"
+    """The results stored in ``stored`` when they were made with ``key`` (evaluation settings, checkpoint
+    SHA-256, data), else ``compute()`` with ``key`` recorded as ``results["reproduce"]``; returns
+    ``(results, reused)``. Storing is the caller's (the main table writes full reports)."""
+    key = json.loads(json.dumps(dict(key), sort_keys=True))
     if stored.is_file():
         try:
             old = json.loads(stored.read_text(encoding="utf-8"))
-            if (
-                old.get("reproduce", {}).get("evaluate") == key
-                and old.get("checkpoint", {}).get("sha256") == _sha256(checkpoint)
-                and old.get("data", {}).get("source") == str(data)
-            ):
+            if old.get("reproduce") == key and "per_sample" in old:
                 return old, True
         except (OSError, ValueError):
             pass  # unreadable: evaluate again
-    ev = settings["evaluate"]
-    results = evaluate_checkpoint(
-        checkpoint,
-        data,
-        split="test",
-        device=device,
-        methods=ev["methods"],
-        metrics=ev["metrics"],
-        limit=ev["limit"],
-        seed=ev["seed"],
-        target=ev["target"],
-        batch_size=ev["batch_size"],
-        ci=ev["ci"],
-        progress=progress,
-    )
-    results["reproduce"] = {"evaluate": key}
+    results = compute()
+    results["reproduce"] = key
     return results, False
 
 
+def _evaluate_run(
+    run: Any, split: Any, source: str, ev: Mapping[str, Any], stored: Path, progress: bool
+) -> tuple[dict[str, Any], bool]:
+    """Evaluate the model ``run`` holds (its final weights, ``last.pt``) on ``split`` with settings
+    ``ev``, or reuse ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
+    checkpoint = Path(run.run_dir) / "last.pt"
+    sha = _sha256(checkpoint)
+
+    def compute() -> dict[str, Any]:
+        res = evaluate_model(
+            run.model,
+            split,
+            EvalConfig.from_dict(ev),
+            normalization=Normalization.from_config(run.config, f"run {run.run_dir}"),
+            config=run.config,
+            source=source,
+            progress=progress,
+            resume_dir=stored.parent / ".partial",
+        )
+        res["checkpoint"] = {"path": str(checkpoint), "sha256": sha}
+        return res
+
+    return _cached_evaluation(stored, {"evaluate": dict(ev), "sha256": sha, "data": source}, compute)
+
+
 def _figure(
-    models: Mapping[str, torch.nn.Module], config: TrainConfig, settings: Mapping[str, Any], path: Path
+    models: Mapping[str, torch.nn.Module], data: TrainData, title: str, ev: Mapping[str, Any], n: int, path: Path
 ) -> list[int]:
-    """The qualitative figure on the first ``figure_images`` images of the evaluated test subset."""
+    """The qualitative figure on the first ``n`` images of the evaluated test subset."""
     from .visualize import qualitative_figure
 
-    data = prepare_data(config.replace(val_fraction=0.0))
-    ev = settings["evaluate"]
-    n_images = min(int(settings["figure_images"]), len(data.test))
+    n_images = min(int(n), len(data.test))
     indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
     device = next(iter(next(iter(models.values())).parameters())).device
     x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
+    norm = data.normalization
     qualitative_figure(
-        models,
-        x,
-        y,
-        list(FIGURE_METHODS),
-        data.normalization.mean,
-        data.normalization.std,
-        path,
-        class_names=data.classes,
-        title=f"{config.model}: baseline (λ = 0) vs regularised; target = label",
+        models, x, y, list(FIGURE_METHODS), norm.mean, norm.std, path, class_names=data.classes, title=title
     )
     return indices.tolist()
 
@@ -300,7 +284,7 @@ def _wins(cmp: Mapping[str, Any]) -> dict[str, int]:
     for entries in cmp["methods"].values():
         for e in entries.values():
             counts["cells"] += 1
-            side = {"ours": "regularised", "baseline": "baseline", "tie": "tie"}.get(e["better"] or "tie", "tie")
+            side = e["better"] or "tie"
             counts[side] += 1
             if e.get("significant") and side != "tie":
                 counts[f"{side}_significant"] += 1
@@ -361,6 +345,7 @@ def reproduce(
         "settings": settings,
         "networks": {},
     }
+    prepared: TrainData | None = None  # the test split and its normalisation, loaded once
     for net in nets:
         entry: dict[str, Any] = {"runs": {}, "trained": {}, "evaluation_reused": {}}
         results: dict[str, dict[str, Any]] = {}
@@ -369,12 +354,13 @@ def reproduce(
             if not quiet:
                 print(f"[reproduce] {net} {label} (λ = {config.lam:g}): training", file=sys.stderr)
             run, trained = _train(config, quiet)
-            checkpoint = run.run_dir / "last.pt"
+            if prepared is None:
+                prepared = prepare_data(config.replace(val_fraction=0.0))
             if not quiet:
-                print(f"[reproduce] {net} {label}: evaluating {checkpoint}", file=sys.stderr)
-            res, reused = _evaluate(
-                checkpoint, data, out / "eval" / net / label, settings, device, progress and not quiet
-            )
+                print(f"[reproduce] {net} {label}: evaluating {run.run_dir / 'last.pt'}", file=sys.stderr)
+            stored = out / "eval" / net / label / "results.json"
+            res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
+            res["data"]["split"] = "test"
             results[label] = res
             models[label] = run.model
             entry["trained"][label] = trained
@@ -403,10 +389,10 @@ def reproduce(
             f"regularised (λ = {settings['lam']:g})": models["regularised"],
         }
         figure = out / "figures" / f"{net}.png"
-        entry["figure"] = {
-            "path": str(figure.relative_to(out)),
-            "indices": _figure(lam_models, configs[net]["baseline"], settings, figure),
-        }
+        title = f"{net}: baseline (λ = 0) vs regularised; target = label"
+        assert prepared is not None
+        indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
+        entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices}
         entry["curves"] = {label: str(Path("eval") / net / label / "curves.png") for label in LABELS}
         report["networks"][net] = entry
     report["wall_time_s"] = time.perf_counter() - started
@@ -415,114 +401,8 @@ def reproduce(
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", report)
-    atomic_write_text(out / "report.md", _report_markdown(report, out))
+    atomic_write_text(out / "report.md", reproduce_markdown(report, out))
     return report
-
-
-def _rel(path: str | Path, root: Path) -> str:
-    p = Path(path)
-    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-
-
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def _report_markdown(report: Mapping[str, Any], out: Path) -> str:
-    s = report["settings"]
-    ev = s["evaluate"]
-    prov = report["provenance"]
-    lines = [
-        f"# igrad reproduce: preset `{report['preset']}`",
-        "",
-        "The paper's claim (SPEC 5): the regularised models improve most interpretability metrics for two "
-        "networks while staying within a small margin of the standard model's accuracy. Below, both models of "
-        "each network, trained from the same seed with the same recipe, differ only in λ.",
-        "",
-        f"- command: `{report['command']}`",
-        f"- data: `{report['data']}`; λ of the regularised model: {report['lam']:g}",
-        f"- evaluation: {ev['limit'] or 'all'} test images (seed {ev['seed']}), the same for every model; "
-        f"target = {'label' if ev['target'] == 'gt' else 'prediction'}; final weights (`last.pt`)",
-        f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
-        "",
-    ]
-    for net, entry in report["networks"].items():
-        w = entry["wins"]
-        base, reg = entry["runs"]["baseline"], entry["runs"]["regularised"]
-        acc_b, acc_r = base["accuracy"], reg["accuracy"]
-        lines += [
-            f"## {net}",
-            "",
-            entry["table"],
-            f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
-            f"({w['regularised_significant']} with a paired 95% interval excluding 0); baseline better in "
-            f"{w['baseline']} ({w['baseline_significant']} significant); ties {w['tie']}. "
-            f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points); "
-            f"mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
-            "",
-            "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for label in LABELS:
-            r = entry["runs"][label]
-            lines.append(
-                f"| {label} | {r['lam']:g} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
-                f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
-            )
-        lines += [
-            "",
-            f"Insertion/deletion curves: [baseline]({entry['curves']['baseline']}), "
-            f"[regularised]({entry['curves']['regularised']}).",
-            "",
-            f"![qualitative figure, {net}]({entry['figure']['path']})",
-            "",
-            f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
-            "columns image, "
-            + ", ".join(FIGURE_METHODS)
-            + "; for each image the baseline row, then the regularised row.",
-            "",
-        ]
-    ablation_json = out / "ablation" / "results.json"
-    if ablation_json.is_file():
-        try:
-            chosen = {
-                n: e["chosen"] for n, e in json.loads(ablation_json.read_text(encoding="utf-8"))["networks"].items()
-            }
-            lines += [
-                "## Ablation",
-                "",
-                f"See [ablation/report.md](ablation/report.md); chosen on the validation split: `{json.dumps(chosen)}`",
-                "",
-            ]
-        except (OSError, ValueError, KeyError):
-            pass
-    first_net = next(iter(report["networks"].values()), None)
-    lines += [
-        "## Configuration",
-        "",
-        "Training (the baseline's config; the regularised run differs only in `lam` "
-        "and `out`; networks differ in `model`):",
-        "",
-    ]
-    if first_net is not None:
-        lines += ["```toml", config_to_toml(first_net["runs"]["baseline"]["config"]).rstrip(), "```", ""]
-    lines += ["Evaluation:", "", "```json", json.dumps(ev, indent=2), "```", ""]
-    lines += [
-        "## Machine and versions",
-        "",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
-        f"- commit: {prov.get('commit')}",
-        f"- machine: {prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs, "
-        f"{prov['machine'].get('torch_threads')} torch threads, GPU: {prov['machine'].get('cuda') or 'none'}",
-        f"- finished: {prov.get('time')}",
-        "",
-        "Metric values ×100; AD and deletion: lower is better; the others higher. "
-        f"Metrics: {', '.join(METRICS[k].title for k in METRICS)}.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
@@ -540,8 +420,8 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
         if r["lam"] == 0 or r["val_acc"] < base["val_acc"] - acc_margin:
             continue
         vs = r.get("vs_baseline", {})
-        wins = sum(1 for e in vs.values() if e["better"] == "ours")
-        clear = sum(1 for e in vs.values() if e["better"] == "ours" and e.get("significant"))
+        wins = sum(1 for e in vs.values() if e["better"] == "regularised")
+        clear = sum(1 for e in vs.values() if e["better"] == "regularised" and e.get("significant"))
         key = (clear, wins, r["val_acc"], r["val_cos"])
         if best_key is None or key > best_key:
             best, best_key = r, key
@@ -581,9 +461,6 @@ def ablation(
     ablation's). ``λ = 0`` is trained once (the error is then unused). Writes
     ``out/ablation/{report.md,results.json}`` and the runs under ``out/ablation/runs``; returns the
     results. Default network: the first of :data:`NETWORKS`. Finished runs and evaluations are reused."""
-    from .checkpoint import load_model
-    from .evaluate import evaluate_model
-
     started = time.perf_counter()
     data = os.fspath(data)
     root = Path(out) / "ablation"
@@ -605,7 +482,6 @@ def ablation(
     grid = [(0.0, errs[0])] if 0.0 in lambdas else []
     grid += [(float(lam), e) for lam in lambdas if lam != 0 for e in errs]
     ev = settings["evaluate"]
-    key = _eval_key(settings)
     report: dict[str, Any] = {
         "kind": "igrad.reproduce.ablation",
         "format": 1,
@@ -619,49 +495,31 @@ def ablation(
     for net in nets:
         rows = []
         base_res: dict[str, Any] | None = None
+        val = None
         for lam, err in grid:
             name = f"lam{lam:g}" if lam == 0 else f"{err}-lam{lam:g}"
             config = train_config(settings, net, data, lam, root / "runs" / net / name).replace(error=err)
             if not quiet:
                 print(f"[ablation] {net} {name}: training", file=sys.stderr)
             run, _ = _train(config, quiet)
-            checkpoint = run.run_dir / "last.pt"
             stored = root / "eval" / net / f"{name}.json"
-            res = None
-            if stored.is_file():
-                old = json.loads(stored.read_text(encoding="utf-8"))
-                if (
-                    old.get("reproduce", {}).get("evaluate") == key
-                    and old.get("sha256") == _sha256(checkpoint)
-                    and "per_sample" in old
-                ):
-                    res = old
-            if res is None:
-                if not quiet:
-                    print(f"[ablation] {net} {name}: evaluating Grad-CAM on the validation split", file=sys.stderr)
-                model, cfg = load_model(checkpoint, map_location=next(run.model.parameters()).device)
+            if not quiet:
+                print(f"[ablation] {net} {name}: Grad-CAM on the validation split", file=sys.stderr)
+            if val is None:  # the same validation split for every setting: prepared once
                 val = prepare_data(config).val
-                assert val is not None  # the ablation's configs hold out a validation split
-                res = evaluate_model(
-                    model,
-                    val,
-                    mean=cfg["mean"],
-                    std=cfg["std"],
-                    methods=["gradcam"],
-                    metrics=ev["metrics"],
-                    limit=min(ev["limit"], len(val)) if ev["limit"] else None,
-                    seed=ev["seed"],
-                    target=ev["target"],
-                    batch_size=ev["batch_size"],
-                    ci=ev["ci"],
-                    progress=progress and not quiet,
-                    config=cfg,
-                    source=f"{data} (validation split, val_fraction {config.val_fraction})",
-                )
-                kept = ("model", "data", "settings", "results", "per_sample", "timing", "provenance")
+            assert val is not None  # val_fraction > 0, checked above
+            source = f"{data} (validation split, val_fraction {config.val_fraction})"
+            res, reused = _evaluate_run(
+                run,
+                val,
+                source,
+                {**ev, "limit": min(ev["limit"], len(val)) if ev["limit"] else None},
+                stored,
+                progress and not quiet,
+            )
+            if not reused:
+                kept = ("model", "data", "settings", "results", "per_sample", "timing", "provenance", "reproduce")
                 res = {k: res[k] for k in kept}
-                res["sha256"] = _sha256(checkpoint)
-                res["reproduce"] = {"evaluate": key}
                 atomic_write_json(stored, res)
             rows.append(
                 {
@@ -686,62 +544,5 @@ def ablation(
     report["provenance"] = provenance({"preset": preset, "settings": settings, "data": data}, ev["seed"])
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "results.json", report)
-    atomic_write_text(root / "report.md", _ablation_markdown(report))
+    atomic_write_text(root / "report.md", ablation_markdown(report))
     return report
-
-
-def _ablation_mark(entry: Mapping[str, Any] | None) -> str:
-    """`` +``/`` −`` for a metric clearly better/worse than λ = 0 (paired interval excluding 0)."""
-    if not entry or not entry.get("significant"):
-        return ""
-    return " +" if entry["better"] == "ours" else " −"
-
-
-def _ablation_markdown(report: Mapping[str, Any]) -> str:
-    s = report["settings"]
-    t = s["train"]
-    lines = [
-        f"# igrad reproduce --ablation: preset `{report['preset']}`",
-        "",
-        f"- command: `{report['command']}`",
-        f"- budget per run: recipe `{s['recipe']}` with {json.dumps(t)}",
-        f"- measured on the validation split (val_fraction {t['val_fraction']} of the training set, "
-        f"{s['evaluate']['limit']} images for Grad-CAM's metrics), never on the test subset of the main table",
-        f"- choice: among λ > 0 within {100 * report['acc_margin']:.0f} accuracy points of λ = 0, the setting "
-        "with the most Grad-CAM metrics clearly better than λ = 0 (paired 95% interval excluding 0), then the "
-        "most better at all (ties: validation accuracy, then cos)",
-        "- a cell marked + (−) is clearly better (worse) than λ = 0 on the same images",
-        f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
-        "",
-    ]
-    metrics = list(s["evaluate"]["metrics"]) if not isinstance(s["evaluate"]["metrics"], str) else None
-    for net, entry in report["networks"].items():
-        rows = entry["rows"]
-        keys = metrics or list(rows[0]["gradcam"])
-        arrows = {k: "↑" if METRICS[k].higher_is_better else "↓" for k in keys}
-        lines += [
-            f"## {net}",
-            "",
-            "| λ | error | val acc (%) | val mean cos | "
-            + " | ".join(f"Grad-CAM {METRICS[k].title} {arrows[k]}" for k in keys)
-            + " | test acc (%) |",
-            "|---:|---|---:|---:|" + "---:|" * len(keys) + "---:|",
-        ]
-        for r in rows:
-            vs = r.get("vs_baseline", {})
-            cells = " | ".join(f"{r['gradcam'][k]['mean']:.2f}" + _ablation_mark(vs.get(k)) for k in keys)
-            lines.append(
-                f"| {r['lam']:g} | {r['error'] or '-'} | {100 * r['val_acc']:.2f} | {r['val_cos']:.4f} | {cells} | "
-                f"{100 * r['test_acc']:.2f} |"
-            )
-        c = entry["chosen"]
-        lines += ["", f"Chosen on the validation split: {json.dumps(c)}", ""]
-    prov = report["provenance"]
-    lines += [
-        f"Versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}; commit {prov.get('commit')}; "
-        f"{prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs; {prov.get('time')}.",
-        "",
-        "Metric values ×100; test accuracy is shown for information only (not used for the choice).",
-        "",
-    ]
-    return "\n".join(lines)

@@ -1,77 +1,80 @@
 """Measure saliency methods on a trained checkpoint with the metrics of SPEC 4 (AD, AG, AI, insertion,
 deletion), on a fixed seeded subset of the test split, and write results.json, results.csv,
-results.md and curves.png into --out. With --compare BASELINE OURS, both checkpoints are evaluated on
-the same images and compare.md puts them side by side (SPEC 5), the better value of each cell in bold.
+results.md and curves.png into --out. With --compare BASELINE REGULARISED, both checkpoints are
+evaluated on the same images and compare.md puts them side by side (SPEC 5), the better value of each
+cell in bold. Every evaluation setting (igrad.evaluate.EvalConfig) is a flag. Finished chunks are kept
+in OUT/.partial/ until the end: a killed evaluation started again with the same arguments continues
+where it stopped.
 
 examples:
   igrad evaluate --checkpoint runs/r18/best.pt --data $IGRAD_DATA --limit 1000 --out eval/r18
-  igrad evaluate --compare runs/base/best.pt runs/ours/best.pt --methods gradcam,gradient --out eval/cmp
+  igrad evaluate --compare runs/base/best.pt runs/reg/best.pt --methods gradcam,gradient --out eval/cmp
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
-
-from ..metrics import METRICS
 
 HELP = "evaluate saliency methods with AD/AG/AI/insertion/deletion and write the tables"
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    from ..evaluate import CIS, TARGETS
+    from ..metrics import SCORES, SUBSTRATES
+
+    return {
+        "target": TARGETS,
+        "ci": CIS,
+        "insertion_substrate": tuple(SUBSTRATES),
+        "deletion_substrate": tuple(SUBSTRATES),
+        "score": tuple(SCORES),
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``igrad evaluate``."""
+    """Options of ``igrad evaluate``: what to evaluate, --out, and one flag per
+    :class:`igrad.evaluate.EvalConfig` field (its default and help)."""
+    from ..evaluate import EvalConfig
+
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (e.g. RUN/best.pt)")
     which.add_argument(
-        "--compare", nargs=2, type=Path, metavar=("BASELINE", "OURS"), help="evaluate two checkpoints side by side"
+        "--compare", nargs=2, type=Path, metavar=("BASELINE", "REGULARISED"), help="two checkpoints side by side"
     )
     parser.add_argument(
         "--data", help="image-folder root (train/, test/) or cifar10/cifar100; default: the checkpoint's data"
     )
     parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="data split (default test)")
-    parser.add_argument("--methods", default="all", help="'all' or comma-separated saliency methods (default all)")
-    parser.add_argument(
-        "--metrics", default="all", help=f"'all' or comma-separated metrics from {','.join(METRICS)} (default all)"
-    )
-    parser.add_argument("--limit", type=int, help="evaluate a fixed seeded subset of N images (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset and of noisy methods (default 0)")
-    parser.add_argument("--target", choices=("gt", "pred"), default="gt", help="class explained: label or prediction")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per saliency batch and per forward")
-    parser.add_argument("--step", type=int, help="insertion/deletion pixels per step (default: the image width)")
-    parser.add_argument("--target-layer", help="CAM target layer (default: the model's last convolutional stage)")
-    parser.add_argument("--ci", choices=("normal", "bootstrap"), default="normal", help="95%% interval method")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--no-accuracy", action="store_true", help="skip the top-1 accuracy over the whole split")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    group = parser.add_argument_group("evaluation settings")
+    hints, choices = typing.get_type_hints(EvalConfig), _choices()
+    for f in dataclasses.fields(EvalConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default {f.default})"
+        if hints[f.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = int if int in typing.get_args(hints[f.name]) or hints[f.name] is int else str
+        group.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write the reports, print the table."""
-    from ..evaluate import compare_table, evaluate_checkpoint, write_comparison, write_report
+    from ..evaluate import EvalConfig, evaluate_checkpoint
+    from ..report import LABELS, compare_table, write_comparison, write_report
 
-    kwargs = dict(
-        split=args.split,
-        device=args.device,
-        methods=args.methods,
-        metrics=args.metrics,
-        limit=args.limit,
-        seed=args.seed,
-        target=args.target,
-        batch_size=args.batch_size,
-        step=args.step,
-        target_layer=args.target_layer,
-        ci=args.ci,
-        accuracy=not args.no_accuracy,
-        progress=not args.no_progress,
-    )
+    settings = EvalConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    common = dict(split=args.split, progress=not args.no_progress, resume_dir=args.out / ".partial")
     if args.compare:
-        baseline, ours = (evaluate_checkpoint(path, args.data, **kwargs) for path in args.compare)
-        paths = write_comparison(baseline, ours, args.out)
-        print(compare_table(baseline, ours))
-        print(f"wrote {paths['compare.md']} and {args.out}/baseline, {args.out}/ours")
+        baseline, regularised = (evaluate_checkpoint(path, args.data, settings, **common) for path in args.compare)
+        paths = write_comparison(baseline, regularised, args.out, labels=LABELS)
+        print(compare_table(baseline, regularised, labels=LABELS))
+        print(f"wrote {paths['compare.md']} and {args.out}/{LABELS[0]}, {args.out}/{LABELS[1]}")
         return 0
-    results = evaluate_checkpoint(args.checkpoint, args.data, **kwargs)
+    results = evaluate_checkpoint(args.checkpoint, args.data, settings, **common)
     paths = write_report(results, args.out)
     print(paths["md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

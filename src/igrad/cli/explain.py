@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import IgradError, unknown_name
+from ..normalization import Normalization
 
 HELP = "saliency maps (overlays and a grid figure) of a checkpoint for image files"
 DEFAULT_METHODS = "gradient,guided,gradcam,scorecam"
@@ -114,15 +115,14 @@ def _image_size(config: dict[str, Any], model_name: str) -> tuple[int, int]:
     return h, w
 
 
-def _normalization(config: dict[str, Any], path: str) -> tuple[list[float], list[float]]:
-    if "mean" in config and "std" in config:
-        return list(config["mean"]), list(config["std"])
-    if "data" in config:
+def _normalization(config: dict[str, Any], path: str) -> Normalization:
+    """The checkpoint's normalisation (:meth:`Normalization.from_config`); an old config without one gets
+    its data set's (:func:`igrad.data.normalization_for`)."""
+    if "mean" not in config and "std" not in config and "data" in config:
         from ..data import normalization_for
 
-        norm = normalization_for(config["data"])
-        return list(norm.mean), list(norm.std)
-    raise IgradError(f"checkpoint {path} config has no mean/std to normalise the images with")
+        return normalization_for(config["data"])
+    return Normalization.from_config(config, f"checkpoint {path}")
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -156,16 +156,14 @@ def run(args: argparse.Namespace) -> int:
     if args.size is not None and args.size < 1:
         raise IgradError(f"--size must be positive, got {args.size}")
     size = (args.size, args.size) if args.size else _image_size(config0, config0.get("model", ""))
-    mean, std = _normalization(config0, args.checkpoint)
+    norm = _normalization(config0, args.checkpoint)
     classes = config0.get("classes")
     classes = list(classes) if isinstance(classes, list | tuple) else None
 
     shape = config0.get("image_shape")
     channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
     raw = _load_images(args.images, size, channels).to(device)
-    from ..data import normalize
-
-    x = normalize(raw, mean, std)
+    x = norm.apply(raw)
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
         predicted = [model_logits(m, x).argmax(1).tolist() for m, _ in loaded]

@@ -29,9 +29,9 @@ HELP = "the paper's experiment end to end: train, evaluate, report (presets pape
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``igrad reproduce``."""
-    from ..reproduce import NETWORKS, PRESETS
+    from ..reproduce import EXPERIMENTS, NETWORKS
 
-    p.add_argument("--preset", choices=list(PRESETS), default="demo", help="budget (default demo)")
+    p.add_argument("--preset", choices=list(EXPERIMENTS), default="demo", help="budget (default demo)")
     p.add_argument("--data", default=None, help="image folder or cifar100 (default: $IGRAD_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-100")
     p.add_argument("--out", required=True, help="report folder (runs, evaluations, report.md, results.json)")

@@ -1,0 +1,396 @@
+"""Reports, rendered in one place: the Markdown tables, CSV and curve figure of an evaluation
+(:func:`write_report`), the side-by-side comparison of SPEC 5 (:func:`compare_table`,
+:func:`write_comparison`), and the Markdown reports of ``igrad reproduce`` and its ablation
+(:func:`reproduce_markdown`, :func:`ablation_markdown`). Nothing here computes a number: the values come
+from :mod:`igrad.evaluate` and :mod:`igrad.reproduce`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .evaluate import compare_results
+from .metrics import METRICS
+from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from .train import config_to_toml
+
+__all__ = [
+    "LABELS",
+    "FIGURE_METHODS",
+    "results_table",
+    "write_report",
+    "compare_table",
+    "write_comparison",
+    "reproduce_markdown",
+    "ablation_markdown",
+]
+
+#: The two models of a comparison: λ = 0 and λ > 0 (one word for each, everywhere).
+LABELS = ("baseline", "regularised")
+#: Columns of the qualitative figure after the image.
+FIGURE_METHODS = ("gradient", "guided", "gradcam", "scorecam")
+
+
+def _arrow(metric: str) -> str:
+    return "↑" if METRICS[metric].higher_is_better else "↓"
+
+
+def _cell(s: Mapping[str, Any], digits: int = 2) -> str:
+    if s["ci_low"] is None:
+        return f"{s['mean']:.{digits}f}"
+    half = (s["ci_high"] - s["ci_low"]) / 2
+    return f"{s['mean']:.{digits}f} ± {half:.{digits}f}"
+
+
+def _header(results: Mapping[str, Any]) -> list[str]:
+    d, st, mo = results["data"], results["settings"], results["model"]
+    name = mo.get("name") or "model"
+    lines = [
+        f"Model `{name}` {mo.get('model_kwargs') or ''} · data `{d.get('source')}` {d.get('split', '')} · "
+        f"N = {d['n']} images (seed {d['seed']}) · target: {'ground truth' if st['target'] == 'gt' else 'prediction'}"
+        f" · step {st['step']} px ({st['n_steps']} steps)",
+    ]
+    acc = "n/a" if mo["accuracy"] is None else f"{100 * mo['accuracy']:.2f}% ({mo['accuracy_n']} images)"
+    lines.append(f"Top-1 accuracy: {acc} · mean cos(δx, δᴳx): {_cell(mo['cos'], 4)}")
+    return lines
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """A Markdown table: one row per method, one column per metric, ``mean ± half the 95% CI``."""
+    metrics = results["settings"]["metrics"]
+    head = "| method | " + " | ".join(f"{METRICS[k].title} {_arrow(k)}" for k in metrics) + " |"
+    rule = "|---|" + "---:|" * len(metrics)
+    rows = [f"| {m} | " + " | ".join(_cell(d[k]) for k in metrics) + " |" for m, d in results["results"].items()]
+    return "\n".join([head, rule, *rows])
+
+
+def _markdown(results: Mapping[str, Any]) -> str:
+    ci = results["settings"]["ci"]
+    return (
+        "# igrad evaluate\n\n"
+        + "\n\n".join(_header(results))
+        + "\n\n"
+        + results_table(results)
+        + f"\n\nValues ×100; ± is half the 95% confidence interval ({ci}); ↑ higher is better, ↓ lower is better.\n"
+    )
+
+
+def _csv(results: Mapping[str, Any]) -> str:
+    import csv
+    import json
+
+    buf = io.StringIO()
+    prov = {k: results["provenance"].get(k) for k in ("commit", "time", "versions", "seed")}
+    buf.write(f"# igrad evaluate results; provenance: {json.dumps(prov, default=str)}\n")
+    buf.write(f"# checkpoint: {json.dumps(results.get('checkpoint'))}; data: {results['data'].get('source')}\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "metric", "mean", "ci_low", "ci_high", "n", "higher_is_better"])
+    mo = results["model"]
+    if mo["accuracy"] is not None:
+        writer.writerow(["(model)", "accuracy", mo["accuracy"], "", "", mo["accuracy_n"], True])
+    cos = mo["cos"]
+    writer.writerow(["(model)", "cos", cos["mean"], cos["ci_low"], cos["ci_high"], cos["n"], True])
+    for m, d in results["results"].items():
+        for k, s in d.items():
+            writer.writerow([m, k, s["mean"], s["ci_low"], s["ci_high"], s["n"], METRICS[k].higher_is_better])
+    return buf.getvalue()
+
+
+def _plot(results: Mapping[str, Any]) -> bytes | None:
+    curves = results["curves"]
+    kinds = [k for k in ("ins", "del") if any(k in d for d in curves.values())]
+    if not kinds:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(kinds), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, k in zip(axes, kinds, strict=True):
+        for i, (m, d) in enumerate(curves.items()):
+            if k in d:
+                ys = d[k]
+                xs = [j / (len(ys) - 1) for j in range(len(ys))]
+                auc = results["results"][m][k]["mean"]
+                style = "-" if i < 10 else "--"  # ten colours, then dashed
+                ax.plot(xs, ys, style, color=f"C{i % 10}", label=f"{m} ({auc:.1f})")
+        ax.set_title(f"{METRICS[k].title} ({'higher' if METRICS[k].higher_is_better else 'lower'} is better)")
+        ax.set_xlabel("fraction of pixels " + ("inserted" if k == "ins" else "deleted"))
+        ax.set_ylabel("mean class probability")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"N = {results['data']['n']} images")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``results.md`` and ``curves.png`` (when insertion or
+    deletion was measured) into ``out_dir``, each atomically; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "results.json",
+        "csv": out / "results.csv",
+        "md": out / "results.md",
+    }
+    atomic_write_json(paths["json"], results)
+    atomic_write_text(paths["csv"], _csv(results))
+    atomic_write_text(paths["md"], _markdown(results))
+    png = _plot(results)
+    if png is not None:
+        paths["png"] = out / "curves.png"
+        atomic_write_bytes(paths["png"], png)
+    return paths
+
+
+def compare_table(
+    baseline: Mapping[str, Any],
+    regularised: Mapping[str, Any],
+    *,
+    labels: tuple[str, str] = ("baseline", "regularised"),
+) -> str:
+    """SPEC 5 side by side, in Markdown: accuracy and mean cos, then per method each metric for the
+    baseline and regularised; the better value of each pair in bold, ``*`` where the paired 95% interval of
+    the difference excludes 0 (same images)."""
+    cmp = compare_results(baseline, regularised)
+    lb, lo = labels
+
+    def mark(value: str, side: str, entry: Mapping[str, Any]) -> str:
+        if entry.get("better") == side:
+            value = f"**{value}**"
+            if entry.get("significant"):
+                value += "\\*"
+        return value
+
+    lines = [f"| | {lb} | {lo} |", "|---|---:|---:|"]
+    acc = cmp["model"]["accuracy"]
+    if acc["baseline"] is not None and acc["regularised"] is not None:
+        fmt = [f"{100 * acc['baseline']:.2f}", f"{100 * acc['regularised']:.2f}"]
+        lines.append(f"| top-1 accuracy (%) | {mark(fmt[0], 'baseline', acc)} | {mark(fmt[1], 'regularised', acc)} |")
+    cos = dict(cmp["model"]["cos"])
+    d = cos.get("difference")
+    if d is not None:
+        cos["significant"] = d["ci_low"] is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
+    cos_b, cos_o = f"{cos['baseline']:.4f}", f"{cos['regularised']:.4f}"
+    lines.append(f"| mean cos(δx, δᴳx) | {mark(cos_b, 'baseline', cos)} | {mark(cos_o, 'regularised', cos)} |")
+    metrics = [k for k in regularised["settings"]["metrics"] if k in baseline["settings"]["metrics"]]
+    head = "| method | " + " | ".join(f"{METRICS[k].title} {_arrow(k)} {lb} | {METRICS[k].title} {lo}" for k in metrics)
+    rows = [head + " |", "|---|" + "---:|---:|" * len(metrics)]
+    for m, entries in cmp["methods"].items():
+        cells = []
+        for k in metrics:
+            e = entries[k]
+            cells += [mark(f"{e['baseline']:.2f}", "baseline", e), mark(f"{e['regularised']:.2f}", "regularised", e)]
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    n_b, n_o = baseline["data"]["n"], regularised["data"]["n"]
+    legend = (
+        f"N = {n_b} ({lb}) and {n_o} ({lo}) images"
+        + (", the same images" if cmp["paired"] else ", NOT the same images (no paired test)")
+        + ". Bold: the better value of the pair (AD and deletion: lower is better); \\*: the paired 95% interval "
+        "of the per-image difference excludes 0. Metric values ×100."
+    )
+    return "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n" + legend + "\n"
+
+
+def write_comparison(
+    baseline: Mapping[str, Any],
+    regularised: Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    labels: tuple[str, str] = ("baseline", "regularised"),
+) -> dict[str, Path]:
+    """Write each side's report into ``out_dir/<label>/`` and ``compare.md`` + ``compare.json``."""
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    for label, res in zip(labels, (baseline, regularised), strict=True):
+        for k, p in write_report(res, out / label).items():
+            paths[f"{label}.{k}"] = p
+    paths["compare.md"] = out / "compare.md"
+    atomic_write_text(
+        paths["compare.md"], "# igrad evaluate: comparison\n\n" + compare_table(baseline, regularised, labels=labels)
+    )
+    paths["compare.json"] = out / "compare.json"
+    atomic_write_json(
+        paths["compare.json"],
+        {
+            "kind": "igrad.compare",
+            "labels": list(labels),
+            "checkpoints": [baseline.get("checkpoint"), regularised.get("checkpoint")],
+            "comparison": compare_results(baseline, regularised, ci=regularised["settings"]["ci"]),
+            "provenance": provenance(None, regularised["data"]["seed"]),
+        },
+    )
+    return paths
+
+
+def _rel(path: str | Path, root: Path) -> str:
+    p = Path(path)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
+    s = report["settings"]
+    ev = s["evaluate"]
+    prov = report["provenance"]
+    lines = [
+        f"# igrad reproduce: preset `{report['preset']}`",
+        "",
+        "The paper's claim (SPEC 5): the regularised models improve most interpretability metrics for two "
+        "networks while staying within a small margin of the standard model's accuracy. Below, both models of "
+        "each network, trained from the same seed with the same recipe, differ only in λ.",
+        "",
+        f"- command: `{report['command']}`",
+        f"- data: `{report['data']}`; λ of the regularised model: {report['lam']:g}",
+        f"- evaluation: {ev['limit'] or 'all'} test images (seed {ev['seed']}), the same for every model; "
+        f"target = {'label' if ev['target'] == 'gt' else 'prediction'}; final weights (`last.pt`)",
+        f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
+        "",
+    ]
+    for net, entry in report["networks"].items():
+        w = entry["wins"]
+        base, reg = entry["runs"]["baseline"], entry["runs"]["regularised"]
+        acc_b, acc_r = base["accuracy"], reg["accuracy"]
+        lines += [
+            f"## {net}",
+            "",
+            entry["table"],
+            f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
+            f"({w['regularised_significant']} with a paired 95% interval excluding 0); baseline better in "
+            f"{w['baseline']} ({w['baseline_significant']} significant); ties {w['tie']}. "
+            f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points); "
+            f"mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
+            "",
+            "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for label in LABELS:
+            r = entry["runs"][label]
+            lines.append(
+                f"| {label} | {r['lam']:g} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
+                f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
+            )
+        lines += [
+            "",
+            f"Insertion/deletion curves: [baseline]({entry['curves']['baseline']}), "
+            f"[regularised]({entry['curves']['regularised']}).",
+            "",
+            f"![qualitative figure, {net}]({entry['figure']['path']})",
+            "",
+            f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
+            "columns image, "
+            + ", ".join(FIGURE_METHODS)
+            + "; for each image the baseline row, then the regularised row.",
+            "",
+        ]
+    ablation_json = out / "ablation" / "results.json"
+    if ablation_json.is_file():
+        try:
+            chosen = {
+                n: e["chosen"] for n, e in json.loads(ablation_json.read_text(encoding="utf-8"))["networks"].items()
+            }
+            lines += [
+                "## Ablation",
+                "",
+                f"See [ablation/report.md](ablation/report.md); chosen on the validation split: `{json.dumps(chosen)}`",
+                "",
+            ]
+        except (OSError, ValueError, KeyError):
+            pass
+    first_net = next(iter(report["networks"].values()), None)
+    lines += [
+        "## Configuration",
+        "",
+        "Training (the baseline's config; the regularised run differs only in `lam` "
+        "and `out`; networks differ in `model`):",
+        "",
+    ]
+    if first_net is not None:
+        lines += ["```toml", config_to_toml(first_net["runs"]["baseline"]["config"]).rstrip(), "```", ""]
+    lines += ["Evaluation:", "", "```json", json.dumps(ev, indent=2), "```", ""]
+    lines += [
+        "## Machine and versions",
+        "",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+        f"- commit: {prov.get('commit')}",
+        f"- machine: {prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs, "
+        f"{prov['machine'].get('torch_threads')} torch threads, GPU: {prov['machine'].get('cuda') or 'none'}",
+        f"- finished: {prov.get('time')}",
+        "",
+        "Metric values ×100; AD and deletion: lower is better; the others higher. "
+        f"Metrics: {', '.join(METRICS[k].title for k in METRICS)}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ablation_mark(entry: Mapping[str, Any] | None) -> str:
+    """`` +``/`` −`` for a metric clearly better/worse than λ = 0 (paired interval excluding 0)."""
+    if not entry or not entry.get("significant"):
+        return ""
+    return " +" if entry["better"] == "regularised" else " −"
+
+
+def ablation_markdown(report: Mapping[str, Any]) -> str:
+    s = report["settings"]
+    t = s["train"]
+    lines = [
+        f"# igrad reproduce --ablation: preset `{report['preset']}`",
+        "",
+        f"- command: `{report['command']}`",
+        f"- budget per run: recipe `{s['recipe']}` with {json.dumps(t)}",
+        f"- measured on the validation split (val_fraction {t['val_fraction']} of the training set, "
+        f"{s['evaluate']['limit']} images for Grad-CAM's metrics), never on the test subset of the main table",
+        f"- choice: among λ > 0 within {100 * report['acc_margin']:.0f} accuracy points of λ = 0, the setting "
+        "with the most Grad-CAM metrics clearly better than λ = 0 (paired 95% interval excluding 0), then the "
+        "most better at all (ties: validation accuracy, then cos)",
+        "- a cell marked + (−) is clearly better (worse) than λ = 0 on the same images",
+        f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
+        "",
+    ]
+    metrics = list(s["evaluate"]["metrics"]) if not isinstance(s["evaluate"]["metrics"], str) else None
+    for net, entry in report["networks"].items():
+        rows = entry["rows"]
+        keys = metrics or list(rows[0]["gradcam"])
+        arrows = {k: "↑" if METRICS[k].higher_is_better else "↓" for k in keys}
+        lines += [
+            f"## {net}",
+            "",
+            "| λ | error | val acc (%) | val mean cos | "
+            + " | ".join(f"Grad-CAM {METRICS[k].title} {arrows[k]}" for k in keys)
+            + " | test acc (%) |",
+            "|---:|---|---:|---:|" + "---:|" * len(keys) + "---:|",
+        ]
+        for r in rows:
+            vs = r.get("vs_baseline", {})
+            cells = " | ".join(f"{r['gradcam'][k]['mean']:.2f}" + _ablation_mark(vs.get(k)) for k in keys)
+            lines.append(
+                f"| {r['lam']:g} | {r['error'] or '-'} | {100 * r['val_acc']:.2f} | {r['val_cos']:.4f} | {cells} | "
+                f"{100 * r['test_acc']:.2f} |"
+            )
+        c = entry["chosen"]
+        lines += ["", f"Chosen on the validation split: {json.dumps(c)}", ""]
+    prov = report["provenance"]
+    lines += [
+        f"Versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}; commit {prov.get('commit')}; "
+        f"{prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs; {prov.get('time')}.",
+        "",
+        "Metric values ×100; test accuracy is shown for information only (not used for the choice).",
+        "",
+    ]
+    return "\n".join(lines)
