@@ -236,10 +236,22 @@ def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path
     args += ["--batch-size", "3", "--step", "5", "--no-progress"]
     killed, marker = tmp_path / "killed", tmp_path / "stalled"
     threads = str(torch.get_num_threads())  # the same float kernels as the runs in this process
-    env = {**os.environ, "IGRAD_TEST_STALL_EVAL": f"1:{marker}", "OMP_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     env["PYTHONPATH"] = str(Path(igrad.__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    # the CLI in a real process, with evaluate's public chunk callback stalling it once chunk 1 is stored
+    script = (
+        "import functools, os, pathlib, sys, time\n"
+        "import igrad.evaluate as ev\n"
+        "from igrad.cli import main\n"
+        "def stall(chunk):\n"
+        "    if chunk == 1:\n"
+        f"        pathlib.Path({str(marker)!r}).write_text(str(os.getpid()))\n"
+        "        while True: time.sleep(0.05)\n"
+        "ev.evaluate_checkpoint = functools.partial(ev.evaluate_checkpoint, callbacks=[stall])\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "igrad", *args, "--out", str(killed)],
+        [sys.executable, "-c", script, *args, "--out", str(killed)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -247,16 +247,6 @@ def _evaluate_chunk(
     return part
 
 
-def _stall_hook(chunk: int) -> None:
-    """Test hook: ``IGRAD_TEST_STALL_EVAL="CHUNK:FILE"`` makes the process write FILE once chunk CHUNK is
-    saved and wait there (for a test to kill it at a known point)."""
-    spec = os.environ.get("IGRAD_TEST_STALL_EVAL")
-    if spec and int(spec.partition(":")[0]) == chunk:
-        Path(spec.partition(":")[2]).write_text(str(os.getpid()))
-        while True:  # pragma: no cover - killed by the test
-            time.sleep(0.05)
-
-
 class _Partials:
     """Finished chunks of one evaluation, persisted atomically in ``root/<key>/`` (``key``: a hash of
     everything the numbers depend on, so different arguments never mix); removed when it completes."""
@@ -331,6 +321,7 @@ def evaluate_model(
     source: str | None = None,
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     resume_dir: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callable[[int], None]] = (),
     **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluate saliency methods with metrics on ``split`` (an :class:`igrad.data.Split` whose labels are
@@ -347,6 +338,7 @@ def evaluate_model(
     accuracy is measured on the whole split. With ``resume_dir`` each finished chunk (and the accuracy)
     is stored there atomically, keyed by everything the numbers depend on; a killed call started again
     continues from them and returns the same numbers; the stored chunks are removed at the end.
+    ``callbacks``: functions called with the chunk's index once it is done (and stored), in order.
     """
     cfg = EvalConfig.from_dict({**(settings.to_dict() if settings is not None else {}), **overrides})
     norm = resolve_normalization(normalization, mean, std)
@@ -389,7 +381,8 @@ def evaluate_model(
                 return _evaluate_chunk(model, clean, labels, chunk, cfg, kwargs, bar)
 
             parts.append(partials.get(f"chunk-{chunk:05d}", compute))
-            _stall_hook(chunk)
+            for callback in callbacks:
+                callback(chunk)
             bar.update(len(idx) * len(cfg.methods))
     results = _results(parts, split, indices, cfg, norm, acc, config, source)
     results["timing"] = {
@@ -479,6 +472,7 @@ def evaluate_checkpoint(
     split: str = "test",
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callable[[int], None]] = (),
     **overrides: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model on
@@ -512,6 +506,7 @@ def evaluate_checkpoint(
         source=str(source),
         progress=progress,
         resume_dir=resume_dir,
+        callbacks=callbacks,
     )
     results["data"]["split"] = split
     results["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(Path(checkpoint))}
