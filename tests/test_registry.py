@@ -4,6 +4,7 @@ for registered and torchvision models; no attribute is set on the instances it b
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import igrad
@@ -52,3 +53,20 @@ def test_register_model_metadata_is_what_default_target_layer_gives():
         register_model("test_two_stages")(_TwoStages)
     with pytest.raises(igrad.IgradError, match="torchvision's"):
         register_model("tv:mine")(_TwoStages)
+
+
+def test_default_layer_leaves_out_auxiliary_heads_that_run_only_in_training():
+    # GoogLeNet's aux1/aux2 and Inception-v3's AuxLogits hold the last convolutions in registration order,
+    # but an eval-mode forward never calls them: the default must be the last stage that runs
+    import torchvision
+
+    from igrad.saliency import create_method
+
+    googlenet = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).eval()
+    assert igrad.default_target_layer(googlenet) == "inception5b"
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    assert igrad.default_target_layer(inception) == "Mixed_7c"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with create_method("gradcam", googlenet) as m:  # runs at the default layer (it used to fail at aux2)
+        assert m.layer_name == "inception5b"
+        assert m(x, 3).shape == (1, 64, 64)

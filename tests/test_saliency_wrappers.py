@@ -139,9 +139,11 @@ def test_inner_spelling_wins_only_when_the_wrapper_spelling_is_absent(model):
     assert resolve_layer(dp, "module.layer4")[1] == "module.layer4"  # the inner network's own name
 
 
-def test_gradient_alignment_loss_sees_through_wrappers(model, x):
-    """The loss's extra eval-statistics forward runs the network inside (one home: unwrap_model)."""
-    crit = igrad.GradientAlignmentLoss(stats="running")
+@pytest.mark.parametrize("stats", ["running", "batch-frozen", "coupled"])
+def test_gradient_alignment_loss_sees_through_wrappers(model, x, stats):
+    """The loss runs the network inside a compiled module eagerly (the rules' TorchFunctionMode needs it),
+    and the extra eval-statistics forward runs the network inside any wrapper (one home: unwrap_model)."""
+    crit = igrad.GradientAlignmentLoss(stats=stats)
 
     def fresh():  # the training-mode forward updates the running statistics: each call gets a fresh copy
         return copy.deepcopy(model).train()
@@ -150,3 +152,16 @@ def test_gradient_alignment_loss_sees_through_wrappers(model, x):
     wrapped, _ = crit(nn.DataParallel(fresh()), x, T)
     compiled, _ = crit(torch.compile(fresh(), backend="eager"), x, T)
     assert torch.equal(bare, wrapped) and torch.equal(bare, compiled)
+
+
+def test_gradient_functions_on_compiled_and_wrapped_models(model, x):
+    """igrad.gradient (plain and guided) and gradient_cosine on torch.compile'd / DataParallel models equal
+    the bare model's (a compiled module used to fail inside dynamo with the rules' TorchFunctionMode)."""
+    for wrapped in (torch.compile(model, backend="eager"), nn.DataParallel(model)):
+        for guided in (False, True):
+            torch.testing.assert_close(
+                igrad.gradient(wrapped, x, T, guided=guided), igrad.gradient(model, x, T, guided=guided), rtol=0, atol=0
+            )
+        torch.testing.assert_close(
+            igrad.gradient_cosine(wrapped, x, T), igrad.gradient_cosine(model, x, T), rtol=0, atol=0
+        )

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import check_images, resolve_target
+from .models import uncompiled
 from .output import model_logits, refuse_probabilities
 from .rules import BackwardRules, Phase, eval_mode, preserve_batchnorm_counters
 
@@ -70,6 +71,7 @@ def input_gradients(
     return logits ``[B, num_classes]``.
     """
     check_images(x)
+    model = uncompiled(model)  # the rules record an eager forward (same parameters)
     rules = BackwardRules(
         stats=stats,
         update_stats=update_stats,

@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``igrad explain``."""
     from ..saliency import METHODS
 
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG)")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (PNG, JPEG, BMP, TIFF, WebP, GIF, PPM/PGM; 8- or 16-bit)",
+    )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint (e.g. RUN/best.pt)")
     parser.add_argument("--compare", metavar="PT", help="a second checkpoint, drawn in a row under the first")
     parser.add_argument(

@@ -39,6 +39,7 @@ __all__ = [
     "list_models",
     "default_target_layer",
     "unwrap_model",
+    "uncompiled",
     "wrapper_prefix",
     "inner_name",
     "layer_layout",
@@ -148,6 +149,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     ``DistributedDataParallel`` (``.module``), ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``),
     ``torch.optim.swa_utils.AveragedModel`` (``.module``); ``model`` itself when it is not wrapped."""
     return _peel(model)[0]
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without the ``torch.compile`` wrappers around it (``OptimizedModule._orig_mod``, same
+    parameters): igrad's backward rules record the forward with a ``TorchFunctionMode``, which needs
+    eager execution. Other wrappers (``DistributedDataParallel``: gradient synchronisation) are kept."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def wrapper_prefix(model: nn.Module) -> str:

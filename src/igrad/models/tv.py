@@ -52,7 +52,9 @@ def infer_target_layer(model: nn.Module) -> str | None:
     """torchvision conventions (as pytorch-grad-cam's docs): ``layer4`` for ResNet-like models,
     the last child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, Swin, ...), else the
     top-level child that contains the last ``nn.Conv2d`` (its last block when that child is an
-    ``nn.ModuleList``, which is never called itself: MaxViT's ``blocks.3``); ``None`` when there is no
+    ``nn.ModuleList``, which is never called itself: MaxViT's ``blocks.3``), leaving out auxiliary
+    classifier heads, which run only in training (GoogLeNet's ``aux1``/``aux2``, Inception-v3's
+    ``AuxLogits``: the default is then ``inception5b`` / ``Mixed_7c``); ``None`` when there is no
     convolution."""
     children = dict(model.named_children())
     if "layer4" in children:
@@ -62,7 +64,7 @@ def infer_target_layer(model: nn.Module) -> str | None:
         return f"features.{list(features._modules)[-1]}"  # DenseNet names its children (norm5)
     last = None
     for n, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and not n.split(".")[0].lower().startswith("aux"):
             last = n
     if last is None:
         return None
