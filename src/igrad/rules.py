@@ -453,11 +453,13 @@ class _Rectifier(torch.autograd.Function):
         if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
             return None, None, None, None
         (out,) = ctx.saved_tensors
-        if phase is Phase.GUIDED:
-            grad = grad.clamp(min=0)
         if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(grad, out, 0), None, None, None
-        return torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper), None, None, None
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        else:
+            grad = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper)
+        if phase is Phase.GUIDED:  # max(δa, 0)·mask = max(δa·mask, 0): in place on the fresh result
+            grad = grad.clamp(min=0) if torch.is_grad_enabled() else grad.clamp_(min=0)
+        return grad, None, None, None
 
 
 class _Normalize(torch.autograd.Function):
