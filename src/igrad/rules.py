@@ -15,6 +15,13 @@ standard gradient (with ``create_graph=True``) and the final ``loss.backward()``
   ``batch-frozen``, so the cross-entropy gets its true gradient).
 * **Convolution double backward**: for the standard pass taken with ``create_graph=True`` a cheaper
   exact double backward built on the native weight-gradient kernel (see :class:`_Conv2d`).
+* **Reduced precision and layout** (issue 12): under autocast every pass stays in the autocast dtype
+  (convolutions cast as autocast does; the BatchNorm rule scales in the gradient's dtype) and in the
+  tensors' own memory layout; the input gradient of a strided grouped convolution in bf16/fp16 on the
+  CPU, a slow native fallback, goes through the exact stride-1 route of :func:`strided_input_grad`.
+* **Recorded statistics** (the sub-batch regulariser, SPEC 1): a ``batch-frozen`` forward records its
+  batch statistics (:attr:`BackwardRules.statistics`); a forward of a subset of that batch replays them
+  as constants (``statistics=``).
 
 Everything is recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
 (``nn.ReLU``, ``nn.ReLU6``, ``nn.Threshold(0, 0)``, ``nn.Hardtanh(0, 6)``, in-place or not) and functional
