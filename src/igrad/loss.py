@@ -199,17 +199,16 @@ class GradientAlignmentLoss(nn.Module):
         if target.shape != (len(x),):
             raise IgradError(f"target must have shape [{len(x)}] (one class per sample), got {tuple(target.shape)}")
         net = unwrap_model(model)
-        statistics = None
-        if self.stats == "batch-frozen" and has_training_batchnorm(net):
-            # one ordinary training forward (exact, running statistics updated) that records its batch
-            # statistics; nothing is refused in it (x needs no gradient): the subset's forward refuses
-            rules = BackwardRules(stats="batch-frozen", update_stats=True, allow=self.allow, model=net)
-            rules.input = x
-            with rules:
-                logits = model_logits(model, x, probabilities=False)
-            statistics = rules.statistics
-        else:
+        # one ordinary training forward (exact; running statistics updated as usual) that records its batch
+        # statistics, its convolutions routed through the engine's backward (the fast bf16 strided path);
+        # nothing is refused in it (x needs no gradient): the subset's forward refuses
+        rules = BackwardRules(
+            stats="batch-frozen", update_stats=True, allow=self.allow, model=net, double_backward=True
+        )
+        rules.input = x
+        with rules:
             logits = model_logits(model, x, probabilities=False)
+        statistics = rules.statistics if self.stats == "batch-frozen" and has_training_batchnorm(net) else None
         idx = self.subset(len(x), generator).to(x.device)
         res = input_gradients(
             net,
