@@ -188,19 +188,31 @@ def test_regularised_training_raises_gradient_alignment_on_held_out_inputs():
         assert cos_reg > cos_base + 0.3, (stats, cos_base, cos_reg)
 
 
-@pytest.mark.parametrize("stats", ["running", "batch-frozen"])
-def test_loss_under_bf16_autocast_tracks_float32(stats):
-    """Mixed precision (the trainer's --amp) runs the same rules; bf16 results stay close to float32."""
+@pytest.mark.parametrize(
+    "name, stats, fraction, channels_last",
+    [
+        ("cifar_resnet18", "running", 1.0, False),
+        ("cifar_resnet18", "batch-frozen", 1.0, False),
+        ("cifar_resnet18", "batch-frozen", 1.0, True),
+        ("cifar_resnet18", "batch-frozen", 0.5, True),
+    ],
+)
+def test_loss_under_bf16_autocast_tracks_float32(name, stats, fraction, channels_last):
+    """Mixed precision (the trainer's --amp, on the CPU too) runs the same rules, in channels-last too and
+    with the sub-batch regulariser (the same subset in both precisions); bf16 results stay close to float32."""
     torch.manual_seed(3)
-    model = igrad.create_model("cifar_resnet18", width=0.125, num_classes=10).train()
+    model = igrad.create_model(name, width=0.125, num_classes=10).train()
     twin = copy.deepcopy(model)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    crit = igrad.GradientAlignmentLoss(stats=stats)
-    l32, _ = crit(model, x, y)
+    if channels_last:
+        twin = twin.to(memory_format=torch.channels_last)
+    crit = igrad.GradientAlignmentLoss(stats=stats, fraction=fraction)
+    l32, _ = crit(model, x, y, generator=torch.Generator().manual_seed(1))
     l32.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        l16, logits = crit(twin, x, y)
-    assert logits.dtype == torch.bfloat16
+        x16 = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        l16, logits = crit(twin, x16, y, generator=torch.Generator().manual_seed(1))
+    assert logits.dtype == torch.bfloat16 and l16.dtype == torch.float32
     l16.float().backward()
     assert abs(l16.item() - l32.item()) < 0.05
     g32 = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -49,6 +49,7 @@ def input_gradients(
     allow: Iterable[str] = (),
     parameter_path: bool = True,
     train: bool = False,
+    statistics: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> InputGradients:
     """Standard and/or guided input gradients of ``y_target`` from **one** forward pass.
 
@@ -66,6 +67,9 @@ def input_gradients(
     synchronisation). With ``update_stats=False`` (the default) a training-mode model's BatchNorm
     buffers and counters are left untouched. ``parameter_path=False`` declares that ``logits`` will
     feed no loss (only the gradients will): a later ``backward()`` then skips the forward graph.
+    ``statistics`` (with ``stats="batch-frozen"``): the batch statistics a forward on a larger batch
+    recorded (:attr:`igrad.rules.BackwardRules.statistics`), held constant here instead of this batch's
+    own (the sub-batch regulariser's passes on a subset of that batch).
 
     Raises :class:`~igrad.errors.IgradError` for bad images or targets and for a model that does not
     return logits ``[B, num_classes]``.
@@ -79,6 +83,7 @@ def input_gradients(
         model=model,
         double_backward=create_graph or guided_graph,
         parameter_path=parameter_path,
+        statistics=statistics,
     )
     keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
     mode = contextlib.nullcontext() if train else eval_mode(model)
@@ -87,6 +92,7 @@ def input_gradients(
         rules.input = xg
         with rules:
             logits = model_logits(model, xg, probabilities=False)
+        rules.check_replayed()
         if not train:
             refuse_probabilities(logits, model)
         t = resolve_target(target, logits)

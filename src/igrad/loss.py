@@ -8,20 +8,25 @@
     l_r, logits = criterion(model, x, y)
     loss = F.cross_entropy(logits, y) + lam * l_r
     loss.backward()
+
+``fraction=ρ < 1`` (the sub-batch regulariser, SPEC 1) takes ``L_R`` over a seeded subset of ``⌈ρ n⌉`` samples
+while ``logits`` (hence ``L_C``) cover the whole batch, so the regulariser's extra cost shrinks to about ρ of
+the full one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from .errors import IgradError, unknown_name
-from .gradients import cosine_similarity, input_gradients
+from .errors import IgradError, check_images, unknown_name
+from .gradients import InputGradients, cosine_similarity, input_gradients
 from .models import unwrap_model
 from .output import model_logits, refuse_probabilities
-from .rules import STATS_MODES, has_training_batchnorm
+from .rules import STATS_MODES, BackwardRules, has_training_batchnorm
 
 __all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA"]
 
@@ -90,31 +95,68 @@ class GradientAlignmentLoss(nn.Module):
       the loss learns to satisfy itself through that coupling. Kept only to show the failure.
 
     Parameters: ``error`` a name in :data:`ERRORS`; ``allow`` non-linearities without a guided rule to
-    let through (see :mod:`igrad.rules`).
+    let through (see :mod:`igrad.rules`); ``fraction`` ρ in (0, 1], the sub-batch regulariser below.
+
+    **Sub-batch regulariser** (``fraction=ρ < 1``, SPEC 1): ``logits`` come from one ordinary training
+    forward over the whole batch (``L_C`` on all ``n`` samples, exact train-mode BatchNorm, running
+    statistics updated once), and ``L_R = (1/k) Σ_{i∈S} E(δx_i, δᴳx_i)`` over a subset ``S`` of
+    ``k = ⌈ρ n⌉`` samples, whose gradients are taken on a second forward of ``x[S]`` alone. That forward
+    normalises with statistics held constant: with ``"batch-frozen"`` the **whole batch's** batch
+    statistics recorded by the first forward (so each ``δx_i``, ``i ∈ S``, is the one ``ρ = 1`` gives
+    for that sample), with ``"running"`` the running statistics. ``"coupled"`` has no constant
+    statistics and is refused. ``S`` is the first ``k`` of ``torch.randperm(n, generator=generator)``
+    (sorted): ``generator`` is the ``forward`` argument, or the default CPU generator when ``None``, so a
+    trainer that seeds the step (``torch.manual_seed(f(seed, epoch, step))`` before the call, as
+    ``igrad train`` does, or a generator seeded that way) draws the same subsets after resuming mid-epoch.
 
     The model runs in its own modes (``input_gradients(..., train=True)``). It must return logits
     ``[B, num_classes]`` (:mod:`igrad.output`); logits that look like probabilities are refused on the
     first call with each model (a check that costs a device synchronisation, so not every step).
     """
 
-    def __init__(self, error: str = "cosine", *, stats: str = DEFAULT_STATS, allow: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        error: str = "cosine",
+        *,
+        stats: str = DEFAULT_STATS,
+        allow: Iterable[str] = (),
+        fraction: float = 1.0,
+    ) -> None:
         super().__init__()
         if error not in ERRORS:
             raise unknown_name("error function", error, ERRORS)
         if stats not in STATS_MODES:
             raise unknown_name("statistics mode", stats, STATS_MODES)
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise IgradError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if fraction < 1 and stats == "coupled":
+            raise IgradError(
+                "fraction < 1 holds the whole batch's normalisation statistics constant in the subset's passes; "
+                "'coupled' has no constant statistics (use 'batch-frozen' or 'running')"
+            )
         self.error = error
         self.stats = stats
         self.allow = tuple(allow)
+        self.fraction = float(fraction)
         self._checked: int | None = None  # id of the last model whose logits passed refuse_probabilities
 
     def extra_repr(self) -> str:
-        return f"error={self.error!r}, stats={self.stats!r}"
+        fraction = f", fraction={self.fraction:g}" if self.fraction < 1 else ""
+        return f"error={self.error!r}, stats={self.stats!r}{fraction}"
 
-    def forward(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(L_R, logits)``; ``L_R`` is a scalar differentiable in the model's parameters."""
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(L_R, logits)``; ``L_R`` is a scalar differentiable in the model's parameters.
+
+        ``x`` ``[n, C, H, W]``, ``target`` ``[n]`` class indices; ``logits`` ``[n, K]`` (the whole batch);
+        ``generator`` (a CPU generator) draws the subset when ``fraction < 1``. Raises
+        :class:`IgradError` for bad images or targets and for a model that does not return logits.
+        """
         if not isinstance(target, torch.Tensor):
             raise IgradError(f"target must be a LongTensor of class indices, got {type(target).__name__}")
+        if self.fraction < 1:
+            return self._subset_loss(model, x, target, generator)
         two_passes = self.stats == "running" and has_training_batchnorm(unwrap_model(model))
         logits = model_logits(model, x, probabilities=False) if two_passes else None
         res = input_gradients(
@@ -128,8 +170,55 @@ class GradientAlignmentLoss(nn.Module):
             parameter_path=not two_passes,
             train=True,
         )
+        logits = res.logits if logits is None else logits
+        return self._error(model, res, logits), logits
+
+    def _error(self, model: nn.Module, res: InputGradients, logits: torch.Tensor) -> torch.Tensor:
+        """The mean error over the samples of ``res``, computed in float32 (or float64) whatever the
+        autocast precision of the passes; refuses probability-valued ``logits`` once per model."""
         if self._checked != id(model):
-            refuse_probabilities(res.logits if logits is None else logits, model)
+            refuse_probabilities(logits, model)
             self._checked = id(model)
-        errors = ERRORS[self.error](res.standard.flatten(1), res.guided.flatten(1))  # type: ignore[union-attr]
-        return errors.mean(), res.logits if logits is None else logits
+        a, b = res.standard.flatten(1), res.guided.flatten(1)  # type: ignore[union-attr]
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        with torch.autocast(a.device.type, enabled=False):
+            return ERRORS[self.error](a.to(dtype), b.to(dtype)).mean()
+
+    def subset(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The sorted indices ``[⌈ρ n⌉]`` of the samples ``L_R`` is taken on (all ``n`` when ``ρ = 1``)."""
+        k = math.ceil(self.fraction * n - 1e-9)  # ρ n within rounding of an integer counts as that integer
+        if k >= n:
+            return torch.arange(n)
+        return torch.randperm(n, generator=generator)[: max(k, 1)].sort().values
+
+    def _subset_loss(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L_R`` on a subset of the batch, ``logits`` of the whole batch (the sub-batch regulariser)."""
+        check_images(x)
+        if target.shape != (len(x),):
+            raise IgradError(f"target must have shape [{len(x)}] (one class per sample), got {tuple(target.shape)}")
+        net = unwrap_model(model)
+        # one ordinary training forward (exact; running statistics updated as usual) that records its batch
+        # statistics, its convolutions routed through the engine's backward (the fast bf16 strided path);
+        # nothing is refused in it (x needs no gradient): the subset's forward refuses
+        rules = BackwardRules(
+            stats="batch-frozen", update_stats=True, allow=self.allow, model=net, double_backward=True
+        )
+        rules.input = x
+        with rules:
+            logits = model_logits(model, x, probabilities=False)
+        statistics = rules.statistics if self.stats == "batch-frozen" and has_training_batchnorm(net) else None
+        idx = self.subset(len(x), generator).to(x.device)
+        res = input_gradients(
+            net,
+            x[idx],
+            target[idx],
+            create_graph=True,
+            stats=self.stats,
+            allow=self.allow,
+            parameter_path=False,
+            train=True,
+            statistics=statistics,
+        )
+        return self._error(model, res, logits), logits

@@ -15,6 +15,13 @@ standard gradient (with ``create_graph=True``) and the final ``loss.backward()``
   ``batch-frozen``, so the cross-entropy gets its true gradient).
 * **Convolution double backward**: for the standard pass taken with ``create_graph=True`` a cheaper
   exact double backward built on the native weight-gradient kernel (see :class:`_Conv2d`).
+* **Reduced precision and layout** (issue 12): under autocast every pass stays in the autocast dtype
+  (convolutions cast as autocast does; the BatchNorm rule scales in the gradient's dtype) and in the
+  tensors' own memory layout; the input gradient of a strided grouped convolution in bf16/fp16 on the
+  CPU, a slow native fallback, goes through the exact stride-1 route of :func:`strided_input_grad`.
+* **Recorded statistics** (the sub-batch regulariser, SPEC 1): a ``batch-frozen`` forward records its
+  batch statistics (:attr:`BackwardRules.statistics`); a forward of a subset of that batch replays them
+  as constants (``statistics=``).
 
 Everything is recognised as *calls*, through a :class:`~torch.overrides.TorchFunctionMode`, so modules
 (``nn.ReLU``, ``nn.ReLU6``, ``nn.Threshold(0, 0)``, ``nn.Hardtanh(0, 6)``, in-place or not) and functional
@@ -130,6 +137,16 @@ class BackwardRules(TorchFunctionMode):
     parameter_path:
         ``False`` when this forward's output feeds no loss directly (only the input gradients taken on
         it do): ``loss.backward()`` then skips the forward graph, whose contribution is exactly zero.
+    statistics:
+        the batch statistics another ``batch-frozen`` forward recorded (its :attr:`statistics`), for a
+        forward on a *subset* of that batch (the sub-batch regulariser, SPEC 1): the k-th training-mode
+        normalisation normalises with the k-th recorded ``(μ, 1/sqrt(σ² + ε))`` as constants (no
+        statistics update), so the subset's passes hold the whole batch's statistics constant. Requires
+        ``stats="batch-frozen"``; a forward that normalises more often, or other channel counts, than the
+        recorded one raises :class:`IgradError`.
+
+    After a ``batch-frozen`` forward without ``statistics``, :attr:`statistics` holds the batch statistics
+    ``(μ, 1/sqrt(σ² + ε))`` of each of its training-mode normalisations, in call order.
     """
 
     def __init__(
@@ -141,11 +158,14 @@ class BackwardRules(TorchFunctionMode):
         model: nn.Module | None = None,
         double_backward: bool = False,
         parameter_path: bool = True,
+        statistics: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.double_backward = double_backward
         if stats not in STATS_MODES:
             raise IgradError(f"unknown statistics mode {stats!r}; choose one of {', '.join(STATS_MODES)}")
+        if statistics is not None and stats != "batch-frozen":
+            raise IgradError(f"recorded statistics are replayed in 'batch-frozen' mode only, not {stats!r}")
         self.stats = stats
         self.update_stats = update_stats
         self.model = model
@@ -153,6 +173,10 @@ class BackwardRules(TorchFunctionMode):
         self._state = _State(parameter_path=parameter_path)
         self.input: torch.Tensor | None = None  # the leaf the input gradients are taken for, if known
         self.rectifiers = 0  # rectifier calls seen (for diagnostics and tests)
+        # batch-frozen: recorded here in call order, or replayed from another forward's record
+        self.statistics: list[tuple[torch.Tensor, torch.Tensor]] = [] if statistics is None else statistics
+        self._replay = statistics is not None
+        self._replayed = 0
         # the calls with a rule of their own, and the allow-list (minus the convolution when it has one)
         self._handlers = _HANDLERS_DOUBLE if double_backward else _HANDLERS
         self._pass = _PASS_BUT_CONV2D if double_backward else PASS
@@ -305,13 +329,15 @@ class BackwardRules(TorchFunctionMode):
         if not training:  # eval-mode normalisation: constants already
             if not self.double_backward:
                 return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-            return _Normalize.apply(input, weight, bias, running_mean, running_var, False, momentum, eps, self._state)
+            return self._constant_statistics(input, weight, bias, running_mean, running_var, momentum, eps)
         if self.stats == "coupled":
             if not self.update_stats:
                 running_mean = running_var = None  # batch statistics, no buffer update
             return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
         if self.stats == "running" and have_running:
-            return _Normalize.apply(input, weight, bias, running_mean, running_var, False, momentum, eps, self._state)
+            return self._constant_statistics(input, weight, bias, running_mean, running_var, momentum, eps)
+        if self._replay:
+            return self._replay_statistics(input, weight, bias, momentum, eps)
         # batch-frozen (also "running" for a BatchNorm without running statistics, whose eval mode
         # uses batch statistics too)
         update = self.update_stats and have_running
@@ -325,7 +351,44 @@ class BackwardRules(TorchFunctionMode):
             momentum,
             eps,
             self._state,
+            self.statistics,
         )
+
+    def _replay_statistics(
+        self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, momentum: float, eps: float
+    ) -> torch.Tensor:
+        """Normalise with the next recorded batch statistics, held constant (eval-mode normalisation)."""
+        k, self._replayed = self._replayed, self._replayed + 1
+        if k >= len(self.statistics) or self.statistics[k][0].shape[0] != input.shape[1]:
+            got = f"{input.shape[1]} channels" if k < len(self.statistics) else "no recorded statistics"
+            raise IgradError(
+                f"normalisation {k + 1} of this forward does not match the recorded forward ({got}): the "
+                "subset's forward must run the same normalisations as the whole batch's"
+            )
+        mean, invstd = self.statistics[k]
+        var = invstd.pow(-2) - eps  # the batch's biased variance, as 1/sqrt(var + eps) gives invstd back
+        return self._constant_statistics(input, weight, bias, mean, var, momentum, eps)
+
+    def _constant_statistics(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor | None,
+        var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        """Normalise with the given statistics, constants in every pass (eval-mode normalisation)."""
+        return _Normalize.apply(input, weight, bias, mean, var, False, momentum, eps, self._state, None)
+
+    def check_replayed(self) -> None:
+        """Raise :class:`IgradError` unless a replaying forward used every recorded statistic."""
+        if self._replay and self._replayed != len(self.statistics):
+            raise IgradError(
+                f"this forward normalised {self._replayed} times, the recorded forward {len(self.statistics)} times: "
+                "the subset's forward must run the same normalisations as the whole batch's"
+            )
 
 
 _Handler = Callable[[BackwardRules, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -406,11 +469,13 @@ class _Rectifier(torch.autograd.Function):
         if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
             return None, None, None, None
         (out,) = ctx.saved_tensors
-        if phase is Phase.GUIDED:
-            grad = grad.clamp(min=0)
         if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(grad, out, 0), None, None, None
-        return torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper), None, None, None
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        else:
+            grad = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.upper)
+        if phase is Phase.GUIDED:  # max(δa, 0)·mask = max(δa·mask, 0): in place on the fresh result
+            grad = grad.clamp(min=0) if torch.is_grad_enabled() else grad.clamp_(min=0)
+        return grad, None, None, None
 
 
 class _Normalize(torch.autograd.Function):
@@ -439,11 +504,14 @@ class _Normalize(torch.autograd.Function):
         momentum: float,
         eps: float,
         state: _State,
+        record: list[tuple[torch.Tensor, torch.Tensor]] | None,
     ) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         if train:
             out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
             var = None
+            if record is not None:
+                record.append((mean.detach(), invstd.detach()))
         else:
             assert running_mean is not None and running_var is not None
             out = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
@@ -455,10 +523,10 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        none6 = (None,) * 6
+        none7 = (None,) * 7
         phase = ctx.state.phase
         if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
-            return (None, None, None, *none6)
+            return (None, None, None, *none7)
         x, weight, mean, invstd, var = ctx.saved_tensors
         if phase is Phase.FREE:
             mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
@@ -470,10 +538,12 @@ class _Normalize(torch.autograd.Function):
                 gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                     grad, x, weight, mean, var, None, None, False, ctx.eps, mask
                 )
-            return (gx, gw, gb, *none6)
+            return (gx, gw, gb, *none7)
         shape = [1, -1] + [1] * (x.dim() - 2)
         scale = invstd if weight is None else weight * invstd
-        return (grad * scale.view(shape), None, None, *none6)
+        # in the gradient's own precision (bf16 under autocast): a float32 scale would promote the whole
+        # pass to float32, and autograd would cast it back at the next node
+        return (grad * scale.to(grad.dtype).view(shape), None, None, *none7)
 
 
 def _pair(v: Any) -> list[int]:
@@ -483,10 +553,50 @@ def _pair(v: Any) -> list[int]:
 def _conv_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conf: tuple[Any, ...], mask: list[bool], bias: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The native convolution backward ``(δx, δW, δb)`` for ``mask``, except that the input gradient of a
+    strided grouped convolution in reduced precision on the CPU goes through :func:`strided_input_grad`."""
     stride, padding, dilation, groups = conf
+    bias_sizes = [weight.shape[0]] if bias else None
+    if mask[0] and _slow_strided_grouped(x, conf):
+        gx = strided_input_grad(grad, x, weight, conf)
+        if not (mask[1] or mask[2]):
+            return gx, None, None
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, [False, mask[1], mask[2]]
+        )
+        return gx, gw, gb
     return torch.ops.aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if bias else None, stride, padding, dilation, False, [0, 0], groups, mask
+        grad, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask
     )
+
+
+def _slow_strided_grouped(x: torch.Tensor, conf: tuple[Any, ...]) -> bool:
+    """Where the CPU's native input gradient is a slow fallback: a strided grouped (depthwise) convolution in
+    bf16/fp16 (measured, torch 2.14, Zen 5: a stride-2 depthwise 3×3 at batch 64 takes 60–100 ms, 30–200× its
+    stride-1 counterpart and the float32 kernel; MobileNet-V2 has four of them)."""
+    stride, _, _, groups = conf
+    return groups > 1 and stride != [1, 1] and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def strided_input_grad(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conf: tuple[Any, ...]
+) -> torch.Tensor:
+    """The input gradient of ``conv2d(x, W)`` with stride ``s`` through a stride-1 one: ``δx = convᵀ₁(D(δy), W)``.
+
+    ``D(δy)`` spreads the output gradient ``[N, C_out, H_out, W_out]`` onto the stride-1 output grid
+    ``H₁ = H + 2p − d(k − 1)`` (``δy`` at rows and columns ``0, s, 2s, …``, zeros elsewhere; ``⌈H₁/s⌉ = H_out``),
+    so it is exact: the same products, plus zeros. Built channels-last, the layout the fast kernels take.
+    Shapes: ``grad`` ``[N, C_out, H_out, W_out]``, ``x`` ``[N, C_in, H, W]``; returns ``[N, C_in, H, W]``.
+    """
+    stride, padding, dilation, groups = conf
+    n, c, ho, wo = grad.shape
+    h1 = x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1)
+    w1 = x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1)
+    spread = grad.new_zeros(n, h1, w1, c)
+    spread[:, :: stride[0], :: stride[1], :] = grad.permute(0, 2, 3, 1)
+    assert spread[:, :: stride[0], :: stride[1]].shape[1:3] == (ho, wo)
+    unit = ([1, 1], padding, dilation, groups)
+    return _conv_backward(spread.permute(0, 3, 1, 2), x, weight, unit, [True, False, False], False)[0]
 
 
 class _Conv2d(torch.autograd.Function):
