@@ -4,9 +4,7 @@ measure through these functions; the model is always in eval mode for them (rest
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,16 +14,10 @@ from .errors import IgradError
 from .gradients import gradient_cosine
 from .normalization import Normalization
 from .output import model_logits
+from .precision import autocast
 from .rules import eval_mode
 
-__all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum", "autocast"]
-
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when ``amp``; else nothing."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum"]
 
 
 @torch.no_grad()

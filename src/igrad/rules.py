@@ -596,7 +596,9 @@ def strided_input_grad(
     spread[:, :: stride[0], :: stride[1], :] = grad.permute(0, 2, 3, 1)
     assert spread[:, :: stride[0], :: stride[1]].shape[1:3] == (ho, wo)
     unit = ([1, 1], padding, dilation, groups)
-    return _conv_backward(spread.permute(0, 3, 1, 2), x, weight, unit, [True, False, False], False)[0]
+    gx = _conv_backward(spread.permute(0, 3, 1, 2), x, weight, unit, [True, False, False], False)[0]
+    assert gx is not None  # the input gradient was asked for
+    return gx
 
 
 class _Conv2d(torch.autograd.Function):

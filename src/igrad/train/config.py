@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data import TrainData, load_train_data
 from ..errors import IgradError, unknown_name
 from ..loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS
@@ -85,6 +83,7 @@ class TrainConfig:
     error: str = _f("cosine", "error function E of L_R")
     stats: str = _f(DEFAULT_STATS, "BatchNorm statistics of the regulariser's gradient passes")
     allow: list[str] = _f([], "non-linearities without a guided rule to let through (e.g. silu)")
+    reg_fraction: float = _f(1.0, "fraction ρ of each batch L_R is computed on (L_C on the whole batch; SPEC 1)")
     # optimisation
     epochs: int = _f(200, "number of epochs")
     batch_size: int = _f(128, "global batch size (split between the processes)")
@@ -107,7 +106,8 @@ class TrainConfig:
     # runtime
     seed: int = _f(0, "seed of initialisation, data order, augmentation and dropout")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    amp: bool = _f(False, "bf16 autocast (CUDA only)")
+    amp: bool = _f(False, "bf16 autocast (CPU: native with AVX512-BF16/AMX, else warned slow; CUDA: Ampere+)")
+    channels_last: bool = _f(False, "channels-last memory layout for the model and its inputs")
     threads: int = _f(0, "torch CPU threads per process (0: torch's default)")
     checkpoint_every: int = _f(0, "also write last.pt every this many steps (0: only at the end of each epoch)")
     out: str = _f("", "run folder (default: runs/<model>-lam<λ>-seed<seed>)")
@@ -176,6 +176,7 @@ class TrainConfig:
             (self.crop_padding >= 0, "crop_padding must be >= 0"),
             (0 <= self.rotation <= 180, "rotation must be in [0, 180] degrees"),
             (self.cos_samples >= 0, "cos_samples must be >= 0"),
+            (0 < self.reg_fraction <= 1, "reg_fraction must be in (0, 1]"),
             (self.threads >= 0, "threads must be >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.width is None or self.width > 0, "width must be > 0"),
@@ -193,9 +194,8 @@ class TrainConfig:
                 Normalization.of(self.mean, self.std)
             except IgradError as exc:
                 raise IgradError(f"bad config: {exc}") from exc
-        on_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        if self.amp and not on_cuda:
-            raise IgradError("--amp (bf16 autocast) is for CUDA GPUs; this run is on the CPU")
+        if self.reg_fraction < 1 and self.stats == "coupled":
+            raise IgradError("bad config: reg_fraction < 1 needs stats batch-frozen or running (not coupled)")
 
 
 #: Presets: overrides of the :class:`TrainConfig` defaults. ``paper`` is SPEC 2's paper-scale recipe;

@@ -58,9 +58,10 @@ from ..data import cos_subset, eval_tensors
 from ..errors import IgradError
 from ..gradients import gradient_cosine
 from ..loss import GradientAlignmentLoss
-from ..measure import autocast, correct_count, gradient_cosine_sum
+from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
+from ..precision import autocast, to_channels_last
 from ..provenance import atomic_write_json, atomic_write_text, provenance
 from ..rules import eval_mode
 from .augment import augment
@@ -163,7 +164,7 @@ def _derive_seed(*parts: int) -> int:
     return (int(a) << 31 ^ int(b)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-_AUG, _DROPOUT, _ORDER = 1, 2, 3
+_AUG, _DROPOUT, _ORDER, _SUBSET = 1, 2, 3, 4
 
 
 def _default_out(config: TrainConfig) -> str:
@@ -215,9 +216,11 @@ class _Trainer:
         d = self.data
         self.num_classes = len(d.classes)
         torch.manual_seed(c.seed)
-        model = create_model(c.model, num_classes=self.num_classes, **c.model_kwargs)
-        self.model = model.to(self.device)
-        self.criterion = GradientAlignmentLoss(c.error, stats=c.stats, allow=c.allow) if c.lam > 0 else None
+        model = create_model(c.model, num_classes=self.num_classes, **c.model_kwargs).to(self.device)
+        self.model = to_channels_last(model) if c.channels_last else model
+        self.criterion = (
+            GradientAlignmentLoss(c.error, stats=c.stats, allow=c.allow, fraction=c.reg_fraction) if c.lam > 0 else None
+        )
         self._preflight()
         n = len(d.train)
         if c.batch_size < self.dist.world:
@@ -483,7 +486,7 @@ class _Trainer:
         x = augment(images, padding=c.crop_padding, flip=c.flip, rotation=c.rotation, generator=gen)
         x = d.normalization.apply(x[dist.rank :: dist.world].to(self.device, non_blocking=True))
         y = d.train.labels[batch][dist.rank :: dist.world].to(self.device, non_blocking=True)
-        return x, y
+        return (to_channels_last(x) if c.channels_last else x), y
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The data order of ``epoch`` (the same on every rank)."""
@@ -497,7 +500,9 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, c.amp):
             if self.criterion is not None:
-                l_r, logits = self.criterion(self.ddp, x, y)
+                # the regulariser's subset (reg_fraction < 1) is seeded per step and rank: exact on resume
+                subset = torch.Generator().manual_seed(_derive_seed(c.seed, epoch, step, dist.rank, _SUBSET))
+                l_r, logits = self.criterion(self.ddp, x, y, generator=subset)
                 l_c = F.cross_entropy(logits.float(), y)
                 loss = l_c + c.lam * l_r.float()
             else:
