@@ -52,6 +52,9 @@ def tiny(folder: Path, out: Path, **kw) -> TrainConfig:
         cos_samples=8,
         threads=1,
         out=str(out),
+        amp=False,  # float32 and the whole-batch regulariser unless a test asks (the cpu preset's are bf16, ρ=0.25)
+        channels_last=False,
+        reg_fraction=1.0,
     )
     return TrainConfig.preset_config("cpu", **{**values, **kw})
 

@@ -200,10 +200,20 @@ class TrainConfig:
 
 #: Presets: overrides of the :class:`TrainConfig` defaults. ``paper`` is SPEC 2's paper-scale recipe;
 #: ``cpu`` the reduced budget for machines without an accelerator: the same optimiser, augmentation and
-#: warm-up, 15 epochs with a cosine schedule, networks at 1/4 width.
+#: warm-up, 15 epochs with a cosine schedule, networks at 1/4 width, bf16 autocast + channels-last (the
+#: regularised step 2.2x (ResNet-18) and 3.5x (MobileNet-V2) faster than float32 on an AVX512-BF16 CPU;
+#: ``--no-amp`` where the CPU has no bf16 units) and the regulariser on a quarter of each batch (ρ = 0.25
+#: kept the alignment of ρ = 1 on real CIFAR-100: eval cos 0.88 vs 0.84; results/fraction_bf16.json).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "cpu": {"epochs": 15, "schedule": "cosine", "width": 0.25},
+    "cpu": {
+        "epochs": 15,
+        "schedule": "cosine",
+        "width": 0.25,
+        "amp": True,
+        "channels_last": True,
+        "reg_fraction": 0.25,
+    },
 }
 
 
