@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .errors import IgradError
 from .models import create_model
-from .provenance import atomic_save
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model"]
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_json
 from .loss import DEFAULT_LAMBDA
-from .provenance import atomic_write_json, provenance
+from .provenance import provenance
 from .train import TrainConfig, fit_or_resume
 
 __all__ = ["DemoResult", "run_demo"]

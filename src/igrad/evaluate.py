@@ -29,14 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .images import to_unit
 from .measure import evaluate_accuracy
 from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
 from .normalization import Normalization, resolve_normalization
-from .provenance import atomic_save, provenance
-from .rules import eval_mode
+from .provenance import provenance
+from .saliency import resolve_methods
+from .torch_utils import device_of, eval_mode
+from .validate import positive_int
 
 __all__ = [
     "TARGETS",
@@ -58,13 +61,6 @@ CIS = ("normal", "bootstrap")
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
-
-
-def _positive_int(name: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise IgradError(f"{name} must be a positive integer{' (or None)' if optional else ''}, got {value!r}")
 
 
 def _choice(kind: str, value: object, choices: Iterable[str]) -> None:
@@ -101,9 +97,9 @@ class EvalConfig:
         set_ = object.__setattr__
         set_(self, "methods", tuple(resolve_methods(self.methods)))
         set_(self, "metrics", tuple(resolve_metrics(self.metrics)))
-        _positive_int("limit", self.limit, optional=True)
-        _positive_int("step", self.step, optional=True)
-        _positive_int("batch_size", self.batch_size)
+        positive_int("limit", self.limit, optional=True)
+        positive_int("step", self.step, optional=True)
+        positive_int("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise IgradError(f"seed must be an integer, got {self.seed!r}")
         _choice("target", self.target, TARGETS)
@@ -137,44 +133,18 @@ class EvalConfig:
 def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
     """The evaluated subset: all ``n_total`` indices, or the first ``limit`` of a permutation seeded
     by ``seed`` (sorted). A smaller ``limit`` with the same seed gives a subset of a larger one."""
-    if limit is None:
+    count = positive_int("limit", limit, optional=True)
+    if count is None:
         return torch.arange(n_total)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise IgradError(f"limit must be a positive number of images, got {limit!r}")
-    if limit > n_total:
-        raise IgradError(f"limit {limit} is larger than the data ({n_total} images)")
+    if count > n_total:
+        raise IgradError(f"limit {count} is larger than the data ({n_total} images)")
     perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))
-    return perm[:limit].sort().values
-
-
-def resolve_methods(spec: str | Iterable[str]) -> list[str]:
-    """Saliency method names from ``"all"``, a comma-separated string or a sequence (registry of
-    :mod:`igrad.saliency`); unknown names raise."""
-    from .saliency import METHODS
-
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if names == ["all"]:
-        return list(METHODS)
-    if not names:
-        raise IgradError(f"no saliency method given; choose from {', '.join(METHODS)} or 'all'")
-    out: list[str] = []
-    for n in names:
-        if n not in METHODS:
-            raise unknown_name("saliency method", n, METHODS)
-        if n not in out:
-            out.append(n)
-    return out
+    return perm[:count].sort().values
 
 
 def _seed_for(seed: int, method: str, chunk: int) -> int:
     """A seed per (run seed, method, chunk), so a method's numbers do not depend on the others run."""
     return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009 + chunk) % (2**31 - 1)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _method_kwargs(cfg: EvalConfig, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -300,7 +270,7 @@ def _resume_key(
         cfg.to_dict(),
         norm.to_config(),
         extra,
-        str(_device_of(model)),
+        str(device_of(model)),
         len(split),
         split.images[indices],
         split.labels[indices],
@@ -345,7 +315,7 @@ def evaluate_model(
     if len(split) == 0:
         raise IgradError("the data split is empty")
     indices = select_indices(len(split), cfg.limit, cfg.seed)
-    device = _device_of(model)
+    device = device_of(model)
     kwargs = _method_kwargs(cfg, method_kwargs)
     partials = _Partials(
         None if resume_dir is None else Path(resume_dir),

@@ -21,7 +21,8 @@ from .errors import IgradError, unknown_name
 from .gradients import cosine_similarity, input_gradients
 from .models import unwrap_model
 from .output import model_logits, refuse_probabilities
-from .rules import STATS_MODES, has_training_batchnorm
+from .rules import STATS_MODES
+from .torch_utils import has_training_batchnorm
 
 __all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA"]
 

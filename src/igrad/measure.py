@@ -4,9 +4,7 @@ measure through these functions; the model is always in eval mode for them (rest
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,16 +14,9 @@ from .errors import IgradError
 from .gradients import gradient_cosine
 from .normalization import Normalization
 from .output import model_logits
-from .rules import eval_mode
+from .torch_utils import autocast, device_of, eval_mode
 
-__all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum", "autocast"]
-
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when ``amp``; else nothing."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+__all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum"]
 
 
 @torch.no_grad()
@@ -60,7 +51,7 @@ def evaluate_accuracy(
 ) -> float:
     """Top-1 accuracy (a fraction in [0, 1]) of ``model`` in eval mode on ``split`` (or ``indices`` of it),
     normalised with ``normalization``. The model's training mode is restored afterwards."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else device_of(model)
     index = torch.arange(len(split)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(index) == 0:
         raise IgradError("evaluate_accuracy: no images to evaluate")

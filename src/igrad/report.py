@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .evaluate import compare_results
 from .metrics import METRICS
-from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from .provenance import provenance
 from .train import config_to_toml
 
 __all__ = [

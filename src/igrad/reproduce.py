@@ -40,11 +40,13 @@ from typing import Any
 import torch
 
 from . import loss as _loss
+from .atomic import atomic_write_json, atomic_write_text
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, _sha256, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .provenance import atomic_write_json, atomic_write_text, provenance
+from .provenance import provenance
 from .report import FIGURE_METHODS, LABELS, ablation_markdown, compare_table, reproduce_markdown, write_comparison
+from .torch_utils import device_of
 from .train import TrainConfig, TrainData, fit_or_resume, prepare_data
 
 __all__ = [
@@ -258,7 +260,7 @@ def _figure(
 
     n_images = min(int(n), len(data.test))
     indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
-    device = next(iter(next(iter(models.values())).parameters())).device
+    device = device_of(next(iter(models.values())))
     x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
     norm = data.normalization

@@ -47,10 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IgradError, resolve_target
+from ..errors import IgradError
 from ..models import layer_layout
 from ..output import model_logits
-from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
+from ..validate import TargetLike, positive_int, resolve_target
+from .base import SaliencyMethod, normalize_maps, progress_bar, register_method, upsample
 from .layout import channel_dim, check_layout, output_dims, to_bchw
 from .split import LayerSplit, SplitError, fold_batchnorm
 
@@ -204,7 +205,10 @@ class CAMMethod(SaliencyMethod):
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
 
     def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        ctx = self._forward(x, target)
+        return self.layer_map(self._forward(x, target))
+
+    def layer_map(self, ctx: CAMContext) -> torch.Tensor:
+        """The raw map at the layer's resolution: :meth:`cam`, through ReLU where the method uses one."""
         cam = self.cam(ctx)
         return F.relu(cam) if self.relu else cam
 
@@ -238,9 +242,7 @@ class CAM(CAMMethod):
         for head in reversed(heads):
             if head.out_features != logits.shape[1]:
                 continue
-            predicted = F.linear(a.mean(dim=(2, 3)), head.weight, head.bias)
-            scale = max(1.0, float(logits.abs().max()))
-            if torch.allclose(predicted, logits, rtol=1e-4, atol=1e-4 * scale):
+            if _reproduces(F.linear(a.mean(dim=(2, 3)), head.weight, head.bias), logits):
                 return head.weight.detach()[ctx.target]
             why = "the logits are not a linear function of its global average pool"
         raise IgradError(
@@ -302,12 +304,6 @@ class LayerCAM(CAMMethod):
         return (F.relu(ctx.grad) * ctx.activation).sum(dim=1)
 
 
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
 @register_method("scorecam")
 class ScoreCAM(CAMMethod):
     """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if constant),
@@ -342,7 +338,7 @@ class ScoreCAM(CAMMethod):
         layout: str | None = None,
     ) -> None:
         super().__init__(model, target_layer, layout=layout)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.mask_align_corners = bool(mask_align_corners)
         self.fold_batchnorm = None if fold_batchnorm is None else bool(fold_batchnorm)
         self.progress = progress
@@ -382,11 +378,7 @@ class ScoreCAM(CAMMethod):
 
     def masks(self, activation: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
-        m = upsample(activation, size, align_corners=self.mask_align_corners)
-        flat = m.flatten(1)
-        lo = flat.amin(1)[:, None, None]
-        span = (flat.amax(1) - flat.amin(1))[:, None, None]
-        return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), 0.0)
+        return normalize_maps(upsample(activation, size, align_corners=self.mask_align_corners))
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         x, a, t = ctx.x, ctx.activation, ctx.target
@@ -442,7 +434,7 @@ class AblationCAM(CAMMethod):
         layout: str | None = None,
     ) -> None:
         super().__init__(model, target_layer, layout=layout)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
         self._split: LayerSplit | None = None
         self._split_failed: str | None = None

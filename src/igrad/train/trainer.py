@@ -53,16 +53,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import cos_subset, eval_tensors
 from ..errors import IgradError
 from ..gradients import gradient_cosine
 from ..loss import GradientAlignmentLoss
-from ..measure import autocast, correct_count, gradient_cosine_sum
+from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
-from ..provenance import atomic_write_json, atomic_write_text, provenance
-from ..rules import eval_mode
+from ..provenance import provenance
+from ..torch_utils import autocast, eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
 from .distributed import Dist, select_device
