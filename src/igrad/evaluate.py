@@ -42,7 +42,7 @@ from .torch_utils import device_of, eval_mode
 from .validate import positive_int
 
 __all__ = [
-    "TARGETS",
+    "TARGET_SOURCES",
     "CIS",
     "EvalConfig",
     "select_indices",
@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 RESULTS_FORMAT = 1
-#: Target class choices: ``gt`` the ground-truth label (SPEC 3 decision), ``pred`` the predicted class.
-TARGETS = ("gt", "pred")
+#: Where the explained (target) class comes from: ``gt`` the ground-truth label (SPEC 3 decision), ``pred``
+#: the predicted class (the choices of ``EvalConfig.target``).
+TARGET_SOURCES = ("gt", "pred")
 #: Confidence-interval methods of :func:`igrad.metrics.summarize`.
 CIS = ("normal", "bootstrap")
 
@@ -102,7 +103,7 @@ class EvalConfig:
         positive_int("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise IgradError(f"seed must be an integer, got {self.seed!r}")
-        _choice("target", self.target, TARGETS)
+        _choice("target", self.target, TARGET_SOURCES)
         _choice("confidence interval", self.ci, CIS)
         _choice("substrate", self.insertion_substrate, SUBSTRATES)
         _choice("substrate", self.deletion_substrate, SUBSTRATES)

@@ -41,6 +41,7 @@ import torch
 
 from . import loss as _loss
 from .atomic import atomic_write_json, atomic_write_text
+from .demo import DEMO_LAMBDA
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, _sha256, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
@@ -135,9 +136,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "recipe": "cpu",
         "train": {"epochs": 1, "steps_per_epoch": 60, "warmup_epochs": 0.2, "width": 0.125, "cos_samples": 100},
         "networks": {"cifar_mobilenet_v2": {"steps_per_epoch": 30}},
-        # 60 steps are too few for the default λ to move anything; a strong λ makes the effect on
-        # cos(δx, δᴳx) visible in a few minutes (README, "Decisions": λ = 0.75 aligns, at an accuracy cost)
-        "lam": 0.75,
+        # 60 steps are too few for the default λ to move anything: the demonstrations' strong λ
+        "lam": DEMO_LAMBDA,
         "evaluate": {"limit": 32, "methods": ["gradient", "guided", "gradcam"], "metrics": "all", "batch_size": 32},
         "figure_images": 3,
         "ablation": {
