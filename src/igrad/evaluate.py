@@ -329,8 +329,36 @@ def evaluate_model(
             "accuracy",
             lambda: evaluate_accuracy(model, split, norm, batch_size=cfg.batch_size * 4, device=device),
         )
+    parts = _run_chunks(model, split, indices, cfg, norm, kwargs, partials, callbacks, progress)
+    results = _results(parts, split, indices, cfg, norm, acc, config, source)
+    results["timing"] = {
+        "total_s": time.perf_counter() - started,
+        "method_s": {
+            m: {k: sum(p["seconds"][m][k] for p in parts) for k in ("saliency", "metrics")} for m in cfg.methods
+        },
+        "device": str(device),
+        "resumed_parts": partials.resumed,
+    }
+    partials.remove()
+    return results
+
+
+def _run_chunks(
+    model: nn.Module,
+    split: Any,
+    indices: torch.Tensor,
+    cfg: EvalConfig,
+    norm: Normalization,
+    kwargs: Mapping[str, Mapping[str, Any]],
+    partials: _Partials,
+    callbacks: Sequence[Callable[[int], None]],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every chunk of ``indices`` in order (:func:`_evaluate_chunk` on one clean forward of its raw pixels),
+    each taken from ``partials`` when stored there, else computed and stored; ``callbacks`` after each."""
     from tqdm.auto import tqdm
 
+    device = device_of(model)
     parts = []
     bar = tqdm(
         total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
@@ -355,17 +383,7 @@ def evaluate_model(
             for callback in callbacks:
                 callback(chunk)
             bar.update(len(idx) * len(cfg.methods))
-    results = _results(parts, split, indices, cfg, norm, acc, config, source)
-    results["timing"] = {
-        "total_s": time.perf_counter() - started,
-        "method_s": {
-            m: {k: sum(p["seconds"][m][k] for p in parts) for k in ("saliency", "metrics")} for m in cfg.methods
-        },
-        "device": str(device),
-        "resumed_parts": partials.resumed,
-    }
-    partials.remove()
-    return results
+    return parts
 
 
 def _results(
