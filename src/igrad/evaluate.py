@@ -36,7 +36,7 @@ from .images import to_unit
 from .measure import evaluate_accuracy
 from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
 from .normalization import Normalization, resolve_normalization
-from .provenance import provenance
+from .provenance import file_sha256, provenance
 from .saliency import resolve_methods
 from .torch_utils import device_of, eval_mode
 from .validate import positive_int
@@ -46,7 +46,6 @@ __all__ = [
     "CIS",
     "EvalConfig",
     "select_indices",
-    "resolve_methods",
     "evaluate_model",
     "evaluate_checkpoint",
     "compare_results",
@@ -445,14 +444,6 @@ def _results(
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str] | None = None,
@@ -498,7 +489,7 @@ def evaluate_checkpoint(
         callbacks=callbacks,
     )
     results["data"]["split"] = split
-    results["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(Path(checkpoint))}
+    results["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
     return results
 
 

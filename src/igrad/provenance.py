@@ -4,6 +4,7 @@ Files are written by :mod:`igrad.atomic`."""
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import platform
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "git_commit"]
+__all__ = ["provenance", "git_commit", "file_sha256"]
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
@@ -58,3 +59,12 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
         },
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks: what identifies a checkpoint in a result."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -43,9 +43,9 @@ from . import loss as _loss
 from .atomic import atomic_write_json, atomic_write_text
 from .demo import DEMO_LAMBDA
 from .errors import IgradError, unknown_name
-from .evaluate import EvalConfig, _sha256, compare_results, evaluate_model, select_indices
+from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .provenance import provenance
+from .provenance import file_sha256, provenance
 from .report import FIGURE_METHODS, LABELS, ablation_markdown, compare_table, reproduce_markdown, write_comparison
 from .torch_utils import device_of
 from .train import TrainConfig, TrainData, fit_or_resume, prepare_data
@@ -233,7 +233,7 @@ def _evaluate_run(
     """Evaluate the model ``run`` holds (its final weights, ``last.pt``) on ``split`` with settings
     ``ev``, or reuse ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
     checkpoint = Path(run.run_dir) / "last.pt"
-    sha = _sha256(checkpoint)
+    sha = file_sha256(checkpoint)
 
     def compute() -> dict[str, Any]:
         res = evaluate_model(
@@ -297,6 +297,22 @@ def _command_line(command: str | None, preset: str, data: str, out: Path) -> str
     if command:
         return command
     return f"igrad reproduce --preset {preset} --data {data} --out {out}"
+
+
+def _write(
+    report: dict[str, Any], folder: Path, started: float, markdown: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """Finish ``report`` (wall time since ``started``, provenance) and write ``folder/results.json`` and
+    ``folder/report.md`` (``markdown(report)``), atomically; returns ``report``."""
+    report["wall_time_s"] = time.perf_counter() - started
+    settings = report["settings"]
+    report["provenance"] = provenance(
+        {"preset": report["preset"], "settings": settings, "data": report["data"]}, settings["evaluate"]["seed"]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "results.json", report)
+    atomic_write_text(folder / "report.md", markdown(report))
+    return report
 
 
 def _run_configs(
@@ -438,14 +454,7 @@ def reproduce(
     cache: dict[str, TrainData] = {}
     for net in nets:
         report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress)
-    report["wall_time_s"] = time.perf_counter() - started
-    report["provenance"] = provenance(
-        {"preset": preset, "settings": settings, "data": data}, settings["evaluate"]["seed"]
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", report)
-    atomic_write_text(out / "report.md", reproduce_markdown(report, out))
-    return report
+    return _write(report, out, started, lambda r: reproduce_markdown(r, out))
 
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
@@ -627,11 +636,4 @@ def ablation(
     for net in nets:
         rows = _ablation_network(net, grid, settings, data, root, quiet, progress)
         report["networks"][net] = {"rows": rows, "chosen": _ablation_choice(rows, acc_margin)}
-    report["wall_time_s"] = time.perf_counter() - started
-    report["provenance"] = provenance(
-        {"preset": preset, "settings": settings, "data": data}, settings["evaluate"]["seed"]
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "results.json", report)
-    atomic_write_text(root / "report.md", ablation_markdown(report))
-    return report
+    return _write(report, root, started, ablation_markdown)

@@ -44,12 +44,12 @@ from ..validate import TargetLike, check_images, parse_names
 __all__ = [
     "METHODS",
     "SaliencyMethod",
-    "TargetLike",
     "create_method",
     "register_method",
     "resolve_methods",
     "normalize_maps",
     "upsample",
+    "finish_maps",
     "resolve_layer",
     "progress_bar",
 ]
