@@ -18,8 +18,9 @@ import argparse
 import time
 from pathlib import Path
 
+from igrad.atomic import atomic_write_json
 from igrad.data import data_root_from_env
-from igrad.provenance import atomic_write_json, provenance
+from igrad.provenance import provenance
 from igrad.train import TrainConfig, fit_or_resume
 
 

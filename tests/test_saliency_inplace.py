@@ -54,9 +54,9 @@ def test_densenet_ablationcam_equals_brute_force(densenet):
     with create_method("ablationcam", densenet) as m:
         assert m.layer_name == "features.norm5"
         fast = m(x, t)
-        assert m.split() is not None  # the traced tail ran (no fallback)
+        assert m.traced_tail() is not None  # the traced tail ran (no fallback)
     with create_method("ablationcam", densenet) as m:
-        m._split_failed = "forced"  # the whole-network fallback
+        m._tail_failed = "forced"  # the whole-network fallback
         slow = m(x, t)
     assert (fast - expected).abs().max() <= tol
     assert (slow - expected).abs().max() <= tol
@@ -132,9 +132,9 @@ def test_ablationcam_in_place_op_equals_brute_force(op):
     assert (expected.amax(dim=(1, 2)) == 1).sum() >= 2
     with create_method("ablationcam", net, "body", batch_size=5) as m:
         fast = m(x, t)
-        assert m.split() is not None
+        assert m.traced_tail() is not None
     with create_method("ablationcam", net, "body") as m:
-        m._split_failed = "forced"
+        m._tail_failed = "forced"
         slow = m(x, t)
     assert torch.equal(x, given)  # the caller's input is left as it was
     assert (fast - expected).abs().max() <= tol

@@ -130,9 +130,9 @@ def test_ablationcam_channels_last_and_tokens_equal_brute_force(tiny_swin, tiny_
         assert (expected.amax(dim=(1, 2)) == 1).sum() >= 1
         with create_method("ablationcam", model, layer, batch_size=7) as m:
             fast = m(x, t)
-            assert m.split() is not None
+            assert m.traced_tail() is not None
         with create_method("ablationcam", model, layer) as m:
-            m._split_failed = "forced"  # the whole-network fallback replaces the output in its own layout
+            m._tail_failed = "forced"  # the whole-network fallback replaces the output in its own layout
             slow = m(x, t)
         assert (fast - expected).abs().max() <= tol
         assert (slow - expected).abs().max() <= tol

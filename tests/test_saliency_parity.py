@@ -269,11 +269,11 @@ def test_ablationcam_split_matches_whole_network_and_skips_early_layers(cifar_re
             calls.clear()
             with create_method("ablationcam", cifar_resnet, layer, batch_size=50) as m:
                 fast = m(x, t)
-                assert m.split() is not None
-            head_runs = 1 if m.split().needs_externals else 0
+                assert m.traced_tail() is not None
+            head_runs = 1 if m.traced_tail().needs_externals else 0
             assert calls == [3] * (1 + head_runs)  # the method's forward (+ the head for the bypass), nothing else
             with create_method("ablationcam", cifar_resnet, layer, batch_size=50) as m:
-                m._split_failed = "forced"  # the documented fallback: whole network with the output replaced
+                m._tail_failed = "forced"  # the documented fallback: whole network with the output replaced
                 slow = m(x, t)
             assert len(calls) > 3
             assert (fast.amax(dim=(1, 2)) == 1).all()

@@ -1,6 +1,6 @@
 """Checkpoints: one format for training, evaluation, explanation and reproduction.
 
-A checkpoint is a dict saved with :func:`igrad.provenance.atomic_save` (temp file, then rename) and
+A checkpoint is a dict saved with :func:`igrad.atomic.atomic_save` (temp file, then rename) and
 loaded with ``torch.load(..., weights_only=True)``, so a checkpoint holding pickled code is refused:
 
 * ``"model"``: the model's ``state_dict`` (never a DDP-wrapped one: keys have no ``module.`` prefix);
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .errors import IgradError
 from .models import create_model
-from .provenance import atomic_save
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model"]
 

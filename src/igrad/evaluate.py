@@ -29,42 +29,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .images import to_unit
 from .measure import evaluate_accuracy
 from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
 from .normalization import Normalization, resolve_normalization
-from .provenance import atomic_save, provenance
-from .rules import eval_mode
+from .provenance import file_sha256, provenance
+from .saliency import resolve_methods
+from .torch_utils import device_of, eval_mode
+from .validate import positive_int
 
 __all__ = [
-    "TARGETS",
+    "TARGET_SOURCES",
     "CIS",
     "EvalConfig",
     "select_indices",
-    "resolve_methods",
     "evaluate_model",
     "evaluate_checkpoint",
     "compare_results",
 ]
 
 RESULTS_FORMAT = 1
-#: Target class choices: ``gt`` the ground-truth label (SPEC 3 decision), ``pred`` the predicted class.
-TARGETS = ("gt", "pred")
+#: Where the explained (target) class comes from: ``gt`` the ground-truth label (SPEC 3 decision), ``pred``
+#: the predicted class (the choices of ``EvalConfig.target``).
+TARGET_SOURCES = ("gt", "pred")
 #: Confidence-interval methods of :func:`igrad.metrics.summarize`.
 CIS = ("normal", "bootstrap")
 
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
-
-
-def _positive_int(name: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise IgradError(f"{name} must be a positive integer{' (or None)' if optional else ''}, got {value!r}")
 
 
 def _choice(kind: str, value: object, choices: Iterable[str]) -> None:
@@ -101,12 +97,12 @@ class EvalConfig:
         set_ = object.__setattr__
         set_(self, "methods", tuple(resolve_methods(self.methods)))
         set_(self, "metrics", tuple(resolve_metrics(self.metrics)))
-        _positive_int("limit", self.limit, optional=True)
-        _positive_int("step", self.step, optional=True)
-        _positive_int("batch_size", self.batch_size)
+        positive_int("limit", self.limit, optional=True)
+        positive_int("step", self.step, optional=True)
+        positive_int("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise IgradError(f"seed must be an integer, got {self.seed!r}")
-        _choice("target", self.target, TARGETS)
+        _choice("target", self.target, TARGET_SOURCES)
         _choice("confidence interval", self.ci, CIS)
         _choice("substrate", self.insertion_substrate, SUBSTRATES)
         _choice("substrate", self.deletion_substrate, SUBSTRATES)
@@ -137,44 +133,18 @@ class EvalConfig:
 def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
     """The evaluated subset: all ``n_total`` indices, or the first ``limit`` of a permutation seeded
     by ``seed`` (sorted). A smaller ``limit`` with the same seed gives a subset of a larger one."""
-    if limit is None:
+    count = positive_int("limit", limit, optional=True)
+    if count is None:
         return torch.arange(n_total)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise IgradError(f"limit must be a positive number of images, got {limit!r}")
-    if limit > n_total:
-        raise IgradError(f"limit {limit} is larger than the data ({n_total} images)")
+    if count > n_total:
+        raise IgradError(f"limit {count} is larger than the data ({n_total} images)")
     perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(int(seed)))
-    return perm[:limit].sort().values
-
-
-def resolve_methods(spec: str | Iterable[str]) -> list[str]:
-    """Saliency method names from ``"all"``, a comma-separated string or a sequence (registry of
-    :mod:`igrad.saliency`); unknown names raise."""
-    from .saliency import METHODS
-
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if names == ["all"]:
-        return list(METHODS)
-    if not names:
-        raise IgradError(f"no saliency method given; choose from {', '.join(METHODS)} or 'all'")
-    out: list[str] = []
-    for n in names:
-        if n not in METHODS:
-            raise unknown_name("saliency method", n, METHODS)
-        if n not in out:
-            out.append(n)
-    return out
+    return perm[:count].sort().values
 
 
 def _seed_for(seed: int, method: str, chunk: int) -> int:
     """A seed per (run seed, method, chunk), so a method's numbers do not depend on the others run."""
     return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009 + chunk) % (2**31 - 1)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _method_kwargs(cfg: EvalConfig, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -300,7 +270,7 @@ def _resume_key(
         cfg.to_dict(),
         norm.to_config(),
         extra,
-        str(_device_of(model)),
+        str(device_of(model)),
         len(split),
         split.images[indices],
         split.labels[indices],
@@ -345,7 +315,7 @@ def evaluate_model(
     if len(split) == 0:
         raise IgradError("the data split is empty")
     indices = select_indices(len(split), cfg.limit, cfg.seed)
-    device = _device_of(model)
+    device = device_of(model)
     kwargs = _method_kwargs(cfg, method_kwargs)
     partials = _Partials(
         None if resume_dir is None else Path(resume_dir),
@@ -358,8 +328,36 @@ def evaluate_model(
             "accuracy",
             lambda: evaluate_accuracy(model, split, norm, batch_size=cfg.batch_size * 4, device=device),
         )
+    parts = _run_chunks(model, split, indices, cfg, norm, kwargs, partials, callbacks, progress)
+    results = _results(parts, split, indices, cfg, norm, acc, config, source)
+    results["timing"] = {
+        "total_s": time.perf_counter() - started,
+        "method_s": {
+            m: {k: sum(p["seconds"][m][k] for p in parts) for k in ("saliency", "metrics")} for m in cfg.methods
+        },
+        "device": str(device),
+        "resumed_parts": partials.resumed,
+    }
+    partials.remove()
+    return results
+
+
+def _run_chunks(
+    model: nn.Module,
+    split: Any,
+    indices: torch.Tensor,
+    cfg: EvalConfig,
+    norm: Normalization,
+    kwargs: Mapping[str, Mapping[str, Any]],
+    partials: _Partials,
+    callbacks: Sequence[Callable[[int], None]],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every chunk of ``indices`` in order (:func:`_evaluate_chunk` on one clean forward of its raw pixels),
+    each taken from ``partials`` when stored there, else computed and stored; ``callbacks`` after each."""
     from tqdm.auto import tqdm
 
+    device = device_of(model)
     parts = []
     bar = tqdm(
         total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
@@ -384,17 +382,7 @@ def evaluate_model(
             for callback in callbacks:
                 callback(chunk)
             bar.update(len(idx) * len(cfg.methods))
-    results = _results(parts, split, indices, cfg, norm, acc, config, source)
-    results["timing"] = {
-        "total_s": time.perf_counter() - started,
-        "method_s": {
-            m: {k: sum(p["seconds"][m][k] for p in parts) for k in ("saliency", "metrics")} for m in cfg.methods
-        },
-        "device": str(device),
-        "resumed_parts": partials.resumed,
-    }
-    partials.remove()
-    return results
+    return parts
 
 
 def _results(
@@ -456,14 +444,6 @@ def _results(
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str],
     data: str | os.PathLike[str] | None = None,
@@ -509,7 +489,7 @@ def evaluate_checkpoint(
         callbacks=callbacks,
     )
     results["data"]["split"] = split
-    results["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(Path(checkpoint))}
+    results["checkpoint"] = {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
     return results
 
 

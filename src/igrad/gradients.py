@@ -16,14 +16,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .errors import check_images, resolve_target
 from .models import uncompiled
 from .output import model_logits, refuse_probabilities
-from .rules import BackwardRules, Phase, eval_mode, preserve_batchnorm_counters
+from .rules import BackwardRules, Phase
+from .torch_utils import eval_mode, preserve_batchnorm_counters
+from .validate import TargetLike, check_images, resolve_target
 
 __all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity"]
-
-TargetLike = int | torch.Tensor | list[int] | None
 
 
 class InputGradients(NamedTuple):

@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import IgradError, check_images, unknown_name
+from .errors import IgradError, unknown_name
 from .gradients import InputGradients, cosine_similarity, input_gradients
 from .models import unwrap_model
 from .output import model_logits, refuse_probabilities
-from .rules import STATS_MODES, BackwardRules, has_training_batchnorm
+from .rules import STATS_MODES, BackwardRules
+from .torch_utils import has_training_batchnorm
+from .validate import check_images
 
 __all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA"]
 

@@ -15,7 +15,7 @@ from .gradients import gradient_cosine
 from .normalization import Normalization
 from .output import model_logits
 from .precision import autocast
-from .rules import eval_mode
+from .torch_utils import device_of, eval_mode
 
 __all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum"]
 
@@ -52,7 +52,7 @@ def evaluate_accuracy(
 ) -> float:
     """Top-1 accuracy (a fraction in [0, 1]) of ``model`` in eval mode on ``split`` (or ``indices`` of it),
     normalised with ``normalization``. The model's training mode is restored afterwards."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else device_of(model)
     index = torch.arange(len(split)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(index) == 0:
         raise IgradError("evaluate_accuracy: no images to evaluate")

@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import IgradError, check_images, resolve_target, unknown_name
+from .errors import IgradError, unknown_name
 from .normalization import Normalization, resolve_normalization
 from .output import model_logits
-from .rules import eval_mode
+from .torch_utils import eval_mode
+from .validate import TargetLike, check_images, check_target, parse_names, positive_int, resolve_target
 
 __all__ = [
     "Metric",
@@ -92,21 +93,9 @@ METRICS: dict[str, Metric] = {
 
 
 def resolve_metrics(spec: str | Iterable[str]) -> list[str]:
-    """Metric names from ``"all"``, a comma-separated string or a sequence; unknown names raise."""
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    names = [n for n in names if n]
-    if names == ["all"]:
-        return list(METRICS)
-    if not names:
-        raise IgradError(f"no metric given; choose from {', '.join(METRICS)} or 'all'")
-    out: list[str] = []
-    for n in names:
-        key = n.lower()
-        if key not in METRICS:
-            raise unknown_name("metric", n, METRICS)
-        if key not in out:
-            out.append(key)
-    return out
+    """Metric names from ``"all"``, a comma-separated string or a sequence (:func:`igrad.validate.parse_names`,
+    case-insensitive); unknown names raise."""
+    return parse_names(spec, METRICS, "metric", fold_case=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,33 +195,6 @@ def _check_maps(maps: object, x: torch.Tensor, *, unit: bool = False) -> torch.T
     return maps.to(device=x.device, dtype=x.dtype)
 
 
-def _check_target(target: object, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Class indices ``[batch]`` (range-checked later against the logits), or ``None`` (predicted)."""
-    if target is None:
-        return None
-    if isinstance(target, bool):
-        raise IgradError("target must be class indices, got a bool")
-    if isinstance(target, int):
-        return torch.full((batch,), target, dtype=torch.long, device=device)
-    try:
-        t = torch.as_tensor(target, device=device)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise IgradError(f"target must be class indices, got {type(target).__name__}") from exc
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise IgradError(f"target must hold integer class indices, got dtype {t.dtype}")
-    if t.dim() == 0:
-        t = t.expand(batch)
-    if tuple(t.shape) != (batch,):
-        raise IgradError(f"target must have shape [{batch}] (one class per sample), got {tuple(t.shape)}")
-    return t.long()
-
-
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
 # --------------------------------------------------------------------------------------------------
 # the clean forward: model input, raw pixels, logits, target
 
@@ -294,7 +256,7 @@ def _model_input(
 def clean_forward(
     model: nn.Module,
     x: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None = None,
+    target: TargetLike = None,
     *,
     normalization: Normalization | None = None,
     pixels: str = "normalised",
@@ -311,8 +273,8 @@ def clean_forward(
     Raises :class:`IgradError` on bad images, channel counts, logits or targets.
     """
     x, raw = _model_input(x, normalization, pixels)
-    batch_size = _check_batch_size(batch_size)
-    t = _check_target(target, x.shape[0], x.device)
+    batch_size = positive_int("batch_size", batch_size)
+    t = check_target(target, x.shape[0], x.device)
     if logits is None:
         with eval_mode(model), torch.no_grad():  # not inference_mode: the targets may feed autograd later
             logits = torch.cat([model_logits(model, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
@@ -326,7 +288,7 @@ def clean_forward(
 def _clean(
     model: nn.Module,
     x: torch.Tensor | CleanBatch,
-    target: torch.Tensor | Sequence[int] | int | None,
+    target: TargetLike,
     normalization: Normalization | None,
     pixels: str,
     logits: torch.Tensor | None,
@@ -347,7 +309,7 @@ def confidence_metrics(
     model: nn.Module,
     x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None = None,
+    target: TargetLike = None,
     *,
     normalization: Normalization | None = None,
     pixels: str = "normalised",
@@ -371,7 +333,7 @@ def confidence_metrics(
     for all; ``None``: the predicted class). Masked images are forwarded ``batch_size`` at a time.
     """
     clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
-    return _confidence(model, clean, maps, _check_batch_size(batch_size))
+    return _confidence(model, clean, maps, positive_int("batch_size", batch_size))
 
 
 def _confidence(model: nn.Module, clean: CleanBatch, maps: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
@@ -416,11 +378,9 @@ def _ranks(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _num_steps(hw: int, width: int, step: int | None) -> tuple[int, int]:
-    if step is None:
-        step = width
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise IgradError(f"step must be a positive number of pixels (or None for the image width), got {step!r}")
-    return step, math.ceil(hw / step)
+    pixels = positive_int("step", step, optional=True)
+    pixels = width if pixels is None else pixels  # None: the image width
+    return pixels, math.ceil(hw / pixels)
 
 
 def causal_curves(
@@ -489,7 +449,7 @@ def _causal_metric(
 ) -> CurveResult:
     x = clean.x
     maps = _check_maps(maps, x)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = positive_int("batch_size", batch_size)
     step, n = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
     known = (0 if mode == "deletion" else n, clean.score(score))  # the clean image's point
     with eval_mode(model), torch.inference_mode():
@@ -505,7 +465,7 @@ def deletion(
     model: nn.Module,
     x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None = None,
+    target: TargetLike = None,
     *,
     step: int | None = None,
     batch_size: int = 64,
@@ -525,7 +485,7 @@ def deletion(
     (``None``: the prediction), ``normalization`` and ``logits`` as in :func:`clean_forward`; the
     clean image's point of the curve comes from its one clean forward.
     """
-    clean = _clean(model, x, target, normalization, pixels, logits, _check_batch_size(batch_size))
+    clean = _clean(model, x, target, normalization, pixels, logits, positive_int("batch_size", batch_size))
     return _causal_metric("deletion", model, clean, maps, step, batch_size, substrate, score)
 
 
@@ -533,7 +493,7 @@ def insertion(
     model: nn.Module,
     x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None = None,
+    target: TargetLike = None,
     *,
     step: int | None = None,
     batch_size: int = 64,
@@ -551,7 +511,7 @@ def insertion(
     (``None``: the prediction), ``normalization`` and ``logits`` as in :func:`clean_forward`; the
     clean image's point of the curve comes from its one clean forward.
     """
-    clean = _clean(model, x, target, normalization, pixels, logits, _check_batch_size(batch_size))
+    clean = _clean(model, x, target, normalization, pixels, logits, positive_int("batch_size", batch_size))
     return _causal_metric("insertion", model, clean, maps, step, batch_size, substrate, score)
 
 
@@ -571,7 +531,7 @@ def compute_metrics(
     model: nn.Module,
     x: torch.Tensor | CleanBatch,
     maps: torch.Tensor,
-    target: torch.Tensor | Sequence[int] | int | None = None,
+    target: TargetLike = None,
     metrics: str | Iterable[str] = "all",
     *,
     normalization: Normalization | None = None,
@@ -589,7 +549,7 @@ def compute_metrics(
     (:data:`SCORES`; AD/AG/AI always use the probability). The images (validated and
     forwarded once for all the metrics) as in :func:`clean_forward`, or a :class:`CleanBatch`."""
     names = resolve_metrics(metrics)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = positive_int("batch_size", batch_size)
     clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, torch.Tensor] = {}

@@ -1,22 +1,20 @@
-"""Provenance and safe file writing: every results file says what produced it, and no file is ever
-left half-written (write to a temporary file in the same folder, flush, fsync, then rename)."""
+"""Provenance: every results file says what produced it (config, seed, versions, commit, machine, time).
+Files are written by :mod:`igrad.atomic`."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import io
-import json
+import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["provenance", "git_commit", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save"]
+__all__ = ["provenance", "git_commit", "file_sha256"]
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
@@ -63,34 +61,10 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
     }
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """:func:`atomic_write_bytes` for JSON (indented, NaN refused so every number is finite)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False, default=str) + "\n")
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` atomically (serialise to memory, then :func:`atomic_write_bytes`)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks: what identifies a checkpoint in a result."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .evaluate import compare_results
 from .metrics import METRICS
-from .provenance import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from .provenance import provenance
 from .train import config_to_toml
 
 __all__ = [
@@ -244,11 +245,13 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
-    s = report["settings"]
-    ev = s["evaluate"]
-    prov = report["provenance"]
-    lines = [
+def _versions(prov: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+
+
+def _reproduce_header(report: Mapping[str, Any]) -> list[str]:
+    ev = report["settings"]["evaluate"]
+    return [
         f"# igrad reproduce: preset `{report['preset']}`",
         "",
         "The paper's claim (SPEC 5): the regularised models improve most interpretability metrics for two "
@@ -262,58 +265,68 @@ def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
         f"- wall time of this call: {_fmt_s(report['wall_time_s'])}",
         "",
     ]
-    for net, entry in report["networks"].items():
-        w = entry["wins"]
-        base, reg = entry["runs"]["baseline"], entry["runs"]["regularised"]
-        acc_b, acc_r = base["accuracy"], reg["accuracy"]
-        lines += [
-            f"## {net}",
-            "",
-            entry["table"],
-            f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
-            f"({w['regularised_significant']} with a paired 95% interval excluding 0); baseline better in "
-            f"{w['baseline']} ({w['baseline_significant']} significant); ties {w['tie']}. "
-            f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points); "
-            f"mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
-            "",
-            "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for label in LABELS:
-            r = entry["runs"][label]
-            lines.append(
-                f"| {label} | {r['lam']:g} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
-                f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
-            )
-        lines += [
-            "",
-            f"Insertion/deletion curves: [baseline]({entry['curves']['baseline']}), "
-            f"[regularised]({entry['curves']['regularised']}).",
-            "",
-            f"![qualitative figure, {net}]({entry['figure']['path']})",
-            "",
-            f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
-            "columns image, "
-            + ", ".join(FIGURE_METHODS)
-            + "; for each image the baseline row, then the regularised row.",
-            "",
-        ]
+
+
+def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]:
+    """One network of the reproduction: its SPEC 5 table, the cells won, the runs, curves and figure."""
+    w = entry["wins"]
+    base, reg = entry["runs"]["baseline"], entry["runs"]["regularised"]
+    acc_b, acc_r = base["accuracy"], reg["accuracy"]
+    lines = [
+        f"## {net}",
+        "",
+        entry["table"],
+        f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
+        f"({w['regularised_significant']} with a paired 95% interval excluding 0); baseline better in "
+        f"{w['baseline']} ({w['baseline_significant']} significant); ties {w['tie']}. "
+        f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points); "
+        f"mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
+        "",
+        "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for label in LABELS:
+        r = entry["runs"][label]
+        lines.append(
+            f"| {label} | {r['lam']:g} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
+            f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
+        )
+    return lines + [
+        "",
+        f"Insertion/deletion curves: [baseline]({entry['curves']['baseline']}), "
+        f"[regularised]({entry['curves']['regularised']}).",
+        "",
+        f"![qualitative figure, {net}]({entry['figure']['path']})",
+        "",
+        f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
+        "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image the baseline row, then the regularised row.",
+        "",
+    ]
+
+
+def _ablation_link(out: Path) -> list[str]:
+    """A pointer to ``out/ablation/report.md`` and its choices, when the ablation has run."""
     ablation_json = out / "ablation" / "results.json"
-    if ablation_json.is_file():
-        try:
-            chosen = {
-                n: e["chosen"] for n, e in json.loads(ablation_json.read_text(encoding="utf-8"))["networks"].items()
-            }
-            lines += [
-                "## Ablation",
-                "",
-                f"See [ablation/report.md](ablation/report.md); chosen on the validation split: `{json.dumps(chosen)}`",
-                "",
-            ]
-        except (OSError, ValueError, KeyError):
-            pass
+    if not ablation_json.is_file():
+        return []
+    try:
+        networks = json.loads(ablation_json.read_text(encoding="utf-8"))["networks"]
+        chosen = {n: e["chosen"] for n, e in networks.items()}
+    except (OSError, ValueError, KeyError):
+        return []
+    return [
+        "## Ablation",
+        "",
+        f"See [ablation/report.md](ablation/report.md); chosen on the validation split: `{json.dumps(chosen)}`",
+        "",
+    ]
+
+
+def _configuration_section(report: Mapping[str, Any]) -> list[str]:
+    """The training config (the first network's baseline), the evaluation settings, machine and versions."""
+    ev, prov = report["settings"]["evaluate"], report["provenance"]
     first_net = next(iter(report["networks"].values()), None)
-    lines += [
+    lines = [
         "## Configuration",
         "",
         "Training (the baseline's config; the regularised run differs only in `lam` "
@@ -323,10 +336,10 @@ def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
     if first_net is not None:
         lines += ["```toml", config_to_toml(first_net["runs"]["baseline"]["config"]).rstrip(), "```", ""]
     lines += ["Evaluation:", "", "```json", json.dumps(ev, indent=2), "```", ""]
-    lines += [
+    return lines + [
         "## Machine and versions",
         "",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+        f"- versions: {_versions(prov)}",
         f"- commit: {prov.get('commit')}",
         f"- machine: {prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs, "
         f"{prov['machine'].get('torch_threads')} torch threads, GPU: {prov['machine'].get('cuda') or 'none'}",
@@ -336,6 +349,16 @@ def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
         f"Metrics: {', '.join(METRICS[k].title for k in METRICS)}.",
         "",
     ]
+
+
+def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
+    """``report.md`` of :func:`igrad.reproduce.reproduce`: the claim, per network its SPEC 5 table and
+    figure, the ablation's choice (when run), the configuration, machine and versions."""
+    lines = _reproduce_header(report)
+    for net, entry in report["networks"].items():
+        lines += _network_section(net, entry, out)
+    lines += _ablation_link(out)
+    lines += _configuration_section(report)
     return "\n".join(lines)
 
 
@@ -347,6 +370,8 @@ def _ablation_mark(entry: Mapping[str, Any] | None) -> str:
 
 
 def ablation_markdown(report: Mapping[str, Any]) -> str:
+    """``ablation/report.md`` of :func:`igrad.reproduce.ablation`: per network the λ × error table on the
+    validation split and the setting chosen."""
     s = report["settings"]
     t = s["train"]
     lines = [
@@ -387,7 +412,7 @@ def ablation_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"Chosen on the validation split: {json.dumps(c)}", ""]
     prov = report["provenance"]
     lines += [
-        f"Versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}; commit {prov.get('commit')}; "
+        f"Versions: {_versions(prov)}; commit {prov.get('commit')}; "
         f"{prov['machine'].get('platform')}, {prov['machine'].get('cpus')} CPUs; {prov.get('time')}.",
         "",
         "Metric values ×100; test accuracy is shown for information only (not used for the choice).",

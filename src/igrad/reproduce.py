@@ -40,11 +40,14 @@ from typing import Any
 import torch
 
 from . import loss as _loss
+from .atomic import atomic_write_json, atomic_write_text
+from .demo import DEMO_LAMBDA
 from .errors import IgradError, unknown_name
-from .evaluate import EvalConfig, _sha256, compare_results, evaluate_model, select_indices
+from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .provenance import atomic_write_json, atomic_write_text, provenance
+from .provenance import file_sha256, provenance
 from .report import FIGURE_METHODS, LABELS, ablation_markdown, compare_table, reproduce_markdown, write_comparison
+from .torch_utils import device_of
 from .train import TrainConfig, TrainData, fit_or_resume, prepare_data
 
 __all__ = [
@@ -133,9 +136,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "recipe": "cpu",
         "train": {"epochs": 1, "steps_per_epoch": 60, "warmup_epochs": 0.2, "width": 0.125, "cos_samples": 100},
         "networks": {"cifar_mobilenet_v2": {"steps_per_epoch": 30}},
-        # 60 steps are too few for the default λ to move anything; a strong λ makes the effect on
-        # cos(δx, δᴳx) visible in a few minutes (README, "Decisions": λ = 0.75 aligns, at an accuracy cost)
-        "lam": 0.75,
+        # 60 steps are too few for the default λ to move anything: the demonstrations' strong λ
+        "lam": DEMO_LAMBDA,
         "evaluate": {"limit": 32, "methods": ["gradient", "guided", "gradcam"], "metrics": "all", "batch_size": 32},
         "figure_images": 3,
         "ablation": {
@@ -231,7 +233,7 @@ def _evaluate_run(
     """Evaluate the model ``run`` holds (its final weights, ``last.pt``) on ``split`` with settings
     ``ev``, or reuse ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
     checkpoint = Path(run.run_dir) / "last.pt"
-    sha = _sha256(checkpoint)
+    sha = file_sha256(checkpoint)
 
     def compute() -> dict[str, Any]:
         res = evaluate_model(
@@ -258,7 +260,7 @@ def _figure(
 
     n_images = min(int(n), len(data.test))
     indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
-    device = next(iter(next(iter(models.values())).parameters())).device
+    device = device_of(next(iter(models.values())))
     x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
     norm = data.normalization
@@ -297,6 +299,120 @@ def _command_line(command: str | None, preset: str, data: str, out: Path) -> str
     return f"igrad reproduce --preset {preset} --data {data} --out {out}"
 
 
+def _write(
+    report: dict[str, Any], folder: Path, started: float, markdown: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """Finish ``report`` (wall time since ``started``, provenance) and write ``folder/results.json`` and
+    ``folder/report.md`` (``markdown(report)``), atomically; returns ``report``."""
+    report["wall_time_s"] = time.perf_counter() - started
+    settings = report["settings"]
+    report["provenance"] = provenance(
+        {"preset": report["preset"], "settings": settings, "data": report["data"]}, settings["evaluate"]["seed"]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "results.json", report)
+    atomic_write_text(folder / "report.md", markdown(report))
+    return report
+
+
+def _run_configs(
+    settings: Mapping[str, Any], nets: Sequence[str], data: str, out: Path
+) -> dict[str, dict[str, TrainConfig]]:
+    """The baseline's and the regularised model's :class:`TrainConfig` of each network, all validated
+    before anything is trained."""
+    configs = {
+        net: {
+            label: train_config(settings, net, data, value, out / "runs" / net / label)
+            for label, value in zip(LABELS, (0.0, settings["lam"]), strict=True)
+        }
+        for net in nets
+    }
+    for per_net in configs.values():
+        for c in per_net.values():
+            c.validate()
+    return configs
+
+
+def _test_data(cache: dict[str, TrainData], config: TrainConfig) -> TrainData:
+    """The test split and its normalisation, prepared once (after the first training) for every run."""
+    if "data" not in cache:
+        cache["data"] = prepare_data(config.replace(val_fraction=0.0))
+    return cache["data"]
+
+
+def _run_row(run: Any, config: TrainConfig, res: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's line of the report: λ, folder, checkpoint, budget, final training numbers, config, results."""
+    return {
+        "lam": config.lam,
+        "run_dir": str(run.run_dir),
+        "checkpoint": res["checkpoint"],
+        "epochs": len(run.history),
+        "steps": run.final.get("step"),
+        "train_s": run.final.get("elapsed"),
+        "final": {k: run.final.get(k) for k in ("test_acc", "cos", "train_acc", "loss", "l_c", "l_r")},
+        "config": config.to_dict(),
+        **_model_row(res),
+    }
+
+
+def _comparison(
+    net: str,
+    results: Mapping[str, dict[str, Any]],
+    models: Mapping[str, torch.nn.Module],
+    prepared: TrainData,
+    settings: Mapping[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
+    ``eval/<net>/``), the cells won, the SPEC 5 table, the qualitative figure and the curves' files."""
+    base, reg, lam = results["baseline"], results["regularised"], settings["lam"]
+    write_comparison(base, reg, out / "eval" / net, labels=LABELS)
+    comparison = compare_results(base, reg, ci=settings["evaluate"]["ci"])
+    lam_models = {"baseline (λ = 0)": models["baseline"], f"regularised (λ = {lam:g})": models["regularised"]}
+    figure = out / "figures" / f"{net}.png"
+    title = f"{net}: baseline (λ = 0) vs regularised; target = label"
+    indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
+    return {
+        "comparison": comparison,
+        "wins": _wins(comparison),
+        "table": compare_table(base, reg, labels=("baseline λ=0", f"regularised λ={lam:g}")),
+        "figure": {"path": str(figure.relative_to(out)), "indices": indices},
+        "curves": {label: str(Path("eval") / net / label / "curves.png") for label in LABELS},
+    }
+
+
+def _network(
+    net: str,
+    configs: Mapping[str, TrainConfig],
+    settings: Mapping[str, Any],
+    data: str,
+    out: Path,
+    cache: dict[str, TrainData],
+    quiet: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train (or reuse), evaluate (or reuse) and compare the two models of ``net``: its report entry."""
+    entry: dict[str, Any] = {"runs": {}, "trained": {}, "evaluation_reused": {}}
+    results: dict[str, dict[str, Any]] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for label, config in configs.items():
+        if not quiet:
+            print(f"[reproduce] {net} {label} (λ = {config.lam:g}): training", file=sys.stderr)
+        run, trained = _train(config, quiet)
+        prepared = _test_data(cache, config)
+        if not quiet:
+            print(f"[reproduce] {net} {label}: evaluating {run.run_dir / 'last.pt'}", file=sys.stderr)
+        stored = out / "eval" / net / label / "results.json"
+        res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
+        res["data"]["split"] = "test"
+        results[label], models[label] = res, run.model
+        entry["trained"][label] = trained
+        entry["evaluation_reused"][label] = reused
+        entry["runs"][label] = _run_row(run, config, res)
+    entry.update(_comparison(net, results, models, cache["data"], settings, out))
+    return entry
+
+
 def reproduce(
     preset: str,
     data: str | os.PathLike[str],
@@ -324,17 +440,7 @@ def reproduce(
         train.setdefault("device", device)
     settings = preset_settings(preset, train=train, evaluation=evaluation, lam=lam, figure_images=figure_images)
     nets = _check_networks(networks, NETWORKS)
-    # every config is checked before anything is trained
-    configs = {
-        net: {
-            label: train_config(settings, net, data, value, out / "runs" / net / label)
-            for label, value in zip(LABELS, (0.0, settings["lam"]), strict=True)
-        }
-        for net in nets
-    }
-    for per_net in configs.values():
-        for c in per_net.values():
-            c.validate()
+    configs = _run_configs(settings, nets, data, out)
     report: dict[str, Any] = {
         "kind": "igrad.reproduce",
         "format": 1,
@@ -345,64 +451,10 @@ def reproduce(
         "settings": settings,
         "networks": {},
     }
-    prepared: TrainData | None = None  # the test split and its normalisation, loaded once
+    cache: dict[str, TrainData] = {}
     for net in nets:
-        entry: dict[str, Any] = {"runs": {}, "trained": {}, "evaluation_reused": {}}
-        results: dict[str, dict[str, Any]] = {}
-        models: dict[str, torch.nn.Module] = {}
-        for label, config in configs[net].items():
-            if not quiet:
-                print(f"[reproduce] {net} {label} (λ = {config.lam:g}): training", file=sys.stderr)
-            run, trained = _train(config, quiet)
-            if prepared is None:
-                prepared = prepare_data(config.replace(val_fraction=0.0))
-            if not quiet:
-                print(f"[reproduce] {net} {label}: evaluating {run.run_dir / 'last.pt'}", file=sys.stderr)
-            stored = out / "eval" / net / label / "results.json"
-            res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
-            res["data"]["split"] = "test"
-            results[label] = res
-            models[label] = run.model
-            entry["trained"][label] = trained
-            entry["evaluation_reused"][label] = reused
-            entry["runs"][label] = {
-                "lam": config.lam,
-                "run_dir": str(run.run_dir),
-                "checkpoint": res["checkpoint"],
-                "epochs": len(run.history),
-                "steps": run.final.get("step"),
-                "train_s": run.final.get("elapsed"),
-                "final": {k: run.final.get(k) for k in ("test_acc", "cos", "train_acc", "loss", "l_c", "l_r")},
-                "config": configs[net][label].to_dict(),
-                **_model_row(res),
-            }
-        write_comparison(results["baseline"], results["regularised"], out / "eval" / net, labels=LABELS)
-        entry["comparison"] = compare_results(
-            results["baseline"], results["regularised"], ci=settings["evaluate"]["ci"]
-        )
-        entry["wins"] = _wins(entry["comparison"])
-        entry["table"] = compare_table(
-            results["baseline"], results["regularised"], labels=("baseline λ=0", f"regularised λ={settings['lam']:g}")
-        )
-        lam_models = {
-            "baseline (λ = 0)": models["baseline"],
-            f"regularised (λ = {settings['lam']:g})": models["regularised"],
-        }
-        figure = out / "figures" / f"{net}.png"
-        title = f"{net}: baseline (λ = 0) vs regularised; target = label"
-        assert prepared is not None
-        indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
-        entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices}
-        entry["curves"] = {label: str(Path("eval") / net / label / "curves.png") for label in LABELS}
-        report["networks"][net] = entry
-    report["wall_time_s"] = time.perf_counter() - started
-    report["provenance"] = provenance(
-        {"preset": preset, "settings": settings, "data": data}, settings["evaluate"]["seed"]
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", report)
-    atomic_write_text(out / "report.md", reproduce_markdown(report, out))
-    return report
+        report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress)
+    return _write(report, out, started, lambda r: reproduce_markdown(r, out))
 
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
@@ -439,6 +491,110 @@ def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> di
     return chosen
 
 
+def _ablation_settings(
+    preset: str,
+    train: Mapping[str, Any] | None,
+    evaluation: Mapping[str, Any] | None,
+    device: str | None,
+) -> dict[str, Any]:
+    """The preset's settings at its ablation budget (Grad-CAM only); a validation split is required."""
+    ab = preset_settings(preset)["ablation"]
+    train_over = {**ab["train"], **(train or {})}
+    if device is not None:
+        train_over.setdefault("device", device)
+    settings = preset_settings(
+        preset, train=train_over, evaluation={**ab.get("evaluate", {}), **(evaluation or {}), "methods": ["gradcam"]}
+    )
+    if not settings["train"].get("val_fraction"):
+        raise IgradError("the ablation chooses on a validation split: val_fraction must be > 0")
+    return settings
+
+
+def _ablation_grid(lambdas: Sequence[float], errors: Sequence[str] | None) -> list[tuple[float, str]]:
+    """``(λ, error)`` pairs: ``λ = 0`` once (the error is then unused), every ``λ > 0`` with every error."""
+    errs = list(errors) if errors else list(_loss.ERRORS)
+    for e in errs:
+        if e not in _loss.ERRORS:
+            raise unknown_name("error function", e, _loss.ERRORS)
+    grid = [(0.0, errs[0])] if 0.0 in lambdas else []
+    return grid + [(float(lam), e) for lam in lambdas if lam != 0 for e in errs]
+
+
+def _ablation_run(
+    config: TrainConfig,
+    name: str,
+    net: str,
+    data: str,
+    ev: Mapping[str, Any],
+    stored: Path,
+    val: Any,
+    quiet: bool,
+    progress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """Train one setting (or reuse it) and measure Grad-CAM on the validation split ``val`` (or reuse
+    ``stored``). Returns the run and its evaluation (as stored)."""
+    if not quiet:
+        print(f"[ablation] {net} {name}: training", file=sys.stderr)
+    run, _ = _train(config, quiet)
+    if not quiet:
+        print(f"[ablation] {net} {name}: Grad-CAM on the validation split", file=sys.stderr)
+    source = f"{data} (validation split, val_fraction {config.val_fraction})"
+    limit = min(ev["limit"], len(val)) if ev["limit"] else None
+    res, reused = _evaluate_run(run, val, source, {**ev, "limit": limit}, stored, progress and not quiet)
+    if not reused:
+        kept = ("model", "data", "settings", "results", "per_sample", "timing", "provenance", "reproduce")
+        res = {k: res[k] for k in kept}
+        atomic_write_json(stored, res)
+    return run, res
+
+
+def _ablation_row(name: str, lam: float, err: str, run: Any, res: Mapping[str, Any]) -> dict[str, Any]:
+    """One setting's line of the ablation table (validation accuracy, cos and Grad-CAM's metrics)."""
+    return {
+        "name": name,
+        "lam": lam,
+        "error": err if lam > 0 else None,
+        "val_acc": res["model"]["accuracy"],
+        "val_cos": res["model"]["cos"]["mean"],
+        "test_acc": run.test_acc,
+        "gradcam": {k: v for k, v in res["results"]["gradcam"].items()},
+        "run_dir": str(run.run_dir),
+        "train_s": run.final.get("elapsed"),
+        "n": res["data"]["n"],
+    }
+
+
+def _ablation_network(
+    net: str,
+    grid: Sequence[tuple[float, str]],
+    settings: Mapping[str, Any],
+    data: str,
+    root: Path,
+    quiet: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The ablation rows of ``net``, each ``λ > 0`` paired against ``λ = 0`` on the same validation images."""
+    rows: list[dict[str, Any]] = []
+    base_res: dict[str, Any] | None = None
+    val = None
+    ev = settings["evaluate"]
+    for lam, err in grid:
+        name = f"lam{lam:g}" if lam == 0 else f"{err}-lam{lam:g}"
+        config = train_config(settings, net, data, lam, root / "runs" / net / name).replace(error=err)
+        if val is None:  # the same validation split for every setting: prepared once
+            val = prepare_data(config).val
+        assert val is not None  # val_fraction > 0, checked by _ablation_settings
+        run, res = _ablation_run(
+            config, name, net, data, ev, root / "eval" / net / f"{name}.json", val, quiet, progress
+        )
+        rows.append(_ablation_row(name, lam, err, run, res))
+        if lam == 0:
+            base_res = res
+        elif base_res is not None:
+            rows[-1]["vs_baseline"] = compare_results(base_res, res, ci=ev["ci"])["methods"]["gradcam"]
+    return rows
+
+
 def ablation(
     preset: str,
     data: str | os.PathLike[str],
@@ -464,24 +620,9 @@ def ablation(
     started = time.perf_counter()
     data = os.fspath(data)
     root = Path(out) / "ablation"
-    base = preset_settings(preset)
-    ab = base["ablation"]
-    train_over = {**ab["train"], **(train or {})}
-    if device is not None:
-        train_over.setdefault("device", device)
-    settings = preset_settings(
-        preset, train=train_over, evaluation={**ab.get("evaluate", {}), **(evaluation or {}), "methods": ["gradcam"]}
-    )
-    if not settings["train"].get("val_fraction"):
-        raise IgradError("the ablation chooses on a validation split: val_fraction must be > 0")
-    errs = list(errors) if errors else list(_loss.ERRORS)
-    for e in errs:
-        if e not in _loss.ERRORS:
-            raise unknown_name("error function", e, _loss.ERRORS)
+    settings = _ablation_settings(preset, train, evaluation, device)
+    grid = _ablation_grid(lambdas, errors)
     nets = _check_networks(networks, NETWORKS[:1])
-    grid = [(0.0, errs[0])] if 0.0 in lambdas else []
-    grid += [(float(lam), e) for lam in lambdas if lam != 0 for e in errs]
-    ev = settings["evaluate"]
     report: dict[str, Any] = {
         "kind": "igrad.reproduce.ablation",
         "format": 1,
@@ -493,56 +634,6 @@ def ablation(
         "networks": {},
     }
     for net in nets:
-        rows = []
-        base_res: dict[str, Any] | None = None
-        val = None
-        for lam, err in grid:
-            name = f"lam{lam:g}" if lam == 0 else f"{err}-lam{lam:g}"
-            config = train_config(settings, net, data, lam, root / "runs" / net / name).replace(error=err)
-            if not quiet:
-                print(f"[ablation] {net} {name}: training", file=sys.stderr)
-            run, _ = _train(config, quiet)
-            stored = root / "eval" / net / f"{name}.json"
-            if not quiet:
-                print(f"[ablation] {net} {name}: Grad-CAM on the validation split", file=sys.stderr)
-            if val is None:  # the same validation split for every setting: prepared once
-                val = prepare_data(config).val
-            assert val is not None  # val_fraction > 0, checked above
-            source = f"{data} (validation split, val_fraction {config.val_fraction})"
-            res, reused = _evaluate_run(
-                run,
-                val,
-                source,
-                {**ev, "limit": min(ev["limit"], len(val)) if ev["limit"] else None},
-                stored,
-                progress and not quiet,
-            )
-            if not reused:
-                kept = ("model", "data", "settings", "results", "per_sample", "timing", "provenance", "reproduce")
-                res = {k: res[k] for k in kept}
-                atomic_write_json(stored, res)
-            rows.append(
-                {
-                    "name": name,
-                    "lam": lam,
-                    "error": err if lam > 0 else None,
-                    "val_acc": res["model"]["accuracy"],
-                    "val_cos": res["model"]["cos"]["mean"],
-                    "test_acc": run.test_acc,
-                    "gradcam": {k: v for k, v in res["results"]["gradcam"].items()},
-                    "run_dir": str(run.run_dir),
-                    "train_s": run.final.get("elapsed"),
-                    "n": res["data"]["n"],
-                }
-            )
-            if lam == 0:
-                base_res = res
-            elif base_res is not None:  # paired against λ = 0 on the same validation images
-                rows[-1]["vs_baseline"] = compare_results(base_res, res, ci=ev["ci"])["methods"]["gradcam"]
+        rows = _ablation_network(net, grid, settings, data, root, quiet, progress)
         report["networks"][net] = {"rows": rows, "chosen": _ablation_choice(rows, acc_margin)}
-    report["wall_time_s"] = time.perf_counter() - started
-    report["provenance"] = provenance({"preset": preset, "settings": settings, "data": data}, ev["seed"])
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "results.json", report)
-    atomic_write_text(root / "report.md", ablation_markdown(report))
-    return report
+    return _write(report, root, started, ablation_markdown)

@@ -50,7 +50,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from .calls import (
@@ -70,8 +69,6 @@ __all__ = [
     "STATS_MODES",
     "Phase",
     "BackwardRules",
-    "preserve_batchnorm_counters",
-    "eval_mode",
 ]
 
 #: Statistics modes for the regulariser's input-gradient passes (SPEC 1).
@@ -671,38 +668,3 @@ class _ConvInputGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_weight = _conv_backward(grad, gg, weight, ctx.conf, [False, True, False], False)[1]
         return g_grad, g_weight, None, None
-
-
-def has_training_batchnorm(model: nn.Module) -> bool:
-    """True when some BatchNorm module of ``model`` would normalise with batch statistics."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
-
-
-@contextlib.contextmanager
-def preserve_batchnorm_counters(model: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm ``num_batches_tracked`` counter on exit (a train-mode BatchNorm module
-    increments it on every forward, even when igrad's rules leave the running statistics alone)."""
-    saved = [
-        (m.num_batches_tracked, m.num_batches_tracked.clone())
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.num_batches_tracked is not None
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, then restore every module's own ``training`` flag
-    (also on error, and also where submodules had modes different from the root's)."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag

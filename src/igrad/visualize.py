@@ -27,12 +27,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
-from .errors import IgradError, check_images, resolve_target, unknown_name
+from .atomic import atomic_write_bytes
+from .errors import IgradError
 from .normalization import Normalization
 from .output import model_logits
-from .provenance import atomic_write_bytes
-from .rules import eval_mode
-from .saliency import METHODS, create_method, signed_map
+from .saliency import METHODS, create_method, resolve_methods, signed_map
+from .torch_utils import eval_mode
+from .validate import TargetLike, check_images, resolve_target
 
 __all__ = [
     "Explanation",
@@ -107,7 +108,7 @@ def method_options(name: str, **options: Any) -> dict[str, Any]:
 def explain(
     model: nn.Module,
     x: torch.Tensor,
-    target: object,
+    target: TargetLike,
     methods: Sequence[str],
     *,
     target_layer: nn.Module | str | None = None,
@@ -119,9 +120,7 @@ def explain(
     that every method explains the same class). ``target_layer`` is used by the methods that read a layer.
     """
     check_images(x)
-    for name in methods:
-        if name not in METHODS:
-            raise unknown_name("saliency method", name, METHODS)
+    methods = resolve_methods(methods)
     method_kwargs = method_kwargs or {}
     with torch.no_grad(), eval_mode(model):
         t = resolve_target(target, model_logits(model, x))
@@ -187,7 +186,7 @@ def explanation_figure(
 def qualitative_figure(
     models: Mapping[str, nn.Module],
     images: torch.Tensor,
-    targets: object,
+    targets: TargetLike,
     methods: Sequence[str],
     mean: Sequence[float],
     std: Sequence[float],

@@ -1,5 +1,7 @@
 """Train a small CIFAR ResNet-18 briefly without and with the interpretable-gradient loss, and print
 the test accuracy and eval-mode mean cos(standard, guided gradient) of both (a few minutes on a CPU).
+The training half of `igrad reproduce --preset demo`, for one network, with the same strong λ (a short
+run needs it for the effect to show); `igrad reproduce --preset demo` also evaluates the saliency maps.
 
 examples:
   igrad demo --data /path/to/cifar100            (an image folder with train/ and test/)
@@ -13,7 +15,6 @@ import os
 
 from ..data import data_root_from_env
 from ..errors import IgradError
-from ..loss import DEFAULT_LAMBDA
 
 HELP = "short demonstration: baseline vs regularised training, accuracy and cos(δx, δᴳx)"
 
@@ -23,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="image folder or cifar100 (default: $IGRAD_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-100")
     p.add_argument("--out", default="runs/demo", help="folder for the two runs and demo.json")
-    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="λ of the regularised run")
+    from ..demo import DEMO_LAMBDA
+
+    p.add_argument("--lam", type=float, default=DEMO_LAMBDA, help=f"λ of the regularised run (default {DEMO_LAMBDA:g})")
     p.add_argument("--model", default="cifar_resnet18")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=2)

@@ -14,19 +14,19 @@ examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 from pathlib import Path
+
+from .config_flags import add_config_flags, config_values
 
 HELP = "evaluate saliency methods with AD/AG/AI/insertion/deletion and write the tables"
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from ..evaluate import CIS, TARGETS
+    from ..evaluate import CIS, TARGET_SOURCES
     from ..metrics import SCORES, SUBSTRATES
 
     return {
-        "target": TARGETS,
+        "target": TARGET_SOURCES,
         "ci": CIS,
         "insertion_substrate": tuple(SUBSTRATES),
         "deletion_substrate": tuple(SUBSTRATES),
@@ -50,15 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="data split (default test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    group = parser.add_argument_group("evaluation settings")
-    hints, choices = typing.get_type_hints(EvalConfig), _choices()
-    for f in dataclasses.fields(EvalConfig):
-        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default {f.default})"
-        if hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        kind = int if int in typing.get_args(hints[f.name]) or hints[f.name] is int else str
-        group.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=help_text)
+    add_config_flags(parser.add_argument_group("evaluation settings"), EvalConfig, choices=_choices())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import EvalConfig, evaluate_checkpoint
     from ..report import LABELS, compare_table, write_comparison, write_report
 
-    settings = EvalConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    settings = EvalConfig.from_dict(config_values(args, EvalConfig))
     common = dict(split=args.split, progress=not args.no_progress, resume_dir=args.out / ".partial")
     if args.compare:
         baseline, regularised = (evaluate_checkpoint(path, args.data, settings, **common) for path in args.compare)

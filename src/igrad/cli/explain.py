@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from ..errors import IgradError, unknown_name
+from ..errors import IgradError
 from ..normalization import Normalization
+from ..validate import positive_int
 
 HELP = "saliency maps (overlays and a grid figure) of a checkpoint for image files"
 DEFAULT_METHODS = "gradient,guided,gradcam,scorecam"
@@ -70,18 +71,6 @@ def _load_images(paths: list[str], size: tuple[int, int], channels: int = 3) -> 
     from ..images import decode_image, to_unit
 
     return torch.stack([to_unit(resize(decode_image(p, channels), list(size), antialias=True)) for p in paths])
-
-
-def _parse_methods(text: str) -> list[str]:
-    from ..saliency import METHODS
-
-    names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    if not names:
-        raise IgradError("--methods is empty")
-    for n in names:
-        if n not in METHODS:
-            raise unknown_name("saliency method", n, METHODS)
-    return names
 
 
 def _parse_target(text: str | None, n_images: int, classes: list[str] | None) -> list[int] | None:
@@ -140,57 +129,78 @@ def _labels(paths: list[str]) -> list[str]:
     return names
 
 
+def _device(name: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise IgradError(f"--device {name!r} is not a torch device") from exc
+
+
+def _classes(config: dict[str, Any]) -> list[str] | None:
+    classes = config.get("classes")
+    return list(classes) if isinstance(classes, list | tuple) else None
+
+
+def _inputs(
+    args: argparse.Namespace, config: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The images' raw [0, 1] pixels at the model's input size, and that size ``(H, W)``."""
+    size_px = positive_int("--size", args.size, optional=True)
+    size = (size_px, size_px) if size_px else _image_size(config, config.get("model", ""))
+    shape = config.get("image_shape")
+    channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
+    return _load_images(args.images, size, channels).to(device), size
+
+
+def _write_maps(
+    out: Path, rows: list[tuple[str, Any]], raw: torch.Tensor, paths: list[str], size: tuple[int, int]
+) -> list[str]:
+    """An overlay per checkpoint, image and method (``out/<label>/<image>_<method>.png``); the files written."""
+    from ..visualize import render, save_image
+
+    files = []
+    scale = max(1, 224 // min(size))
+    for label, exps in rows:
+        for i, stem in enumerate(_unique_stems(paths)):
+            for name, exp in exps.items():
+                f = out / _safe(label) / f"{stem}_{_safe(name)}.png"
+                save_image(f, render(exp, raw, i), scale=scale)
+                files.append(str(f))
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
     """Compute the maps, write overlays, the grid figure and explain.json."""
+    from ..atomic import atomic_write_json
     from ..checkpoint import load_model
     from ..output import model_logits
-    from ..provenance import atomic_write_json, provenance
-    from ..saliency import METHODS
-    from ..visualize import explain, explanation_figure, method_options, render, save_figure, save_image
+    from ..provenance import provenance
+    from ..saliency import METHODS, resolve_methods
+    from ..visualize import explain, explanation_figure, method_options, save_figure
 
-    methods = _parse_methods(args.methods)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise IgradError(f"--batch-size must be positive, got {args.batch_size}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise IgradError(f"--device {args.device!r} is not a torch device") from exc
+    methods = resolve_methods(args.methods)
+    options = {} if args.batch_size is None else {"batch_size": positive_int("--batch-size", args.batch_size)}
+    device = _device(args.device)
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     loaded = [load_model(p, map_location=device) for p in paths]
-    model0, config0 = loaded[0]
-    if args.size is not None and args.size < 1:
-        raise IgradError(f"--size must be positive, got {args.size}")
-    size = (args.size, args.size) if args.size else _image_size(config0, config0.get("model", ""))
-    norm = _normalization(config0, args.checkpoint)
-    classes = config0.get("classes")
-    classes = list(classes) if isinstance(classes, list | tuple) else None
-
-    shape = config0.get("image_shape")
-    channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
-    raw = _load_images(args.images, size, channels).to(device)
-    x = norm.apply(raw)
+    config0 = loaded[0][1]
+    raw, size = _inputs(args, config0, device)
+    x = _normalization(config0, args.checkpoint).apply(raw)
+    classes = _classes(config0)
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
         predicted = [model_logits(m, x).argmax(1).tolist() for m, _ in loaded]
     if target is None:
         target = predicted[0]  # the same class for every checkpoint, so that the rows compare like with like
-    options = {} if args.batch_size is None else {"batch_size": args.batch_size}
     kwargs = {name: method_options(name, **options) for name in methods}
     labels = _labels(paths)
+    rows = [
+        (label, explain(model, x, target, methods, target_layer=args.target_layer, method_kwargs=kwargs))
+        for label, (model, _config) in zip(labels, loaded, strict=True)
+    ]
     out = Path(args.out)
-    rows, files = [], []
-    stems = _unique_stems(args.images)
-    scale = max(1, 224 // min(size))
-    for label, (model, _config) in zip(labels, loaded, strict=True):
-        exps = explain(model, x, target, methods, target_layer=args.target_layer, method_kwargs=kwargs)
-        rows.append((label, exps))
-        for i, stem in enumerate(stems):
-            for name in methods:
-                f = out / _safe(label) / f"{stem}_{_safe(name)}.png"
-                save_image(f, render(exps[name], raw, i), scale=scale)
-                files.append(str(f))
-    fig = explanation_figure(raw.cpu(), rows, class_names=classes)
-    save_figure(fig, out / "grid.png")
+    files = _write_maps(out, rows, raw, args.images, size)
+    save_figure(explanation_figure(raw.cpu(), rows, class_names=classes), out / "grid.png")
     files.append(str(out / "grid.png"))
     summary = {
         "checkpoints": dict(zip(labels, paths, strict=True)),

@@ -23,6 +23,7 @@ import sys
 
 from ..data import data_root_from_env
 from ..errors import IgradError
+from ..validate import positive_int
 
 HELP = "the paper's experiment end to end: train, evaluate, report (presets paper, cpu, demo)"
 
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         train["epochs"] = args.epochs
     if args.threads is not None:
-        if args.threads < 1:
-            raise IgradError(f"--threads must be >= 1, got {args.threads}")
-        train["threads"] = args.threads
+        train["threads"] = positive_int("--threads", args.threads)
         torch.set_num_threads(args.threads)  # evaluation runs in this process
     evaluation = {"limit": args.limit} if args.limit is not None else None
     command = "igrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None

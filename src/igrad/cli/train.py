@@ -34,6 +34,7 @@ from ..train import (
     fit,
     saved_config,
 )
+from .config_flags import add_config_flags, config_values
 
 HELP = "train a network with the interpretable-gradient loss (presets, checkpoints, resume, DDP)"
 
@@ -58,38 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     group = parser.add_argument_group("config fields (defaults: the preset's)")
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        values = {"paper": default} | {n: p[f.name] for n, p in PRESETS.items() if f.name in p}
-        shown = "; ".join(f"{n}: {_show(v)}" for n, v in values.items() if v not in (None, "", []))
-        help_text = f"{f.metadata['help']} ({shown})" if shown and f.name != "preset" else f.metadata["help"]
-        if hints[f.name] is bool:
-            group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"]
-            )
-            continue
-        kwargs: dict[str, typing.Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if f.name in _CHOICES:
-            kwargs["choices"] = list(_CHOICES[f.name])
-        else:
-            kwargs["metavar"] = _METAVARS.get(f.name, "LIST" if typing.get_origin(hints[f.name]) is list else None)
-        group.add_argument(flag, **{k: v for k, v in kwargs.items() if v is not None})
+    add_config_flags(group, TrainConfig, choices=_CHOICES, metavars=_METAVARS, typed=False, note=_preset_values)
+
+
+def _preset_values(f: dataclasses.Field[typing.Any]) -> str:
+    """``(paper: X; cpu: Y)``: a field's value in each preset (none for booleans and ``preset`` itself)."""
+    default = getattr(TrainConfig(), f.name)
+    if isinstance(default, bool) or f.name == "preset":
+        return ""
+    values = {"paper": default} | {n: p[f.name] for n, p in PRESETS.items() if f.name in p}
+    shown = "; ".join(f"{n}: {_show(v)}" for n, v in values.items() if v not in (None, "", []))
+    return f"({shown})" if shown else ""
 
 
 def _show(value: typing.Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _given(args: argparse.Namespace) -> dict[str, typing.Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the config (or reload it with --resume), train, print the final summary."""
-    given = _given(args)
+    given = config_values(args, TrainConfig)
     if args.resume:
         if args.config:
             raise IgradError("--resume continues a run with its saved config; do not pass --config with it")

@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ..errors import IgradError, unknown_name
+from ..validate import positive_int
 
 __all__ = [
     "register_model",
@@ -112,8 +113,7 @@ def list_models(torchvision: bool = False) -> list[str]:
 
 def create_model(name: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
     """Build a registered model (or ``tv:<torchvision name>``) with ``num_classes`` outputs."""
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise IgradError(f"num_classes must be a positive integer, got {num_classes!r}")
+    positive_int("num_classes", num_classes)
     info = model_info(name)
     try:
         model = info.build(num_classes=num_classes, **kwargs)

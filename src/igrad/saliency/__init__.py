@@ -12,7 +12,16 @@ in :mod:`igrad.saliency.gradient`. The differences of definition from pytorch-gr
 
 from __future__ import annotations
 
-from .base import METHODS, SaliencyMethod, create_method, normalize_maps, register_method, resolve_layer, upsample
+from .base import (
+    METHODS,
+    SaliencyMethod,
+    create_method,
+    normalize_maps,
+    register_method,
+    resolve_layer,
+    resolve_methods,
+    upsample,
+)
 from .cam import CAM, AblationCAM, CAMContext, CAMMethod, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM, XGradCAM
 from .gradient import Gradient, GradientMethod, Guided, GuidedGradCAM, SmoothGrad, signed_map
 
@@ -24,6 +33,7 @@ __all__ = [
     "GradientMethod",
     "create_method",
     "register_method",
+    "resolve_methods",
     "resolve_layer",
     "normalize_maps",
     "upsample",

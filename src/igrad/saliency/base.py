@@ -29,31 +29,30 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IgradError, check_images, unknown_name
+from ..errors import IgradError, unknown_name
 from ..models import default_target_layer, inner_name, unwrap_model
-from ..rules import eval_mode
+from ..torch_utils import eval_mode
+from ..validate import TargetLike, check_images, parse_names
 
 __all__ = [
     "METHODS",
     "SaliencyMethod",
-    "TargetLike",
     "create_method",
     "register_method",
+    "resolve_methods",
     "normalize_maps",
     "upsample",
+    "finish_maps",
     "resolve_layer",
-    "eval_mode",
     "progress_bar",
 ]
-
-TargetLike = int | torch.Tensor | list[int] | None
 
 #: Saliency methods by name, in the order of SPEC 3 (feeds the CLI's choices).
 METHODS: dict[str, type[SaliencyMethod]] = {}
@@ -70,6 +69,12 @@ def register_method(name: str) -> Callable[[type[SaliencyMethod]], type[Saliency
         return cls
 
     return deco
+
+
+def resolve_methods(spec: str | Iterable[str]) -> list[str]:
+    """Saliency method names from ``"all"``, a comma-separated string or a sequence (:data:`METHODS`, in its
+    order; :func:`igrad.validate.parse_names`); unknown names raise."""
+    return parse_names(spec, METHODS, "saliency method")
 
 
 def create_method(
@@ -115,6 +120,12 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...], align_corners: bool = Fa
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+
+
+def finish_maps(raw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    r"""Raw maps ``[B, h, w]`` as every method returns them: :func:`upsample`\ d to ``size``, then
+    :func:`normalize_maps` (per-image min-max to [0, 1])."""
+    return normalize_maps(upsample(raw, size))
 
 
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
@@ -221,8 +232,7 @@ class SaliencyMethod:
     # -- calls ---------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """Saliency maps ``[B, H, W]`` in [0, 1]: the raw maps, upsampled and min-max normalised."""
-        raw = self._run(self._raw_maps, x, target)
-        return normalize_maps(upsample(raw.detach().float(), tuple(x.shape[-2:])))
+        return finish_maps(self._run(self._raw_maps, x, target).detach().float(), tuple(x.shape[-2:]))
 
     def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """The signed attribution ``[B, C, H, W]`` (only for ``signed`` methods)."""

@@ -19,7 +19,7 @@ Differences of definition from pytorch-grad-cam 1.5.7 (``pytorch_grad_cam``), al
 * ``ablationcam``: theirs replaces an ablated channel by 0 if the minimum of the *whole ablation batch*
   is 0, else by ``min − 1e7``; ours always zeroes it (SPEC). Same result for post-ReLU layers. Theirs
   re-runs the whole network for every ablation; ours runs only the layers after the target layer
-  (:mod:`igrad.saliency.split`).
+  (:mod:`igrad.saliency.tracing`).
 * ``cam``: not in pytorch-grad-cam; no ReLU (Zhou et al.'s class activation map is signed).
 
 Layers whose output is not ``[B, K, h, w]`` (:mod:`igrad.saliency.layout`): ``layout="BHWC"`` (channels
@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import IgradError, resolve_target
+from ..errors import IgradError
 from ..models import layer_layout
 from ..output import model_logits
-from .base import SaliencyMethod, TargetLike, progress_bar, register_method, upsample
+from ..validate import TargetLike, positive_int, resolve_target
+from .base import SaliencyMethod, normalize_maps, progress_bar, register_method, upsample
 from .layout import channel_dim, check_layout, output_dims, to_bchw
-from .split import LayerSplit, SplitError, fold_batchnorm
+from .tracing import LayerTail, TracingError, fold_batchnorm
 
 __all__ = [
     "CAMContext",
@@ -204,7 +205,10 @@ class CAMMethod(SaliencyMethod):
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
 
     def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-        ctx = self._forward(x, target)
+        return self.layer_map(self._forward(x, target))
+
+    def layer_map(self, ctx: CAMContext) -> torch.Tensor:
+        """The raw map at the layer's resolution: :meth:`cam`, through ReLU where the method uses one."""
         cam = self.cam(ctx)
         return F.relu(cam) if self.relu else cam
 
@@ -238,9 +242,7 @@ class CAM(CAMMethod):
         for head in reversed(heads):
             if head.out_features != logits.shape[1]:
                 continue
-            predicted = F.linear(a.mean(dim=(2, 3)), head.weight, head.bias)
-            scale = max(1.0, float(logits.abs().max()))
-            if torch.allclose(predicted, logits, rtol=1e-4, atol=1e-4 * scale):
+            if _reproduces(F.linear(a.mean(dim=(2, 3)), head.weight, head.bias), logits):
                 return head.weight.detach()[ctx.target]
             why = "the logits are not a linear function of its global average pool"
         raise IgradError(
@@ -302,12 +304,6 @@ class LayerCAM(CAMMethod):
         return (F.relu(ctx.grad) * ctx.activation).sum(dim=1)
 
 
-def _check_batch_size(batch_size: int) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise IgradError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
 @register_method("scorecam")
 class ScoreCAM(CAMMethod):
     """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if constant),
@@ -319,7 +315,7 @@ class ScoreCAM(CAMMethod):
     zero image (exact). ``mask_align_corners=True`` upsamples the masks like pytorch-grad-cam.
 
     ``fold_batchnorm`` scores the masked images with a copy of the model whose eval-mode BatchNorm
-    layers are folded into the preceding convolutions (:func:`~igrad.saliency.split.fold_batchnorm`:
+    layers are folded into the preceding convolutions (:func:`~igrad.saliency.tracing.fold_batchnorm`:
     the same function up to float rounding, one pass less per layer). The copy is used only after it
     reproduces the call's own logits (``rtol = 1e-4``); it is kept while the method's hooks are held
     (a ``with`` block) and rebuilt when a weight changes. Where the model cannot be traced or the copy
@@ -342,7 +338,7 @@ class ScoreCAM(CAMMethod):
         layout: str | None = None,
     ) -> None:
         super().__init__(model, target_layer, layout=layout)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.mask_align_corners = bool(mask_align_corners)
         self.fold_batchnorm = None if fold_batchnorm is None else bool(fold_batchnorm)
         self.progress = progress
@@ -368,8 +364,8 @@ class ScoreCAM(CAMMethod):
             with torch.inference_mode():
                 reproduced = folded(ctx.x.clone())  # the copy may change its input in place
             if not _reproduces(reproduced, ctx.logits):
-                raise SplitError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
-        except SplitError as exc:
+                raise TracingError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
+        except TracingError as exc:
             self._fold_failed = str(exc)
             warnings.warn(f"scorecam: {exc}; scoring with the model as is", stacklevel=4)
             return self.model
@@ -382,11 +378,7 @@ class ScoreCAM(CAMMethod):
 
     def masks(self, activation: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
-        m = upsample(activation, size, align_corners=self.mask_align_corners)
-        flat = m.flatten(1)
-        lo = flat.amin(1)[:, None, None]
-        span = (flat.amax(1) - flat.amin(1))[:, None, None]
-        return torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), 0.0)
+        return normalize_maps(upsample(activation, size, align_corners=self.mask_align_corners))
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         x, a, t = ctx.x, ctx.activation, ctx.target
@@ -420,8 +412,8 @@ class AblationCAM(CAMMethod):
     """Ablation-CAM: ``w_k = (y_c − y_c^(k)) / y_c``, ``y_c^(k)`` the logit with channel ``k`` of the
     target layer's output set to 0, ``S = ReLU(Σ_k w_k A_k)``.
 
-    Only the layers *after* the target layer run for the ablations: the model is split at the layer
-    with ``torch.fx`` (:class:`~igrad.saliency.split.LayerSplit`), and the ``B·K`` ablated copies of the
+    Only the layers *after* the target layer run for the ablations: the model is cut at the layer
+    with ``torch.fx`` (:class:`~igrad.saliency.tracing.LayerTail`), and the ``B·K`` ablated copies of the
     recorded activation go through the tail in batches of ``batch_size``. A channel that is already all
     zero cannot change the logit, so its weight is 0 without a forward. Where the model cannot be
     traced (data-dependent Python control flow) or the traced tail does not reproduce the logits, it
@@ -442,22 +434,22 @@ class AblationCAM(CAMMethod):
         layout: str | None = None,
     ) -> None:
         super().__init__(model, target_layer, layout=layout)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.progress = progress
-        self._split: LayerSplit | None = None
-        self._split_failed: str | None = None
+        self._tail: LayerTail | None = None
+        self._tail_failed: str | None = None
 
-    def split(self) -> LayerSplit | None:
-        """The model split at the target layer (traced once, cached), or ``None`` where it cannot be."""
-        if self._split is None and self._split_failed is None:
+    def traced_tail(self) -> LayerTail | None:
+        """The model cut at the target layer (traced once, cached), or ``None`` where it cannot be."""
+        if self._tail is None and self._tail_failed is None:
             try:
-                self._split = LayerSplit(self.model, self.layer_name)
-            except SplitError as exc:
-                self._split_failed = str(exc)
+                self._tail = LayerTail(self.model, self.layer_name)
+            except TracingError as exc:
+                self._tail_failed = str(exc)
                 warnings.warn(
                     f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
                 )
-        return self._split
+        return self._tail
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         # ablate the layer's output as it is laid out (channels along channel_dim), then run the tail on it
@@ -482,21 +474,21 @@ class AblationCAM(CAMMethod):
 
     def _tail_runner(self, ctx: CAMContext) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``run(img, ablated) -> logits``: the logits for ablated activations of images ``img``."""
-        split = self.split()
-        if split is not None:
+        traced = self.traced_tail()
+        if traced is not None:
             try:
                 with torch.inference_mode():  # copies: head and tail may change their inputs in place
-                    extra = split.externals(ctx.x.clone())
-                    reproduced = split.tail(ctx.recorded.clone(), *[e.clone() for e in extra])
+                    extra = traced.externals(ctx.x.clone())
+                    reproduced = traced.tail(ctx.recorded.clone(), *[e.clone() for e in extra])
                 if not _reproduces(reproduced, ctx.logits):
-                    raise SplitError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
-            except SplitError as exc:
+                    raise TracingError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
+            except TracingError as exc:
                 warnings.warn(
                     f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
                 )
-                self._split, self._split_failed = None, str(exc)
+                self._tail, self._tail_failed = None, str(exc)
             else:  # e[img] is a new tensor per batch
-                return lambda img, ablated: split.tail(ablated, *[e[img] for e in extra])
+                return lambda img, ablated: traced.tail(ablated, *[e[img] for e in extra])
         return lambda img, ablated: self._replace_run(ctx.x[img], ablated)
 
     def _replace_run(self, x: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:

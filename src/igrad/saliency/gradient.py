@@ -22,11 +22,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import IgradError, resolve_target
+from ..errors import IgradError
 from ..gradients import gradient
 from ..output import model_logits
-from .base import SaliencyMethod, TargetLike, normalize_maps, progress_bar, register_method, upsample
-from .cam import GradCAM, _check_batch_size
+from ..validate import TargetLike, positive_int, resolve_target
+from .base import SaliencyMethod, finish_maps, progress_bar, register_method
+from .cam import GradCAM
 
 __all__ = ["GradientMethod", "Gradient", "Guided", "SmoothGrad", "GuidedGradCAM", "signed_map"]
 
@@ -95,13 +96,11 @@ class SmoothGrad(GradientMethod):
         allow: Iterable[str] = (),
     ) -> None:
         super().__init__(model, target_layer, allow=allow)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise IgradError(f"n_samples must be a positive integer, got {n_samples!r}")
+        self.n_samples = positive_int("n_samples", n_samples)
         if not noise_level >= 0:
             raise IgradError(f"noise_level must be >= 0, got {noise_level!r}")
-        self.n_samples = n_samples
         self.noise_level = float(noise_level)
-        self.batch_size = _check_batch_size(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.seed = int(seed)
         self.progress = progress
 
@@ -170,7 +169,7 @@ class GuidedGradCAM(GradCAM):
 
     def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         ctx = self._forward(x, target)
-        cam = normalize_maps(upsample(torch.relu(self.cam(ctx)), tuple(x.shape[-2:])))
+        cam = finish_maps(self.layer_map(ctx), tuple(x.shape[-2:]))
         guided = gradient(self.model, x, ctx.target, guided=True, allow=self.allow)
         return guided * cam[:, None].to(guided.dtype)
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import cos_subset, eval_tensors
 from ..errors import IgradError
@@ -62,8 +63,8 @@ from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
 from ..precision import autocast, to_channels_last
-from ..provenance import atomic_write_json, atomic_write_text, provenance
-from ..rules import eval_mode
+from ..provenance import provenance
+from ..torch_utils import eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
 from .distributed import Dist, select_device

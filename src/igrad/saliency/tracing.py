@@ -1,4 +1,4 @@
-"""``torch.fx`` tools for the methods that run a model many times: split a model at a layer, to run only
+"""``torch.fx`` tools for the methods that run a model many times: cut a model at a layer, to run only
 the part after it (``ablationcam``), and fold eval-mode BatchNorm into the convolutions (``scorecam``).
 
 Why fx: Ablation-CAM needs the logits for ``B·K`` ablated copies of the target layer's output. Running
@@ -30,11 +30,11 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-__all__ = ["LayerSplit", "SplitError", "fold_batchnorm"]
+__all__ = ["LayerTail", "TracingError", "fold_batchnorm"]
 
 
-class SplitError(Exception):
-    """The model cannot be split at the layer (not traceable, layer used twice, ...)."""
+class TracingError(Exception):
+    """The model cannot be traced, cut at the layer or folded (not traceable, layer used twice, ...)."""
 
 
 class _LeafTracer(fx.Tracer):
@@ -48,40 +48,40 @@ class _LeafTracer(fx.Tracer):
         return module_qualified_name == self.leaf or super().is_leaf_module(m, module_qualified_name)
 
 
-class LayerSplit:
-    """``model`` split at its submodule ``layer`` (dotted name) into ``head`` (only when externals are
-    needed) and ``tail``. Raises :class:`SplitError` when it cannot be done."""
+class LayerTail:
+    """``model`` cut at its submodule ``layer`` (dotted name) into ``head`` (only when externals are
+    needed) and ``tail``. Raises :class:`TracingError` when it cannot be done."""
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         tracer = _LeafTracer(layer)
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...) on untraceable code
-            raise SplitError(
+            raise TracingError(
                 f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})"
             ) from exc
         nodes = list(graph.nodes)
         hits = [n for n in nodes if n.op == "call_module" and n.target == layer]
         if len(hits) != 1:
-            raise SplitError(f"layer {layer!r} is called {len(hits)} times in the traced forward (need exactly 1)")
-        split = hits[0]
-        dependent: set[fx.Node] = {split}
+            raise TracingError(f"layer {layer!r} is called {len(hits)} times in the traced forward (need exactly 1)")
+        cut = hits[0]
+        dependent: set[fx.Node] = {cut}
         for n in nodes:
             if any(a in dependent for a in n.all_input_nodes):
                 dependent.add(n)
         (output,) = [n for n in nodes if n.op == "output"]
         if output not in dependent:
-            raise SplitError(f"the model's output does not depend on layer {layer!r}")
+            raise TracingError(f"the model's output does not depend on layer {layer!r}")
         externals = []
         for n in nodes:
-            if n in dependent and n is not split:
+            if n in dependent and n is not cut:
                 for a in n.all_input_nodes:
                     if a not in dependent and a.op != "get_attr" and a not in externals:
                         externals.append(a)
 
         # tail: placeholders for the activation and the externals, then the dependent nodes in order
         tail = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {split: tail.placeholder("activation")}
+        env: dict[fx.Node, fx.Node] = {cut: tail.placeholder("activation")}
         for i, e in enumerate(externals):
             env[e] = tail.placeholder(f"external_{i}")
         for n in nodes:
@@ -113,20 +113,22 @@ class LayerSplit:
         values = list(self.head(x))
         for v in values:
             if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != x.shape[0]:
-                raise SplitError(f"a value that bypasses layer {self.layer!r} is not a per-image tensor")
+                raise TracingError(f"a value that bypasses layer {self.layer!r} is not a per-image tensor")
         return values
 
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A traced copy of ``model`` (eval mode) with each ``Conv``/``Linear`` followed by its ``BatchNorm``
-    folded into one layer, and no hooks. Raises :class:`SplitError` when the model cannot be copied or
+    folded into one layer, and no hooks. Raises :class:`TracingError` when the model cannot be copied or
     traced, or is in training mode (its BatchNorm then uses batch statistics: nothing to fold)."""
     if any(m.training for m in model.modules()):
-        raise SplitError(f"{type(model).__name__} is in training mode; BatchNorm is folded only in eval mode")
+        raise TracingError(f"{type(model).__name__} is in training mode; BatchNorm is folded only in eval mode")
     try:
         folded = fuse(model, inplace=False)
     except Exception as exc:  # deepcopy or fx tracing can fail in many ways on arbitrary models
-        raise SplitError(f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})") from exc
+        raise TracingError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc})"
+        ) from exc
     for m in folded.modules():  # the deep copy carries the model's hooks (ours included): drop them
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()

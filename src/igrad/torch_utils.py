@@ -1,0 +1,57 @@
+"""Small torch utilities every layer uses: a model's modes, BatchNorm counters, its device.
+
+Kept apart from the backward-rule engine (:mod:`igrad.rules`), which uses none of them: they are about
+running a model, not about how gradients flow through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["eval_mode", "preserve_batchnorm_counters", "has_training_batchnorm", "device_of"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, then restore every module's own ``training`` flag
+    (also on error, and also where submodules had modes different from the root's)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def has_training_batchnorm(model: nn.Module) -> bool:
+    """True when some BatchNorm module of ``model`` would normalise with batch statistics."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
+@contextlib.contextmanager
+def preserve_batchnorm_counters(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm ``num_batches_tracked`` counter on exit (a train-mode BatchNorm module
+    increments it on every forward, even when igrad's rules leave the running statistics alone)."""
+    saved = [
+        (m.num_batches_tracked, m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.num_batches_tracked is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
