@@ -268,12 +268,15 @@ FAST = {"reg_fraction": 0.5, "amp": True, "channels_last": True}  # the sub-batc
 
 
 @pytest.mark.parametrize(
-    "every,extra", [(0, {}), (3, {}), (3, FAST)], ids=["epoch-checkpoint", "mid-epoch-checkpoint", "fraction-bf16-cl"]
+    "every,extra",
+    [(0, {}), (3, {}), (3, FAST), (3, {"lam_warmup": 3.0})],
+    ids=["epoch-checkpoint", "mid-epoch-checkpoint", "fraction-bf16-cl", "mid-lam-warmup"],
 )
 def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_path, every, extra):
     # 48 images, batch 12: 4 steps per epoch; killed after global step 7 (epoch 2, step 3). With
     # checkpoint_every=3 the last checkpoint is from step 6 (inside epoch 2), else from the end of epoch 1.
     # With reg_fraction < 1 the regulariser's subsets are seeded per step: the resumed run draws the same.
+    # With lam_warmup = 3 (12 steps) the whole run is inside the warm-up: λ_eff follows the global step.
     config = tiny(folder, tmp_path / "killed", checkpoint_every=every, **extra)
     marker = tmp_path / "stalled"
     proc = subprocess.Popen(
@@ -304,6 +307,7 @@ def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_
     logged = [json.loads(s) for s in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_acc"] for r in logged] == [r["test_acc"] for r in uninterrupted.history]
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in uninterrupted.history], rel=1e-12)
+    assert [r["lam"] for r in logged] == [r["lam"] for r in uninterrupted.history]
 
 
 # --- bad input ----------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One module per concept: :mod:`~igrad.train.config` (:class:`TrainConfig`, presets, TOML),
 :mod:`~igrad.train.augment` (SPEC 2's augmentation, per sample), :mod:`~igrad.train.distributed`
-(several processes), :mod:`~igrad.train.trainer` (:func:`fit`, the run folder, resuming). The data of a
+(several processes), :mod:`~igrad.train.finetune` (starting from a checkpoint's weights),
+:mod:`~igrad.train.trainer` (:func:`fit`, the run folder, resuming). The data of a
 run (splits, validation hold-out, the fixed cos subset) is :mod:`igrad.data`'s; accuracy and mean
 ``cos(δx, δᴳx)`` are measured by :mod:`igrad.measure`, as in evaluation.
 """
@@ -22,7 +23,17 @@ from .config import (
     prepare_data,
     saved_config,
 )
-from .trainer import METRIC_KEYS, NonFiniteLossError, RunResult, StepInfo, fit, fit_or_resume, lr_factor
+from .finetune import InitWeights, load_init
+from .trainer import (
+    METRIC_KEYS,
+    NonFiniteLossError,
+    RunResult,
+    StepInfo,
+    fit,
+    fit_or_resume,
+    lam_factor,
+    lr_factor,
+)
 
 __all__ = [
     "TrainConfig",
@@ -40,6 +51,9 @@ __all__ = [
     "augment",
     "fit_or_resume",
     "lr_factor",
+    "lam_factor",
+    "InitWeights",
+    "load_init",
     "config_from_toml",
     "config_to_toml",
     "saved_config",

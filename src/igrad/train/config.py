@@ -66,6 +66,11 @@ class TrainConfig:
     model: str = _f("cifar_resnet18", "network: a registered name or tv:<torchvision name>")
     width: float | None = _f(None, "width multiplier of the CIFAR networks (default: the model's, 1.0)")
     weights: str | None = _f(None, "torchvision weights for tv: models (e.g. DEFAULT; needs internet)")
+    init: str | None = _f(
+        None,
+        "fine-tune: start from the weights of this igrad checkpoint (same model, width and classes), with a "
+        "fresh optimiser and schedule (torchvision's pretrained weights: --weights)",
+    )
     data: str = _f("cifar100", "cifar10, cifar100 (torchvision) or an image folder with train/ and test/ (or val/)")
     data_root: str | None = _f(None, "where torchvision keeps cifar10/cifar100 (default: the igrad cache)")
     download: bool = _f(False, "let torchvision download cifar10/cifar100")
@@ -80,6 +85,7 @@ class TrainConfig:
     std: list[float] | None = _f(None, "normalisation std per channel (overrides --normalization; with --mean)")
     # the loss
     lam: float = _f(DEFAULT_LAMBDA, "weight λ of the regulariser L_R (0: standard training, L_R not computed)")
+    lam_warmup: float = _f(0.0, "λ warm-up in epochs: λ ramps linearly from 0 at the first step (0: none)")
     error: str = _f("cosine", "error function E of L_R")
     stats: str = _f(DEFAULT_STATS, "BatchNorm statistics of the regulariser's gradient passes")
     allow: list[str] = _f([], "non-linearities without a guided rule to let through (e.g. silu)")
@@ -166,6 +172,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (math.isfinite(self.lam) and self.lam >= 0, "lam must be a finite number >= 0"),
+            (math.isfinite(self.lam_warmup) and self.lam_warmup >= 0, "lam_warmup must be a finite number >= 0"),
             (math.isfinite(self.lr) and self.lr > 0, "lr must be a finite number > 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -196,6 +203,22 @@ class TrainConfig:
                 raise IgradError(f"bad config: {exc}") from exc
         if self.reg_fraction < 1 and self.stats == "coupled":
             raise IgradError("bad config: reg_fraction < 1 needs stats batch-frozen or running (not coupled)")
+        self._validate_init()
+
+    def _validate_init(self) -> None:
+        """``init`` names an igrad checkpoint; torchvision's pretrained weights are ``weights``."""
+        if self.init is None:
+            return
+        if self.init == "" or self.init == "tv" or self.init.startswith("tv:"):
+            raise IgradError(
+                f"bad config: init {self.init!r} is not a checkpoint path; --init takes an igrad checkpoint "
+                "(e.g. runs/NAME/best.pt). To start a tv: model from torchvision's pretrained weights use "
+                "--weights DEFAULT (downloaded by torchvision)"
+            )
+        if self.weights is not None:
+            raise IgradError(
+                f"bad config: init ({self.init}) and weights ({self.weights}) both set the starting weights; give one"
+            )
 
 
 #: Presets: overrides of the :class:`TrainConfig` defaults. ``paper`` is SPEC 2's paper-scale recipe;

@@ -9,7 +9,11 @@ Per step, on a global batch ``B`` of training images:
   probability 1/2, ``RandomRotation(15)`` (nearest, zero fill); then ``x = (raw/255 − mean) / std``;
 * ``L_C`` the cross-entropy of the training-mode logits; ``L_R`` from
   :class:`igrad.GradientAlignmentLoss` (not computed at all when ``λ = 0``);
-  ``L = L_C + λ L_R``; SGD step; the learning rate follows the schedule per step.
+  ``L = L_C + λ_eff L_R``; SGD step; the learning rate follows the schedule per step, and so does
+  ``λ_eff`` with a λ warm-up (:func:`lam_factor`; without one ``λ_eff = λ``).
+
+Fine-tuning (``config.init``, :mod:`~igrad.train.finetune`): the model starts from a trained igrad
+checkpoint's weights; optimiser, schedules and step count start fresh.
 
 After each epoch: accuracy on the test split (and on the validation split when ``val_fraction > 0``)
 and the mean eval-mode ``cos(δx, δᴳx)`` (:func:`igrad.gradient_cosine`, ground-truth class) on a fixed
@@ -68,6 +72,7 @@ from ..torch_utils import eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
 from .distributed import Dist, select_device
+from .finetune import InitWeights, load_init, match_data_classes
 
 __all__ = [
     "METRIC_KEYS",
@@ -77,6 +82,7 @@ __all__ = [
     "fit",
     "fit_or_resume",
     "lr_factor",
+    "lam_factor",
 ]
 
 #: Keys of each line of ``metrics.jsonl`` (``val_*`` only with a validation split).
@@ -84,6 +90,7 @@ METRIC_KEYS = (
     "epoch",
     "step",
     "lr",
+    "lam",
     "loss",
     "l_c",
     "l_r",
@@ -117,6 +124,19 @@ def lr_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
         t = min(max(step - warm, 0), total)
         factor *= 0.5 * (1 + math.cos(math.pi * t / total))
     return factor
+
+
+def lam_factor(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """λ at optimiser step ``step`` (0-based, counted over the whole run) as a fraction of ``config.lam``.
+
+    With ``W = lam_warmup · steps_per_epoch`` steps of warm-up (not rounded): ``min(1, step / W)``, so the
+    first step has ``λ_eff = 0`` and every step from ``W`` on the full λ; 1 without warm-up. A step with
+    ``λ_eff = 0`` still computes the regulariser, with weight 0 (not skipped: every step takes the same
+    passes and logs its ``L_R``; only the first step of a warm-up has weight 0, so skipping would save
+    nothing worth a second code path).
+    """
+    warm = config.lam_warmup * steps_per_epoch
+    return min(1.0, step / warm) if warm > 0 else 1.0
 
 
 class NonFiniteLossError(IgradError):
@@ -171,7 +191,9 @@ _AUG, _DROPOUT, _ORDER, _SUBSET = 1, 2, 3, 4
 def _default_out(config: TrainConfig) -> str:
     name = config.model.replace(":", "-").replace("/", "-")
     width = f"-w{config.width:g}" if config.width is not None else ""
-    return str(Path("runs") / f"{name}{width}-lam{config.lam:g}-seed{config.seed}")
+    warm = f"-warm{config.lam_warmup:g}" if config.lam_warmup else ""
+    tuned = "-ft" if config.init else ""
+    return str(Path("runs") / f"{name}{width}{tuned}-lam{config.lam:g}{warm}-seed{config.seed}")
 
 
 @dataclass(frozen=True)
@@ -213,11 +235,14 @@ class _Trainer:
                     f"run folder {self.run_dir} already holds a run (last.pt); continue it with "
                     f"--resume {self.run_dir}, or choose another --out"
                 )
-        self.data = prepare_data(c)
+        init = self._prepare_init_and_data(state)
         d = self.data
         self.num_classes = len(d.classes)
         torch.manual_seed(c.seed)
-        model = create_model(c.model, num_classes=self.num_classes, **c.model_kwargs).to(self.device)
+        model = create_model(c.model, num_classes=self.num_classes, **c.model_kwargs)
+        if init is not None:
+            init.load_into(model)
+        model = model.to(self.device)
         self.model = to_channels_last(model) if c.channels_last else model
         self.criterion = (
             GradientAlignmentLoss(c.error, stats=c.stats, allow=c.allow, fraction=c.reg_fraction) if c.lam > 0 else None
@@ -248,6 +273,7 @@ class _Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.sums = torch.zeros(5, dtype=torch.float64)  # Σ loss·n, Σ L_C·n, Σ L_R·n, correct, n
         self.last_lr = c.lr * lr_factor(0, c, self.steps_per_epoch)  # rate of the latest step (for the log)
+        self.last_lam = c.lam * lam_factor(0, c, self.steps_per_epoch)  # λ_eff of the latest step (for the log)
         self.elapsed = 0.0  # seconds of training before this process (resumed runs)
         self._since = time.perf_counter()
         self.saved = "no checkpoint had been written yet"
@@ -258,6 +284,26 @@ class _Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def _prepare_init_and_data(self, state: dict[str, Any] | None) -> InitWeights | None:
+        """The run's data (``self.data``) and, for a new fine-tuning run, the weights to start from. A resumed
+        fine-tuning run keeps the class order it was trained in and never reads the ``init`` file again."""
+        c = self.config
+        self.data = prepare_data(c)
+        self.init_sha256: str | None = None
+        if c.init is None:
+            return None
+        if state is None:
+            init = load_init(c, self.data)
+            self.data, self.init_sha256 = init.data, init.sha256
+            return init
+        saved = state["config"]
+        self.init_sha256 = saved.get("init_sha256")
+        if saved.get("classes") is not None and "num_classes" in saved:
+            self.data = match_data_classes(
+                self.data, saved["classes"], int(saved["num_classes"]), source=c.data, model="the run being resumed"
+            )
+        return None
 
     def _preflight(self) -> None:
         """One eval-mode forward and gradient pair on two training images: shape, class-count and
@@ -295,6 +341,7 @@ class _Trainer:
             "steps_per_epoch_effective": self.steps_per_epoch,
             "train_images": len(d.train),
             "val_images": len(d.val) if d.val is not None else 0,
+            **({"init_sha256": self.init_sha256} if c.init is not None else {}),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -466,6 +513,7 @@ class _Trainer:
             "epoch": self.epoch + 1,
             "step": self.global_step,
             "lr": self.last_lr,
+            "lam": self.last_lam,
             "loss": float(s[0] / s[4]),
             "l_c": float(s[1] / s[4]),
             "l_r": float(s[2] / s[4]) if self.config.lam > 0 else None,
@@ -498,6 +546,7 @@ class _Trainer:
         c, dist = self.config, self.dist
         x, y = self._batch(order, epoch, step)
         torch.manual_seed(_derive_seed(c.seed, epoch, step, dist.rank, _DROPOUT))
+        self.last_lam = lam = c.lam * lam_factor(self.global_step, c, self.steps_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, c.amp):
             if self.criterion is not None:
@@ -505,7 +554,7 @@ class _Trainer:
                 subset = torch.Generator().manual_seed(_derive_seed(c.seed, epoch, step, dist.rank, _SUBSET))
                 l_r, logits = self.criterion(self.ddp, x, y, generator=subset)
                 l_c = F.cross_entropy(logits.float(), y)
-                loss = l_c + c.lam * l_r.float()
+                loss = l_c + lam * l_r.float()
             else:
                 logits = model_logits(self.ddp, x, probabilities=False)  # checked in _preflight
                 l_c = F.cross_entropy(logits.float(), y)

@@ -1,0 +1,241 @@
+"""The accuracy / interpretability trade-off study of issue 13: a resumable runner.
+
+Every run trains with ``igrad train``'s library (:func:`igrad.train.fit_or_resume`, preset ``--preset``,
+default ``cpu``) on real CIFAR-100 with a 10 % validation split held out of the training set (seeded,
+stratified; the study chooses on it, never on the test set). Groups:
+
+* ``scratch``: from scratch, λ ∈ ``--lams`` (0 is the baseline);
+* ``warmup``: from scratch, λ ∈ ``--warmup-lams`` with ``--lam-warmup`` epochs of λ warm-up;
+* ``finetune``: from the baseline's ``best.pt`` (``--init``: fresh optimiser and schedule) for
+  ``--ft-epochs`` at ``--ft-lr``, λ ∈ ``--ft-lams`` (λ = 0 is the control);
+* ``width``: from scratch at the widths ``--widths``, λ ∈ ``--width-lams``.
+
+After a run finishes, its small results go to ``RESULTS/<run>.json`` (atomically, with provenance): final
+and best validation accuracy, eval-mode mean cos(δx, δᴳx) on the validation split, test accuracy (recorded,
+not used for choices), and :func:`igrad.evaluate.evaluate_model` on the same validation images as the cos
+(the seeded subset of ``--eval-images``, 500): Grad-CAM and gradient saliency with every metric (AD, AG,
+AI, insertion, deletion), the subset's cos and accuracy. A run whose results file exists is skipped (a
+file written with another config is refused); a run killed mid-training resumes from its ``last.pt``.
+Run folders go to ``--runs``.
+
+    IGRAD_DATA=/path/to/cifar100 python experiments/tradeoff.py --results results/tradeoff
+    python experiments/tradeoff.py --smoke        (the whole pipeline on generated images, < 1 minute)
+
+``--set FIELD=VALUE`` (repeatable) overrides any :class:`igrad.train.TrainConfig` field of every run
+(e.g. ``--set device=cuda --set amp=false``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from igrad.data import data_root_from_env, match_classes
+from igrad.evaluate import EvalConfig, evaluate_model
+from igrad.provenance import atomic_write_json, provenance
+from igrad.train import RunResult, TrainConfig, fit_or_resume, prepare_data
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study: its name (the results file's), group and config."""
+
+    name: str
+    group: str
+    config: TrainConfig
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="CIFAR-100 image folder (default: $IGRAD_DATA)")
+    ap.add_argument("--preset", default="cpu", help="training preset of every run")
+    ap.add_argument("--model", default="cifar_resnet18")
+    ap.add_argument("--width", type=float, default=0.25, help="width of the scratch, warm-up and fine-tuning runs")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of the runs from scratch (default: the preset's)")
+    ap.add_argument("--steps-per-epoch", type=int, default=0, help="cap on the steps of an epoch (0: full epochs)")
+    ap.add_argument("--lams", type=_floats, default=[0, 0.025, 0.075, 0.25, 0.75, 2.5])
+    ap.add_argument("--warmup-lams", type=_floats, default=[0.75, 2.5])
+    ap.add_argument("--lam-warmup", type=float, default=3.0, help="λ warm-up epochs of the warmup group")
+    ap.add_argument("--ft-lams", type=_floats, default=[0, 0.25, 0.75, 2.5, 7.5])
+    ap.add_argument("--ft-epochs", type=int, default=3)
+    ap.add_argument("--ft-lr", type=float, default=0.01, help="peak learning rate of the fine-tuning runs")
+    ap.add_argument("--widths", type=_floats, default=[0.125, 0.5])
+    ap.add_argument("--width-lams", type=_floats, default=[0, 0.75])
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--eval-images", type=int, default=500, help="validation images of the cos and the metrics")
+    ap.add_argument("--methods", default="gradcam,gradient", help="saliency methods evaluated")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")
+    ap.add_argument("--runs", default="runs/tradeoff", help="folder of the run folders")
+    ap.add_argument("--results", default="results/tradeoff", help="folder of the results files")
+    ap.add_argument("--only", default="", help="comma-separated groups to run (default: all)")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget on generated images (checks the pipeline)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        _smoke_settings(args)
+    return args
+
+
+def _smoke_settings(args: argparse.Namespace) -> None:
+    """A tiny budget on a generated 10-class image folder, one or two values per group."""
+    root = Path(args.runs if args.runs != "runs/tradeoff" else "runs/tradeoff-smoke")
+    args.runs = str(root)
+    args.results = str(root / "results") if args.results == "results/tradeoff" else args.results
+    args.data = str(write_smoke_data(root / "data"))
+    args.width, args.epochs, args.steps_per_epoch, args.ft_epochs = 0.125, 1, 2, 1
+    args.lams, args.warmup_lams, args.ft_lams = [0, 0.75], [2.5], [0, 2.5]
+    args.widths, args.width_lams, args.eval_images = [0.25], [0.75], 40
+    args.set = ["batch_size=32", "eval_batch_size=200", *args.set]
+
+
+def write_smoke_data(root: Path, n_train: int = 40, n_test: int = 10, size: int = 32) -> Path:
+    """A learnable 10-class image folder (class c brightens channel c % 3 in one of 4 image quadrants)."""
+    if (root / "test").is_dir():
+        return root
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(10):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 100, (size, size, 3), dtype=np.uint8)
+                q, h = c % 4, size // 2
+                img[(q // 2) * h : (q // 2 + 1) * h, (q % 2) * h : (q % 2 + 1) * h, c % 3] += 120
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """The study's runs, the baseline first (the fine-tuning runs start from it)."""
+    overrides = dict(item.split("=", 1) for item in args.set)
+    common: dict[str, Any] = {
+        "model": args.model,
+        "data": str(args.data),
+        "val_fraction": args.val_fraction,
+        "cos_samples": args.eval_images,
+        "steps_per_epoch": args.steps_per_epoch,
+        "seed": args.seed,
+        **({"epochs": args.epochs} if args.epochs is not None else {}),
+        **overrides,
+    }
+
+    def config(name: str, **kw: Any) -> TrainConfig:
+        values = {**common, "width": args.width, **kw, "out": str(Path(args.runs) / name)}
+        return TrainConfig.preset_config(args.preset, **values)
+
+    baseline = "scratch-lam0"
+    runs = [Run(f"scratch-lam{lam:g}", "scratch", config(f"scratch-lam{lam:g}", lam=lam)) for lam in [0.0, *args.lams]]
+    runs += [
+        Run(
+            f"warmup-lam{lam:g}-warm{args.lam_warmup:g}",
+            "warmup",
+            config(f"warmup-lam{lam:g}-warm{args.lam_warmup:g}", lam=lam, lam_warmup=args.lam_warmup),
+        )
+        for lam in args.warmup_lams
+    ]
+    init = str(Path(args.runs) / baseline / "best.pt")
+    ft = {"init": init, "epochs": args.ft_epochs, "lr": args.ft_lr}
+    runs += [Run(f"ft-lam{lam:g}", "finetune", config(f"ft-lam{lam:g}", lam=lam, **ft)) for lam in args.ft_lams]
+    runs += [
+        Run(f"width{w:g}-lam{lam:g}", "width", config(f"width{w:g}-lam{lam:g}", lam=lam, width=w))
+        for w in args.widths
+        for lam in args.width_lams
+    ]
+    unique = {r.name: r for r in runs}  # the baseline is listed once, first
+    only = {g for g in args.only.split(",") if g}
+    return [r for r in unique.values() if not only or r.group in only or r.name == baseline]
+
+
+def evaluate_run(result: RunResult, config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Saliency metrics, cos and accuracy on the seeded validation subset the trainer's ``val_cos`` uses."""
+    data = prepare_data(config)
+    if data.val is None:
+        raise SystemExit("the study needs a validation split (--val-fraction > 0)")
+    val = match_classes(data.val, result.config["classes"], int(result.config["num_classes"]), source="validation")
+    settings = EvalConfig(
+        methods=args.methods,
+        metrics="all",
+        limit=min(args.eval_images, len(val)),
+        seed=config.split_seed,  # the cos subset's seed: the same images (igrad.data.cos_subset)
+        accuracy=False,
+    )
+    out = evaluate_model(
+        result.model, val, settings, normalization=data.normalization, config=result.config, progress=False
+    )
+    return {
+        "settings": out["settings"],
+        "n": out["data"]["n"],
+        "subset_accuracy": out["model"]["subset_accuracy"],
+        "cos": out["model"]["cos"],
+        "metrics": out["results"],
+        "timing_s": round(out["timing"]["total_s"], 1),
+    }
+
+
+def run_one(run: Run, args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run, evaluate it, write its results file."""
+    started = time.time()
+    result = fit_or_resume(run.config, quiet=True)
+    train_s = time.time() - started
+    final = result.final
+    row = {
+        "run": run.name,
+        "group": run.group,
+        "recipe": run.config.preset,
+        "val_acc": final.get("val_acc"),
+        "val_cos": final.get("val_cos"),
+        "best": result.best,
+        "test_acc": final.get("test_acc"),
+        "test_cos": final.get("cos"),
+        "epochs": len(result.history),
+        "evaluation": evaluate_run(result, run.config, args),
+        "wall_s": {"train": round(train_s, 1), "total": round(time.time() - started, 1)},
+        "run_dir": str(result.run_dir),
+        "init_sha256": result.config.get("init_sha256"),
+        "config": run.config.to_dict(),
+        "smoke": bool(args.smoke),
+        "provenance": provenance(result.config, run.config.seed),
+    }
+    atomic_write_json(path, row)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.data = args.data or data_root_from_env()
+    if args.data is None:
+        raise SystemExit("set IGRAD_DATA or --data to the CIFAR-100 image folder")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for run in plan(args):
+        path = results / f"{run.name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("config") != run.config.to_dict():
+                raise SystemExit(f"{path} holds a run with another config; move it away or choose --results")
+            print(f"{run.name:28s} done earlier ({path})", flush=True)
+            continue
+        row = run_one(run, args, path)
+        ev = row["evaluation"]
+        gc = ev["metrics"].get("gradcam", {})
+        print(
+            f"{run.name:28s} val acc {row['val_acc']:7.2%}  val cos {row['val_cos']:6.3f} "
+            f"(eval {ev['cos']['mean']:6.3f})  gradcam AD {gc.get('ad', {}).get('mean', float('nan')):6.2f}  "
+            f"{row['wall_s']['total']:7.1f}s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
