@@ -13,7 +13,6 @@ loaded with ``torch.load(..., weights_only=True)``, so a checkpoint holding pick
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import zipfile
@@ -27,7 +26,7 @@ from .atomic import atomic_save
 from .errors import IgradError
 from .models import create_model
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model", "file_sha256"]
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_model"]
 
 FORMAT_VERSION = 1
 
@@ -57,15 +56,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if state.get("format", FORMAT_VERSION) > FORMAT_VERSION:
         raise IgradError(f"checkpoint {path} has format {state['format']}, newer than this igrad ({FORMAT_VERSION})")
     return state
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes, as hex (a checkpoint's identity in provenance records)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_model(

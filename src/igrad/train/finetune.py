@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import file_sha256, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data import TrainData, match_classes
 from ..errors import IgradError
+from ..provenance import file_sha256
 from .config import TrainConfig
 
 __all__ = ["InitWeights", "load_init", "match_data_classes"]
