@@ -2,7 +2,8 @@
 evaluate`` on the same real test images, once with ``amp=False`` and once with ``amp=True``, interleaved in
 blocks (the order alternating) so that a change of machine load hits both alike.
 
-Reports, per method, the largest and the mean absolute difference of the normalised maps (in [0, 1]), and per
+Reports, per method, the largest and the mean absolute difference of the normalised maps (in [0, 1]) and how
+many images have a pixel that moved by more than 0.1, and per
 metric the mean over images in each precision, their difference and the largest per-image difference; the
 wall time of each method's maps and metrics in each precision and their ratio. Writes a JSON with provenance.
 
@@ -86,7 +87,8 @@ def main() -> None:
         metrics = ", ".join(f"{k} {v['mean_difference']:+.3f}" for k, v in d["metrics"].items())
         t = d["seconds"]
         print(
-            f"{m:15s} max|dS| {d['map_max_abs_difference']:.3f} mean {d['map_mean_abs_difference']:.4f}; {metrics}; "
+            f"{m:15s} max|dS| {d['map_max_abs_difference']:.3f} mean {d['map_mean_abs_difference']:.4f} "
+            f"(images > 0.1: {d['images_with_max_difference_over_0.1']}); {metrics}; "
             f"time fp32 {t['float32']:.1f} s bf16 {t['bf16']:.1f} s ({t['float32'] / t['bf16']:.2f}x)"
         )
     tot = summary["total_seconds"]
@@ -120,7 +122,14 @@ def _summarise(runs: dict[bool, list]) -> dict:
     for m in methods:
         maps = {amp: torch.cat([mp[m] for _, mp in runs[amp]]) for amp in runs}
         diff = (maps[True] - maps[False]).abs()
-        d = {"map_max_abs_difference": float(diff.max()), "map_mean_abs_difference": float(diff.mean()), "metrics": {}}
+        per_image = diff.flatten(1).amax(1)
+        d = {
+            "map_max_abs_difference": float(diff.max()),
+            "map_mean_abs_difference": float(diff.mean()),
+            "map_median_of_per_image_max": float(per_image.median()),
+            "images_with_max_difference_over_0.1": int((per_image > 0.1).sum()),
+            "metrics": {},
+        }
         for k in runs[False][0][0]["per_sample"]["methods"][m]:
             v = {amp: torch.tensor(sum((r["per_sample"]["methods"][m][k] for r, _ in runs[amp]), []),
                                    dtype=torch.float64) for amp in runs}  # fmt: skip
