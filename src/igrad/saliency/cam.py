@@ -79,6 +79,11 @@ def _reproduces(output: object, logits: torch.Tensor) -> bool:
     )
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where it is a narrower float (bf16, float16 under autocast), else as it is."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
+
+
 @dataclass
 class CAMContext:
     """What a CAM method sees: the input, the target layer's activation ``A [B, K, h, w]`` (detached),
@@ -200,9 +205,9 @@ class CAMMethod(SaliencyMethod):
             if grad is None:
                 raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
         layout, size, what = self.layout or "BCHW", tuple(x.shape[-2:]), f"target layer {self.layer_name!r}"
-        # the weights and maps are computed in float32 also when the forward ran in bf16 (autocast)
-        a = to_bchw(act.detach(), layout, size, what).float()
-        g = None if grad is None else to_bchw(grad, layout, size, what).float()
+        # the weights and maps are computed in float32 (or the model's float64) also under bf16 autocast
+        a = _widened(to_bchw(act.detach(), layout, size, what))
+        g = None if grad is None else _widened(to_bchw(grad, layout, size, what))
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
 
     def _reference(self, ctx: CAMContext) -> CAMContext:
