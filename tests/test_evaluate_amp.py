@@ -164,7 +164,7 @@ def _check_weights(
 
 
 def _alpha(model: Tiny, t: torch.Tensor, hw: int) -> torch.Tensor:
-    return model.fc.weight.double()[t] / hw  # ∂y_c/∂A_k at every pixel
+    return model.fc.weight.detach().double()[t] / hw  # ∂y_c/∂A_k at every pixel
 
 
 def test_gradcam_in_bf16_within_the_bound(setup):
@@ -230,7 +230,7 @@ def test_ablationcam_in_bf16_within_the_bound(setup):
     m = _magnitudes(model, x)
     a, e_a = m["A"], 6 * U * m["mA"]
     y = _double(model)(x.double()).gather(1, t[:, None])[:, 0]
-    w_c = model.fc.weight.double()[t]
+    w_c = model.fc.weight.detach().double()[t]
     n = w_c * a.mean(dim=(2, 3))  # y − y^(k) = W_ck · mean(A_k): w = n / y
     w = n / y[:, None]
     # ŷ and ŷ^(k) share every rounding but channel k's: its pooled value (7u·m), its weight (u), and the two
