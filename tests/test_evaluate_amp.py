@@ -94,7 +94,16 @@ def _magnitudes(model: Tiny, x: torch.Tensor) -> dict[str, torch.Tensor]:
     m1 = F.conv2d(x.abs(), c1.weight.abs(), c1.bias.abs(), padding=1)
     ma = F.conv2d(m1, c2.weight.abs(), c2.bias.abs(), padding=1)
     my = F.linear(ma.mean(dim=(2, 3)), fc.weight.abs(), fc.bias.abs()).amax(1)
-    return {"z1": z1, "z2": z2, "A": z2.relu(), "m1": m1, "mA": ma, "my": my, "W1": c1.weight, "W2": c2.weight}
+    return {
+        "z1": z1,
+        "z2": z2,
+        "A": z2.relu(),
+        "m1": m1,
+        "mA": ma,
+        "my": my,
+        "W1": c1.weight.detach(),
+        "W2": c2.weight.detach(),
+    }
 
 
 @torch.no_grad()
@@ -229,7 +238,7 @@ def test_ablationcam_in_bf16_within_the_bound(setup):
     ref, got = _maps(model, "ablationcam", x, t)
     m = _magnitudes(model, x)
     a, e_a = m["A"], 6 * U * m["mA"]
-    y = _double(model)(x.double()).gather(1, t[:, None])[:, 0]
+    y = _double(model)(x.double()).detach().gather(1, t[:, None])[:, 0]
     w_c = model.fc.weight.detach().double()[t]
     n = w_c * a.mean(dim=(2, 3))  # y − y^(k) = W_ck · mean(A_k): w = n / y
     w = n / y[:, None]
