@@ -9,18 +9,25 @@ depend on the weights), times in one process
   forward of one image per curve point), for insertion and deletion;
 
 interleaved in blocks of images so that a change of machine load hits both alike, checks that both
-give the same curves, and prints both times and their ratio (issue target: >= 10x). With
+give the same curves, and prints both times and their ratio (issue 5's target: >= 10x). With ``--amp`` igrad
+runs in bf16 autocast (``--channels-last``: the model and the images in channels-last; both on a copy of
+the model) while the baseline stays the float32 per-image loop; the ratio (issue 12's target: >= 5x) is
+printed with the deviation from float32 beside it: the largest curve-point difference and the largest and
+mean AUC differences (x100 scale). With
 ``--evaluate N`` it also saves the untrained model as a checkpoint and times ``igrad evaluate`` (all
 methods, all metrics) on N test images of $IGRAD_DATA, per method, extrapolated to 1,000 images.
 
     python benchmarks/metrics.py                       # 256 images, full width
     python benchmarks/metrics.py --width 0.25 --n 64
+    IGRAD_DATA=/work/shared/data/cifar100 python benchmarks/metrics.py --n 64 --baseline-images 32 --amp
     IGRAD_DATA=/work/shared/data/cifar100 python benchmarks/metrics.py --evaluate 16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import math
 import os
 import tempfile
@@ -35,6 +42,7 @@ from common import load_images
 from igrad.data import data_root_from_env
 from igrad.metrics import deletion, insertion
 from igrad.normalization import NORMALIZATIONS
+from igrad.precision import autocast, to_channels_last
 
 
 def rise_single_run(model, img, sal, target, mode, step, blur_kernel):
@@ -56,9 +64,19 @@ def rise_single_run(model, img, sal, target, mode, step, blur_kernel):
     return scores
 
 
+def _auc(curves):
+    """RISE AUC x100 of curves ``[n+1]`` (trapezoid, spacing 1/n), as igrad.metrics computes it."""
+    c = curves.double()
+    return float((c.sum() - c[0] / 2 - c[-1] / 2) / (len(c) - 1) * 100)
+
+
 def bench_curves(args):
     torch.manual_seed(args.seed)
     model = igrad.create_model("cifar_resnet18", num_classes=100, width=args.width).eval().to(args.device)
+    # igrad's model: the same weights, channels-last if asked (the baseline keeps the float32 contiguous one)
+    fast = to_channels_last(copy.deepcopy(model)) if args.channels_last else model
+    layout = to_channels_last if args.channels_last else (lambda t: t)
+    precision = ("bf16 autocast" if args.amp else "float32") + (" + channels-last" if args.channels_last else "")
     x, y, what = load_images(args.n, args.seed)
     maps = torch.rand(args.n, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1))
     x, y, maps = x.to(args.device), y.to(args.device), maps.to(args.device)
@@ -69,7 +87,7 @@ def bench_curves(args):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cpus = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f}"
     print(f"torch {torch.__version__}, {cpus}")
-    print(f"step {step} px, {n_points} points/curve")
+    print(f"step {step} px, {n_points} points/curve; igrad in {precision}, baseline in float32")
     print(f"forwards per method: {2 * args.n * n_points} (insertion + deletion)")
     k = igrad.metrics.blur_kernel().float()[None, None].repeat(3, 1, 1, 1).to(args.device)
     t_igrad = t_base = 0.0
@@ -78,11 +96,13 @@ def bench_curves(args):
     per_block = math.ceil(n_base / math.ceil(args.n / block))
     n_base = 0
     max_diff = 0.0
+    auc_diffs = []
     for lo in range(0, args.n, block):
         sl = slice(lo, lo + block)
         t0 = time.perf_counter()
-        ins = insertion(model, x[sl], maps[sl], y[sl], step=step, batch_size=args.batch_size)
-        dele = deletion(model, x[sl], maps[sl], y[sl], step=step, batch_size=args.batch_size)
+        with autocast(args.device, args.amp) if args.amp else contextlib.nullcontext():
+            ins = insertion(fast, layout(x[sl]), maps[sl], y[sl], step=step, batch_size=args.batch_size)
+            dele = deletion(fast, layout(x[sl]), maps[sl], y[sl], step=step, batch_size=args.batch_size)
         t_igrad += time.perf_counter() - t0
         base_idx = list(range(lo, min(lo + block, args.n)))[:per_block]  # spread over the blocks
         t0 = time.perf_counter()
@@ -96,14 +116,19 @@ def bench_curves(args):
         for j, (ri, rd) in zip(base_idx, ref, strict=True):
             max_diff = max(max_diff, (ins.curves[j - lo] - ri).abs().max().item())
             max_diff = max(max_diff, (dele.curves[j - lo] - rd).abs().max().item())
+            auc_diffs += [abs(float(ins.auc[j - lo]) - _auc(ri)), abs(float(dele.auc[j - lo]) - _auc(rd))]
         hi = min(lo + block, args.n) - 1
         print(f"  images {lo}..{hi}: igrad {t_igrad:.1f} s, baseline {t_base:.1f} s (cumulative)", flush=True)
     base_total = t_base * args.n / n_base
     note = "" if n_base == args.n else f" (measured on {n_base} images, scaled x{args.n / n_base:.2f})"
     print(f"largest |igrad - baseline| over all curve points: {max_diff:.2e}")
+    auc = torch.tensor(auc_diffs)
+    deviation = f"largest |dAUC| {auc.max():.3f}, mean |dAUC| {auc.mean():.4f} (AUC x100), curve points {max_diff:.1e}"
+    print(f"deviation from float32 ({len(auc_diffs)} AUCs on {n_base} images): {deviation}")
     print(f"igrad    (batch {args.batch_size}): {t_igrad:8.1f} s  ({2 * args.n * n_points / t_igrad:.0f} forwards/s)")
     print(f"baseline (per image, per step): {base_total:8.1f} s{note}")
-    print(f"ratio baseline / igrad: {base_total / t_igrad:.2f}x  (target >= 10x)")
+    target = ">= 5x, issue 12" if args.amp else ">= 10x, issue 5"
+    print(f"ratio baseline / igrad: {base_total / t_igrad:.2f}x  (target {target}); igrad in {precision}: {deviation}")
 
 
 def bench_evaluate(args):
@@ -148,6 +173,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--amp", action="store_true", help="igrad in bf16 autocast (the baseline stays float32)")
+    p.add_argument("--channels-last", action="store_true", help="igrad's model and images in channels-last")
     p.add_argument("--evaluate", type=int, default=0, metavar="N", help="also time igrad evaluate on N images")
     p.add_argument("--skip-curves", action="store_true", help="only the --evaluate timing")
     args = p.parse_args()

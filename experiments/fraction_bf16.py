@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import igrad
+from igrad.atomic import atomic_write_json
 from igrad.data import NORMALIZATION, data_root_from_env, eval_tensors, load_split, normalize
 from igrad.gradients import cosine_similarity, input_gradients
-from igrad.provenance import atomic_write_json, provenance
+from igrad.provenance import provenance
 
 
 def batches(n_train: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:

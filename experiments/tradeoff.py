@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from igrad.atomic import atomic_write_json
 from igrad.data import data_root_from_env, match_classes
 from igrad.evaluate import EvalConfig, evaluate_model
-from igrad.provenance import atomic_write_json, provenance
+from igrad.provenance import provenance
 from igrad.train import RunResult, TrainConfig, fit_or_resume, prepare_data
 
 

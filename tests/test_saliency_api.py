@@ -236,3 +236,16 @@ def test_progress_bar_on_request_only(model, x, capsys):
     with create_method("scorecam", model, batch_size=16) as m:  # auto: not a terminal here
         m(x, 1)
     assert "scorecam" not in capsys.readouterr().err
+
+
+def test_methods_work_under_an_outer_no_grad():
+    """A user's `with torch.no_grad():` around a call (as for inference) must not break the gradient-based
+    methods: each map equals the one computed outside no_grad."""
+    torch.manual_seed(0)
+    model = igrad.create_model("cifar_resnet18", num_classes=10, width=0.125).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name in ("gradcam", "gradcam++", "xgradcam", "layercam", "gradient", "guided", "guided-gradcam"):
+        with create_method(name, model) as m:
+            free = m(x, 1)
+            with torch.no_grad():
+                assert torch.equal(m(x, 1), free), name

@@ -36,6 +36,7 @@ from .images import to_unit
 from .measure import evaluate_accuracy
 from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
 from .normalization import Normalization, resolve_normalization
+from .precision import autocast
 from .provenance import file_sha256, provenance
 from .saliency import resolve_methods
 from .torch_utils import device_of, eval_mode
@@ -92,6 +93,7 @@ class EvalConfig:
     ci: str = _f("normal", "95%% interval method")
     accuracy: bool = _f(True, "measure the top-1 accuracy over the whole split")
     device: str | None = _f(None, "cpu, cuda, cuda:N for a checkpoint's model (default: cuda when available)")
+    amp: bool = _f(False, "bf16 autocast for the saliency methods and the metrics' forwards (accuracy, cos: float32)")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -107,8 +109,9 @@ class EvalConfig:
         _choice("substrate", self.insertion_substrate, SUBSTRATES)
         _choice("substrate", self.deletion_substrate, SUBSTRATES)
         _choice("score", self.score, SCORES)
-        if not isinstance(self.accuracy, bool):
-            raise IgradError(f"accuracy must be true or false, got {self.accuracy!r}")
+        for name in ("accuracy", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise IgradError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvalConfig:
@@ -183,8 +186,9 @@ def _evaluate_chunk(
     kwargs: Mapping[str, Mapping[str, Any]],
     bar: Any,
 ) -> dict[str, Any]:
-    """One chunk: its single clean forward is ``clean``; cos, then each method's maps and metrics.
-    Returns plain tensors (per-sample values, the chunk's curve sums), as persisted for resuming."""
+    """One chunk: its single clean forward is ``clean``; cos (float32), then each method's maps and metrics
+    (in bf16 autocast with ``cfg.amp``). Returns plain tensors (per-sample values, the chunk's curve sums),
+    as persisted for resuming."""
     part: dict[str, Any] = {
         "target": clean.target.cpu(),
         "correct": int((clean.logits.argmax(1) == labels).sum()),
@@ -196,19 +200,21 @@ def _evaluate_chunk(
     for name in cfg.methods:
         bar.set_postfix_str(name, refresh=False)
         t0 = time.perf_counter()
-        maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))
+        with autocast(clean.x.device, cfg.amp):
+            maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))
         t1 = time.perf_counter()
         try:
-            res = compute_metrics(
-                model,
-                clean,
-                maps,
-                metrics=cfg.metrics,
-                step=cfg.step,
-                batch_size=cfg.batch_size,
-                substrates=(cfg.insertion_substrate, cfg.deletion_substrate),
-                score=cfg.score,
-            )
+            with autocast(clean.x.device, cfg.amp):
+                res = compute_metrics(
+                    model,
+                    clean,
+                    maps,
+                    metrics=cfg.metrics,
+                    step=cfg.step,
+                    batch_size=cfg.batch_size,
+                    substrates=(cfg.insertion_substrate, cfg.deletion_substrate),
+                    score=cfg.score,
+                )
         except IgradError as exc:
             raise IgradError(f"method {name!r}: {exc}") from exc
         part["seconds"][name] = {"saliency": t1 - t0, "metrics": time.perf_counter() - t1}
@@ -309,6 +315,10 @@ def evaluate_model(
     is stored there atomically, keyed by everything the numbers depend on; a killed call started again
     continues from them and returns the same numbers; the stored chunks are removed at the end.
     ``callbacks``: functions called with the chunk's index once it is done (and stored), in order.
+    With ``amp`` the clean forward, the methods and the metrics' forwards run in bf16 autocast
+    (:func:`igrad.precision.autocast`); scores, maps and metric arithmetic stay float32, and so do the
+    accuracy and cos (what the model is, whatever the precision of its explanations); ``settings["precision"]``
+    records it.
     """
     cfg = EvalConfig.from_dict({**(settings.to_dict() if settings is not None else {}), **overrides})
     norm = resolve_normalization(normalization, mean, std)
@@ -368,14 +378,15 @@ def _run_chunks(
 
             def compute(idx: torch.Tensor = idx, chunk: int = chunk) -> dict[str, Any]:
                 labels = split.labels[idx].to(device)
-                clean = clean_forward(
-                    model,
-                    to_unit(split.images[idx].to(device)),
-                    labels if cfg.target == "gt" else None,
-                    normalization=norm,
-                    pixels="raw",
-                    batch_size=cfg.batch_size,
-                )
+                with autocast(device, cfg.amp):  # the metrics' clean points in their forwards' precision
+                    clean = clean_forward(
+                        model,
+                        to_unit(split.images[idx].to(device)),
+                        labels if cfg.target == "gt" else None,
+                        normalization=norm,
+                        pixels="raw",
+                        batch_size=cfg.batch_size,
+                    )
                 return _evaluate_chunk(model, clean, labels, chunk, cfg, kwargs, bar)
 
             parts.append(partials.get(f"chunk-{chunk:05d}", compute))
@@ -383,6 +394,13 @@ def _run_chunks(
                 callback(chunk)
             bar.update(len(idx) * len(cfg.methods))
     return parts
+
+
+#: What a result's ``settings["precision"]`` records.
+_PRECISION = {
+    False: "float32",
+    True: "bf16 autocast (saliency forwards/backwards, metric forwards); float32 scores, maps, metrics, accuracy, cos",
+}
 
 
 def _results(
@@ -408,6 +426,7 @@ def _results(
     step_px = w if cfg.step is None else cfg.step
     ci, seed = cfg.ci, cfg.seed
     settings = {**cfg.to_dict(), "step": step_px, "n_steps": math.ceil(h * w / step_px), "ci_level": 0.95}
+    settings["precision"] = _PRECISION[cfg.amp]
     settings.update(norm.to_config())
     return {
         "kind": "igrad.evaluate",

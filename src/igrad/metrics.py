@@ -23,6 +23,11 @@ target); the metrics take that :class:`CleanBatch` (or compute it themselves whe
 ``p`` and the clean points of the curves are never forwarded again. Images may be given raw
 (``pixels="raw"``, with the model's ``normalization``) or normalised (the model's input; the raw
 pixels are then ``normalization.invert(x)``).
+
+Precision: inside :func:`igrad.precision.autocast` (``igrad evaluate --amp``) the model's forwards run in
+bf16; the scores (softmax of the logits cast to float32), the substrates, the masked and perturbed images
+and all metric arithmetic stay float32 (double for AD/AG/AI). Give the clean forward the same precision
+as the metrics, so that a curve's clean point and ``p`` come from the same function as the perturbed ones.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import nn
 from .errors import IgradError, unknown_name
 from .normalization import Normalization, resolve_normalization
 from .output import model_logits
+from .precision import full_precision
 from .torch_utils import eval_mode
 from .validate import TargetLike, check_images, check_target, parse_names, positive_int, resolve_target
 
@@ -453,7 +459,8 @@ def _causal_metric(
     step, n = _num_steps(x.shape[2] * x.shape[3], x.shape[3], step)
     known = (0 if mode == "deletion" else n, clean.score(score))  # the clean image's point
     with eval_mode(model), torch.inference_mode():
-        base = _substrate(substrate, x)
+        with full_precision(x.device):
+            base = _substrate(substrate, x)
         start, end = (x, base) if mode == "deletion" else (base, x)
         curves = causal_curves(
             model, start, end, maps, clean.target, step=step, batch_size=batch_size, score=score, known=known

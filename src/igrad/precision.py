@@ -12,6 +12,10 @@ fallback take an exact stride-1 route. ``L_R``'s error is computed in float32
         l_r, logits = criterion(model, to_channels_last(x), y)
         loss = F.cross_entropy(logits.float(), y) + lam * l_r
     loss.backward()
+
+Evaluation (``igrad evaluate --amp``, :class:`igrad.evaluate.EvalConfig`) runs the saliency methods' forwards
+and backwards and the metrics' forwards inside :func:`autocast`; what must stay float32 there (probabilities,
+metric arithmetic, CAM weights and maps, substrates) does so through ``.float()`` or :func:`full_precision`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import nn
 
 from .errors import IgradError
 
-__all__ = ["autocast", "native_bf16", "to_channels_last"]
+__all__ = ["autocast", "autocast_enabled", "full_precision", "native_bf16", "to_channels_last"]
 
 T = TypeVar("T", nn.Module, torch.Tensor)
 
@@ -63,6 +67,21 @@ def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.Abs
             stacklevel=2,
         )
     return torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def autocast_enabled(device: str | torch.device) -> bool:
+    """Whether an autocast region is active for ``device``'s type (``False`` where autocast does not know it)."""
+    kind = torch.device(device).type
+    return bool(torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind))
+
+
+def full_precision(device: str | torch.device) -> contextlib.AbstractContextManager[object]:
+    """A region where autocast is off for ``device``'s type (a no-op context where none is active): the parts
+    of a bf16 evaluation that stay float32 (scores, substrates, map arithmetic, the checks that a stand-in
+    network reproduces the model's float32 logits)."""
+    if not autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def to_channels_last(obj: T) -> T:

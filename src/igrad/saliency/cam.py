@@ -50,6 +50,7 @@ from torch import nn
 from ..errors import IgradError
 from ..models import layer_layout
 from ..output import model_logits
+from ..precision import autocast_enabled, full_precision
 from ..validate import TargetLike, positive_int, resolve_target
 from .base import SaliencyMethod, normalize_maps, progress_bar, register_method, upsample
 from .layout import channel_dim, check_layout, output_dims, to_bchw
@@ -77,6 +78,11 @@ def _reproduces(output: object, logits: torch.Tensor) -> bool:
         and output.shape == logits.shape
         and torch.allclose(output, logits, rtol=1e-4, atol=1e-4 * scale)
     )
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where it is a narrower float (bf16, float16 under autocast), else as it is."""
+    return t.float() if t.is_floating_point() and torch.finfo(t.dtype).bits < 32 else t
 
 
 @dataclass
@@ -195,14 +201,26 @@ class CAMMethod(SaliencyMethod):
         t = resolve_target(target, logits)
         grad = None
         if self.needs_gradient:
-            score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-            (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+            with torch.enable_grad():  # also when called under an outer torch.no_grad()
+                score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
+                (grad,) = torch.autograd.grad(score, act, allow_unused=True)
             if grad is None:
                 raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
         layout, size, what = self.layout or "BCHW", tuple(x.shape[-2:]), f"target layer {self.layer_name!r}"
-        a = to_bchw(act.detach(), layout, size, what)
-        g = None if grad is None else to_bchw(grad, layout, size, what)
+        # the weights and maps are computed in float32 (or the model's float64) also under bf16 autocast
+        a = _widened(to_bchw(act.detach(), layout, size, what))
+        g = None if grad is None else _widened(to_bchw(grad, layout, size, what))
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
+
+    def _reference(self, ctx: CAMContext) -> CAMContext:
+        """``ctx`` with float32 logits and activation, for the checks that a stand-in network (the linear head
+        of CAM, a traced tail, a BatchNorm-folded copy) computes the model's function: ``ctx`` itself, or,
+        under bf16 autocast (whose rounding is no evidence either way), a forward of ``ctx.x`` with autocast
+        off. Run the check itself under :func:`igrad.precision.full_precision`."""
+        if not autocast_enabled(ctx.x.device):
+            return ctx
+        with full_precision(ctx.x.device):
+            return self._forward(ctx.x, ctx.target)
 
     def _raw_maps(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         return self.layer_map(self._forward(x, target))
@@ -215,7 +233,8 @@ class CAMMethod(SaliencyMethod):
     def cam(self, ctx: CAMContext) -> torch.Tensor:
         """The map at the layer's resolution, ``S = Σ_k w_k A_k``, ``[B, h, w]``."""
         w = self.weights(ctx)
-        return torch.einsum("bk,bkhw->bhw", w.to(ctx.activation.dtype), ctx.activation)
+        with full_precision(ctx.x.device):  # float32 also under autocast, which would run einsum in bf16
+            return torch.einsum("bk,bkhw->bhw", w.to(ctx.activation.dtype), ctx.activation)
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         """Channel weights ``[B, K]``."""
@@ -235,14 +254,17 @@ class CAM(CAMMethod):
     relu = False
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
-        a, logits = ctx.activation, ctx.logits
+        ref = self._reference(ctx)
+        a, logits = ref.activation, ref.logits
         k = a.shape[1]
         heads = [m for m in self.model.modules() if isinstance(m, nn.Linear) and m.in_features == k]
         why = f"no nn.Linear with {k} inputs follows it"
         for head in reversed(heads):
             if head.out_features != logits.shape[1]:
                 continue
-            if _reproduces(F.linear(a.mean(dim=(2, 3)), head.weight, head.bias), logits):
+            with full_precision(a.device):
+                predicted = F.linear(a.mean(dim=(2, 3)), head.weight, head.bias)
+            if _reproduces(predicted, logits):
                 return head.weight.detach()[ctx.target]
             why = "the logits are not a linear function of its global average pool"
         raise IgradError(
@@ -361,9 +383,10 @@ class ScoreCAM(CAMMethod):
             return self.model
         try:
             folded = fold_batchnorm(self.model)
-            with torch.inference_mode():
+            ref = self._reference(ctx)
+            with torch.inference_mode(), full_precision(ctx.x.device):
                 reproduced = folded(ctx.x.clone())  # the copy may change its input in place
-            if not _reproduces(reproduced, ctx.logits):
+            if not _reproduces(reproduced, ref.logits):
                 raise TracingError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
         except TracingError as exc:
             self._fold_failed = str(exc)
@@ -398,7 +421,8 @@ class ScoreCAM(CAMMethod):
             for start in range(0, len(rows), self.batch_size):
                 r = rows[start : start + self.batch_size]
                 img, ch = r // k, r % k
-                masked = x[img] * self.masks(a[img, ch], size)[:, None].to(x.dtype)
+                with full_precision(x.device):  # the masks in float32 (a is); the scoring forward under autocast
+                    masked = x[img] * self.masks(a[img, ch], size)[:, None].to(x.dtype)
                 # channels-last: the layout CPU convolution kernels run fastest (same values)
                 masked = masked.contiguous(memory_format=torch.channels_last)
                 logits = model_logits(net, masked, probabilities=False)
@@ -477,10 +501,14 @@ class AblationCAM(CAMMethod):
         traced = self.traced_tail()
         if traced is not None:
             try:
+                ref = self._reference(ctx)  # the check in float32; the ablations in the call's precision
                 with torch.inference_mode():  # copies: head and tail may change their inputs in place
-                    extra = traced.externals(ctx.x.clone())
-                    reproduced = traced.tail(ctx.recorded.clone(), *[e.clone() for e in extra])
-                if not _reproduces(reproduced, ctx.logits):
+                    with full_precision(ctx.x.device):
+                        extra = traced.externals(ref.x.clone())
+                        reproduced = traced.tail(ref.recorded.clone(), *[e.clone() for e in extra])
+                    if ref is not ctx:
+                        extra = traced.externals(ctx.x.clone())
+                if not _reproduces(reproduced, ref.logits):
                     raise TracingError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
             except TracingError as exc:
                 warnings.warn(
