@@ -133,6 +133,38 @@ def ablation_map_atol(a: torch.Tensor, y: torch.Tensor, w: torch.Tensor, logits:
     return float((3 * ds / span).max())
 
 
+def random_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` in eval mode with random BatchNorm running statistics and affine parameters (a fresh
+    network's are 0/1, which would make folding them, or an activation's sign, trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                n = bn.num_features
+                bn.running_mean.copy_(0.3 * torch.randn(n, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                bn.weight.copy_(0.5 + torch.rand(n, generator=g))
+                bn.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def kill_when_stalled(proc, marker: Path) -> None:
+    """Wait (≤ 120 s) until the subprocess ``proc`` writes ``marker`` (it then stalls at a known point),
+    SIGKILL it and check it died of that signal; the process is killed also when the wait fails."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=5)[0].decode()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+
+
 CLASSES = ["ant", "bee", "cat", "dog"]
 
 

@@ -8,10 +8,8 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from igrad.evaluate import compare_results, evaluate_model, select_indices
 from igrad.metrics import confidence_metrics, deletion, insertion
 from igrad.report import compare_table
 from igrad.saliency import create_method
+from references import kill_when_stalled
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.3]
 CONFIG = {
@@ -256,15 +255,7 @@ def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=5)[0].decode()
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
+    kill_when_stalled(proc, marker)
     assert not (killed / "results.json").exists()
     stored = sorted(p.name for p in (killed / ".partial").glob("*/*"))
     assert stored == ["accuracy.pt", "chunk-00000.pt", "chunk-00001.pt"]

@@ -15,23 +15,9 @@ import torchvision
 from torch import nn
 
 from igrad.saliency import create_method
-from references import brute_ablationcam, brute_scorecam, hand_gradcam
+from references import brute_ablationcam, brute_scorecam, hand_gradcam, random_batchnorm
 
 ATOL = 1e-5
-
-
-def _random_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters (a fresh network's 0/1 would keep outputs tame)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                n = bn.num_features
-                bn.running_mean.copy_(0.3 * torch.randn(n, generator=g))
-                bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                bn.weight.copy_(0.5 + torch.rand(n, generator=g))
-                bn.bias.copy_(0.2 * torch.randn(n, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +25,7 @@ def densenet():
     """torchvision's DenseNet (its forward: ``F.relu(features, inplace=True)`` right after ``norm5``), small."""
     torch.manual_seed(0)
     net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
-    return _random_batchnorm(net, 1)
+    return random_batchnorm(net, 1)
 
 
 def test_densenet_ablationcam_equals_brute_force(densenet):
@@ -113,7 +99,7 @@ OPS = ["relu_", "mul_", "add_", "skip_add_", "input_mul_"]
 
 def _pair(op: str, seed: int) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
-    net = _random_batchnorm(_InPlaceNet(op), seed + 1)
+    net = random_batchnorm(_InPlaceNet(op), seed + 1)
     with torch.no_grad():
         net.body.bias.add_(0.2)  # mostly positive, still signed: a Score-CAM map with a positive part
     twin = _InPlaceNet(op, inplace=False).eval()

@@ -22,7 +22,7 @@ from torch import nn
 
 import igrad
 from igrad.saliency import create_method, normalize_maps, upsample
-from references import F32_KERNEL_RTOL, brute_ablationcam, kernel_atol
+from references import F32_KERNEL_RTOL, brute_ablationcam, kernel_atol, random_batchnorm
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 cv2 = pytest.importorskip("cv2")
@@ -319,26 +319,11 @@ def test_scorecam_packs_masks_into_full_batches(cifar_resnet):
     assert auto_sizes == expected
 
 
-def _with_batchnorm_statistics(model, seed):
-    """``model`` with random BatchNorm running statistics and affine parameters (a fresh network's are
-    0/1, which would make folding them trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                n = bn.num_features
-                bn.running_mean.copy_(0.3 * torch.randn(n, generator=g))
-                bn.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                bn.weight.copy_(0.5 + torch.rand(n, generator=g))
-                bn.bias.copy_(0.2 * torch.randn(n, generator=g))
-    return model.eval()
-
-
 def test_scorecam_folded_batchnorm_parity():
     """The default (BatchNorm folded into the convolutions for the masked forwards) against
     pytorch-grad-cam, which runs the model as is, on a network with non-trivial BatchNorm statistics."""
     torch.manual_seed(5)
-    model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 6)
+    model = random_batchnorm(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 6)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([1, 4, 0, 9])
     with create_method("scorecam", model, mask_align_corners=True, fold_batchnorm=True) as m:
@@ -350,7 +335,7 @@ def test_scorecam_folded_batchnorm_parity():
 
 def test_scorecam_refolds_after_a_weight_change():
     torch.manual_seed(8)
-    model = _with_batchnorm_statistics(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 9)
+    model = random_batchnorm(igrad.create_model("cifar_resnet18", num_classes=10, width=0.25), 9)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
     with create_method("scorecam", model, fold_batchnorm=True) as m:
         before = m(x, 3)
@@ -381,7 +366,7 @@ class _DataDependent(nn.Module):
 
 def test_scorecam_untraceable_model_falls_back_to_the_model():
     torch.manual_seed(11)
-    model = _with_batchnorm_statistics(_DataDependent(), 12)
+    model = random_batchnorm(_DataDependent(), 12)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(13))
     with pytest.warns(UserWarning, match="scoring with the model as is"):
         with create_method("scorecam", model, "bn", fold_batchnorm=True) as m:

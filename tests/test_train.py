@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ import igrad
 from igrad.checkpoint import load_checkpoint, load_model, save_checkpoint
 from igrad.cli import main
 from igrad.train import METRIC_KEYS, TrainConfig, fit, lr_factor
-from references import CLASSES, write_folder
+from references import CLASSES, kill_when_stalled, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 _USER_CACHE = os.environ.get("IGRAD_CACHE")
@@ -285,15 +283,7 @@ def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=5)[0].decode()
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
+    kill_when_stalled(proc, marker)
     state = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == ((1, 2, 6) if every else (1, 0, 4))
     assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 1
