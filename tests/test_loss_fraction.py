@@ -210,3 +210,33 @@ def test_bf16_regularised_step_keeps_every_activation_in_bf16(fraction):
         loss.backward()
     assert l_r.dtype == torch.float32  # the error itself is computed in float32
     assert mode.ops == []
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_forward_gives_the_ordinary_training_gradients(bf16):
+    """igrad.loss.training_forward (the trainer's λ = 0 step in bf16 on the CPU) is an ordinary training forward:
+    its logits, running statistics and parameter gradients equal plain autograd's (float32: to kernel precision;
+    bf16: the engine's stride-1 route for the strided depthwise input gradient rounds differently, so within
+    bf16's ~2⁻⁸ relative per rounding times the depth, scaled by each gradient's magnitude)."""
+    from igrad.loss import training_forward
+    from igrad.precision import autocast
+    from references import F32_KERNEL_RTOL, kernel_atol
+
+    torch.manual_seed(0)
+    ref = igrad.create_model("cifar_mobilenet_v2", num_classes=10, width=0.25).train()  # strided depthwise convs
+    ours = copy.deepcopy(ref)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    torch.manual_seed(2)  # the same dropout masks in both
+    with autocast("cpu", bf16):
+        F.cross_entropy(ref(x).float(), y).backward()
+    torch.manual_seed(2)
+    with autocast("cpu", bf16):
+        logits, _ = training_forward(ours, x)
+        F.cross_entropy(logits.float(), y).backward()
+    rel = 0.1 if bf16 else F32_KERNEL_RTOL
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        scale = max(float(a.grad.abs().max()), 1e-12)
+        assert float((a.grad - b.grad).abs().max()) <= rel * scale + kernel_atol(a.grad, 0.0), name
+    for a, b in zip(ref.buffers(), ours.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=kernel_atol(a) if a.is_floating_point() else 0)

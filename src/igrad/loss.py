@@ -30,7 +30,7 @@ from .rules import STATS_MODES, BackwardRules
 from .torch_utils import has_training_batchnorm
 from .validate import check_images
 
-__all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA"]
+__all__ = ["ERRORS", "register_error", "GradientAlignmentLoss", "DEFAULT_STATS", "DEFAULT_LAMBDA", "training_forward"]
 
 ErrorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -79,6 +79,24 @@ def mse_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mae_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``mean(|a − b|)`` per row."""
     return (a - b).abs().mean(1)
+
+
+def training_forward(
+    model: nn.Module, x: torch.Tensor, *, allow: Iterable[str] = ()
+) -> tuple[torch.Tensor, BackwardRules]:
+    """An ordinary training forward ``logits = model(x)`` ``[B, K]`` whose ``loss.backward()`` is exact (train-mode
+    BatchNorm through the batch statistics, running statistics updated as usual), recorded by the backward-rule
+    engine: each BatchNorm's batch statistics are kept (``rules.statistics``, for the sub-batch regulariser) and
+    the convolutions' backward goes through the engine, whose bf16 input gradient of a strided grouped
+    convolution avoids the CPU's slow native fallback (:func:`igrad.rules.strided_input_grad`). Nothing is
+    refused in it (``x`` needs no gradient). Returns ``(logits, rules)``."""
+    rules = BackwardRules(
+        stats="batch-frozen", update_stats=True, allow=allow, model=unwrap_model(model), double_backward=True
+    )
+    rules.input = x
+    with rules:
+        logits = model_logits(model, x, probabilities=False)
+    return logits, rules
 
 
 class GradientAlignmentLoss(nn.Module):
@@ -201,15 +219,7 @@ class GradientAlignmentLoss(nn.Module):
         if target.shape != (len(x),):
             raise IgradError(f"target must have shape [{len(x)}] (one class per sample), got {tuple(target.shape)}")
         net = unwrap_model(model)
-        # one ordinary training forward (exact; running statistics updated as usual) that records its batch
-        # statistics, its convolutions routed through the engine's backward (the fast bf16 strided path);
-        # nothing is refused in it (x needs no gradient): the subset's forward refuses
-        rules = BackwardRules(
-            stats="batch-frozen", update_stats=True, allow=self.allow, model=net, double_backward=True
-        )
-        rules.input = x
-        with rules:
-            logits = model_logits(model, x, probabilities=False)
+        logits, rules = training_forward(model, x, allow=self.allow)
         statistics = rules.statistics if self.stats == "batch-frozen" and has_training_batchnorm(net) else None
         idx = self.subset(len(x), generator).to(x.device)
         res = input_gradients(

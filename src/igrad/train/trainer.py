@@ -62,7 +62,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import cos_subset, eval_tensors
 from ..errors import IgradError
 from ..gradients import gradient_cosine
-from ..loss import GradientAlignmentLoss
+from ..loss import GradientAlignmentLoss, training_forward
 from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
@@ -556,7 +556,10 @@ class _Trainer:
                 l_c = F.cross_entropy(logits.float(), y)
                 loss = l_c + lam * l_r.float()
             else:
-                logits = model_logits(self.ddp, x, probabilities=False)  # checked in _preflight
+                if c.amp and self.device.type == "cpu":  # the engine's fast bf16 strided depthwise backward
+                    logits, _ = training_forward(self.ddp, x, allow=c.allow)
+                else:
+                    logits = model_logits(self.ddp, x, probabilities=False)  # checked in _preflight
                 l_c = F.cross_entropy(logits.float(), y)
                 l_r = torch.zeros((), device=self.device)
                 loss = l_c
