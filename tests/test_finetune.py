@@ -228,3 +228,14 @@ def test_load_init_refuses_a_config_without_init(folder):
     config = TrainConfig(data=str(folder))
     with pytest.raises(IgradError, match="init"):
         load_init(config, prepare_data(config))
+
+
+def test_init_that_is_not_a_checkpoint_file_is_refused_clearly(folder, tmp_path, capsys):
+    # a text file (the run's config.toml) and a run folder: named for what they are, no torch advice to
+    # load with weights_only=False, no traceback
+    text = tmp_path / "config.toml"
+    text.write_text('model = "cifar_resnet18"\n')
+    for given, expected in ((text, "not a checkpoint at all"), (tmp_path, "is a folder; give a checkpoint file")):
+        rc = main(["train", "--data", str(folder), "--init", str(given), "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and "weights_only set to False" not in err and "Traceback" not in err

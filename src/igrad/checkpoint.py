@@ -40,14 +40,21 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """Load a checkpoint with ``weights_only=True``; clear :class:`IgradError` when the file is
     missing, truncated/corrupt, holds pickled code, or is not an igrad checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise IgradError(f"checkpoint {path} is a folder; give a checkpoint file in it (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise IgradError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive
+        raise IgradError(
+            f"checkpoint {path} is truncated or corrupt, or not a checkpoint at all (it is not the zip archive "
+            "torch.save writes)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise IgradError(
             f"checkpoint {path} was refused by torch.load(weights_only=True): it holds objects other than "
-            f"tensors and plain containers (possibly code). Not loading it. ({str(exc).splitlines()[0]})"
+            "tensors and plain containers (possibly code). Not loading it."
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise IgradError(f"checkpoint {path} is truncated or corrupt ({str(exc).splitlines()[0]})") from exc

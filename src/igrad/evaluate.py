@@ -12,6 +12,7 @@ is better). The reports (Markdown, CSV, figures) are written by :mod:`igrad.repo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -249,8 +250,11 @@ class _Partials:
         return value
 
     def remove(self) -> None:
+        """Delete this evaluation's stored chunks, and the ``.partial`` folder once nothing else is in it."""
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # other evaluations' chunks still there: keep it
+                self.dir.parent.rmdir()
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -37,6 +37,8 @@ def add_config_flags(
     for f in dataclasses.fields(config):
         flag = "--" + f.name.replace("_", "-")
         suffix = note(f) if note is not None else f"(default {f.default})"
+        if "(default" in f.metadata["help"]:  # the help text states its default itself
+            suffix = ""
         kwargs: dict[str, Any] = {
             "default": f.default if typed else argparse.SUPPRESS,
             "help": f"{f.metadata['help']} {suffix}" if suffix else f.metadata["help"],
