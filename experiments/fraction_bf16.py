@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 import igrad
 from igrad.atomic import atomic_write_json
-from igrad.data import NORMALIZATION, data_root_from_env, eval_tensors, load_split, normalize
+from igrad.data import data_root_from_env, eval_tensors, load_split
 from igrad.gradients import cosine_similarity, input_gradients
+from igrad.normalization import NORMALIZATIONS
 from igrad.provenance import provenance
 
 
@@ -66,7 +67,7 @@ def train_arm(arm: dict[str, Any], args: argparse.Namespace, data: dict[str, Any
         for group in opt.param_groups:
             group["lr"] = args.lr * factor
         gen = torch.Generator().manual_seed(args.seed * 100003 + step)  # augmentation and subset of this step
-        x = normalize(augment(data["train"].images[idx], gen), *data["norm"]).contiguous(memory_format=cl)
+        x = data["norm"].apply(augment(data["train"].images[idx], gen)).contiguous(memory_format=cl)
         y = data["train"].labels[idx]
         opt.zero_grad(set_to_none=True)
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if arm["bf16"] else contextlib.nullcontext()
@@ -124,10 +125,10 @@ def main() -> None:
     if root is None:
         raise SystemExit("set IGRAD_DATA to the CIFAR-100 image folder")
     train, test = load_split(root, "train"), load_split(root, "test")
-    norm = NORMALIZATION["cifar100"]
+    norm = NORMALIZATIONS["cifar100"]
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(1))
-    x_acc, y_acc = eval_tensors(test, *norm, pick[: args.test_acc])
-    x_cos, y_cos = eval_tensors(test, *norm, pick[: args.test_cos])
+    x_acc, y_acc = eval_tensors(test, norm, pick[: args.test_acc])
+    x_cos, y_cos = eval_tensors(test, norm, pick[: args.test_cos])
     data = {"train": train, "norm": norm, "order": batches(len(train), args.steps, args.batch, args.seed)}
     results: dict[str, Any] = {}
     for name in args.arms.split(","):
