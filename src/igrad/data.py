@@ -40,7 +40,6 @@ __all__ = [
     "cos_subset",
     "data_root_from_env",
     "normalization_for",
-    "normalize",
     "eval_tensors",
     "match_classes",
 ]
@@ -186,12 +185,6 @@ def load_split(
     if not folder.is_dir():
         raise IgradError(f"data folder {base} has no {split}/ subfolder (expected train/ and test/ or val/)")
     return _folder_split(folder)
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(images/255 − mean) / std`` per channel, float32 (``images``: uint8 ``[B, C, H, W]``, uint16
-    (``/65535``), or a float tensor already in ``[0, 1]``); see :meth:`Normalization.apply`."""
-    return Normalization.of(mean, std).apply(images)
 
 
 def eval_tensors(
