@@ -4,11 +4,14 @@ Every run trains with ``igrad train``'s library (:func:`igrad.train.fit_or_resum
 default ``cpu``) on real CIFAR-100 with a 10 % validation split held out of the training set (seeded,
 stratified; the study chooses on it, never on the test set). Groups:
 
-* ``scratch``: from scratch, λ ∈ ``--lams`` (0 is the baseline);
+* ``baseline``: the preset's full budget at λ = 0 (the trained model the fine-tuning runs start from);
+* ``scratch``: from scratch for ``--epochs`` (default: a third of the preset's), λ ∈ ``--lams`` (0 is
+  their baseline);
 * ``warmup``: from scratch, λ ∈ ``--warmup-lams`` with ``--lam-warmup`` epochs of λ warm-up;
-* ``finetune``: from the baseline's ``best.pt`` (``--init``: fresh optimiser and schedule) for
-  ``--ft-epochs`` at ``--ft-lr``, λ ∈ ``--ft-lams`` (λ = 0 is the control);
-* ``width``: from scratch at the widths ``--widths``, λ ∈ ``--width-lams``.
+* ``finetune``: from the ``baseline`` run's final weights (``--init``: fresh optimiser and schedule) for
+  ``--ft-epochs`` at ``--ft-lr``, λ ∈ ``--ft-lams`` (λ = 0 is the control, the same steps), and at
+  ``--ft-lr2`` for λ ∈ ``--ft-lr2-lams``;
+* ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``.
 
 After a run finishes, its small results go to ``RESULTS/<run>.json`` (atomically, with provenance): final
 and best validation accuracy, eval-mode mean cos(δx, δᴳx) on the validation split, test accuracy (recorded,
@@ -62,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default=None, help="CIFAR-100 image folder (default: $IGRAD_DATA)")
     ap.add_argument("--preset", default="cpu", help="training preset of every run")
     ap.add_argument("--model", default="cifar_resnet18")
-    ap.add_argument("--width", type=float, default=0.25, help="width of the scratch, warm-up and fine-tuning runs")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs of the runs from scratch (default: the preset's)")
+    ap.add_argument("--width", type=float, default=None, help="width of the study's runs (default: the preset's)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="epochs of the runs from scratch (default: a third of the preset's)"
+    )
     ap.add_argument("--steps-per-epoch", type=int, default=0, help="cap on the steps of an epoch (0: full epochs)")
     ap.add_argument("--lams", type=_floats, default=[0, 0.025, 0.075, 0.25, 0.75, 2.5])
     ap.add_argument("--warmup-lams", type=_floats, default=[0.75, 2.5])
@@ -71,8 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ft-lams", type=_floats, default=[0, 0.25, 0.75, 2.5, 7.5])
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--ft-lr", type=float, default=0.01, help="peak learning rate of the fine-tuning runs")
-    ap.add_argument("--widths", type=_floats, default=[0.125, 0.5])
+    ap.add_argument("--ft-lr2", type=float, default=0.001, help="a second fine-tuning learning rate")
+    ap.add_argument("--ft-lr2-lams", type=_floats, default=[0, 2.5], help="λ values fine-tuned at --ft-lr2")
+    ap.add_argument("--widths", type=_floats, default=[0.25, 0.5, 1.0])
     ap.add_argument("--width-lams", type=_floats, default=[0, 0.75])
+    ap.add_argument("--width-epochs", type=int, default=3, help="epochs of the width group")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--eval-images", type=int, default=500, help="validation images of the cos and the metrics")
     ap.add_argument("--methods", default="gradcam,gradient", help="saliency methods evaluated")
@@ -94,8 +102,9 @@ def _smoke_settings(args: argparse.Namespace) -> None:
     args.runs = str(root)
     args.results = str(root / "results") if args.results == "results/tradeoff" else args.results
     args.data = str(write_smoke_data(root / "data"))
-    args.width, args.epochs, args.steps_per_epoch, args.ft_epochs = 0.125, 1, 2, 1
-    args.lams, args.warmup_lams, args.ft_lams = [0, 0.75], [2.5], [0, 2.5]
+    args.width, args.epochs, args.steps_per_epoch, args.ft_epochs, args.width_epochs = 0.125, 1, 2, 1, 1
+    args.set = ["epochs=2", *args.set]  # the baseline group's (the preset's) budget
+    args.lams, args.warmup_lams, args.ft_lams, args.ft_lr2_lams = [0, 0.75], [2.5], [0, 2.5], [2.5]
     args.widths, args.width_lams, args.eval_images = [0.25], [0.75], 40
     args.set = ["batch_size=32", "eval_batch_size=200", *args.set]
 
@@ -118,7 +127,7 @@ def write_smoke_data(root: Path, n_train: int = 40, n_test: int = 10, size: int 
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
-    """The study's runs, the baseline first (the fine-tuning runs start from it)."""
+    """The study's runs, the full-budget baseline first (the fine-tuning runs start from it)."""
     overrides = dict(item.split("=", 1) for item in args.set)
     common: dict[str, Any] = {
         "model": args.model,
@@ -127,35 +136,38 @@ def plan(args: argparse.Namespace) -> list[Run]:
         "cos_samples": args.eval_images,
         "steps_per_epoch": args.steps_per_epoch,
         "seed": args.seed,
-        **({"epochs": args.epochs} if args.epochs is not None else {}),
+        **({"width": args.width} if args.width is not None else {}),
         **overrides,
     }
+    preset = TrainConfig.preset_config(args.preset, **common)
+    epochs = args.epochs if args.epochs is not None else max(1, round(preset.epochs / 3))
 
-    def config(name: str, **kw: Any) -> TrainConfig:
-        values = {**common, "width": args.width, **kw, "out": str(Path(args.runs) / name)}
-        return TrainConfig.preset_config(args.preset, **values)
+    def run(name: str, group: str, **kw: Any) -> Run:
+        values = {**common, **kw, "out": str(Path(args.runs) / name)}
+        return Run(name, group, TrainConfig.preset_config(args.preset, **values))
 
-    baseline = "scratch-lam0"
-    runs = [Run(f"scratch-lam{lam:g}", "scratch", config(f"scratch-lam{lam:g}", lam=lam)) for lam in [0.0, *args.lams]]
+    baseline = run("baseline-lam0", "baseline", lam=0.0)
+    runs = [baseline]
+    runs += [run(f"scratch-lam{lam:g}", "scratch", lam=lam, epochs=epochs) for lam in [0.0, *args.lams]]
     runs += [
-        Run(
-            f"warmup-lam{lam:g}-warm{args.lam_warmup:g}",
-            "warmup",
-            config(f"warmup-lam{lam:g}-warm{args.lam_warmup:g}", lam=lam, lam_warmup=args.lam_warmup),
-        )
+        run(f"warmup-lam{lam:g}-warm{args.lam_warmup:g}", "warmup", lam=lam, lam_warmup=args.lam_warmup, epochs=epochs)
         for lam in args.warmup_lams
     ]
-    init = str(Path(args.runs) / baseline / "best.pt")
-    ft = {"init": init, "epochs": args.ft_epochs, "lr": args.ft_lr}
-    runs += [Run(f"ft-lam{lam:g}", "finetune", config(f"ft-lam{lam:g}", lam=lam, **ft)) for lam in args.ft_lams]
+    init = str(Path(baseline.config.out) / "last.pt")  # its final weights
+    for lr, lams in ((args.ft_lr, args.ft_lams), (args.ft_lr2, args.ft_lr2_lams)):
+        suffix = "" if lr == args.ft_lr else f"-lr{lr:g}"
+        ft = {"init": init, "epochs": args.ft_epochs, "lr": lr}
+        runs += [run(f"ft-lam{lam:g}{suffix}", "finetune", lam=lam, **ft) for lam in lams]
     runs += [
-        Run(f"width{w:g}-lam{lam:g}", "width", config(f"width{w:g}-lam{lam:g}", lam=lam, width=w))
+        run(f"width{w:g}-lam{lam:g}", "width", lam=lam, width=w, epochs=args.width_epochs)
         for w in args.widths
         for lam in args.width_lams
     ]
-    unique = {r.name: r for r in runs}  # the baseline is listed once, first
+    unique = {r.name: r for r in runs}
     only = {g for g in args.only.split(",") if g}
-    return [r for r in unique.values() if not only or r.group in only or r.name == baseline]
+    if "finetune" in only:
+        only.add("baseline")  # the fine-tuning runs start from it
+    return [r for r in unique.values() if not only or r.group in only]
 
 
 def evaluate_run(result: RunResult, config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
