@@ -11,7 +11,9 @@ stratified; the study chooses on it, never on the test set). Groups:
 * ``finetune``: from the ``baseline`` run's final weights (``--init``: fresh optimiser and schedule) for
   ``--ft-epochs`` at ``--ft-lr``, λ ∈ ``--ft-lams`` (λ = 0 is the control, the same steps), and at
   ``--ft-lr2`` for λ ∈ ``--ft-lr2-lams``;
-* ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``.
+* ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``;
+* ``score``: from scratch like ``scratch``, λ ∈ ``--score-lams``, with the regulariser's gradients taken of
+  the softmax probability instead of the logit (``reg_score=probability``; SPEC 1 uses the logit).
 
 After a run finishes, its small results go to ``RESULTS/<run>.json`` (atomically, with provenance): final
 and best validation accuracy, eval-mode mean cos(δx, δᴳx) on the validation split, test accuracy (recorded,
@@ -81,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--widths", type=_floats, default=[0.25, 0.5, 1.0])
     ap.add_argument("--width-lams", type=_floats, default=[0, 0.75])
     ap.add_argument("--width-epochs", type=int, default=3, help="epochs of the width group")
+    ap.add_argument("--score-lams", type=_floats, default=[0.75], help="λ of the probability-score ablation")
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--eval-images", type=int, default=500, help="validation images of the cos and the metrics")
     ap.add_argument("--methods", default="gradcam,gradient", help="saliency methods evaluated")
@@ -105,7 +108,7 @@ def _smoke_settings(args: argparse.Namespace) -> None:
     args.width, args.epochs, args.steps_per_epoch, args.ft_epochs, args.width_epochs = 0.125, 1, 2, 1, 1
     args.set = ["epochs=2", *args.set]  # the baseline group's (the preset's) budget
     args.lams, args.warmup_lams, args.ft_lams, args.ft_lr2_lams = [0, 0.75], [2.5], [0, 2.5], [2.5]
-    args.widths, args.width_lams, args.eval_images = [0.25], [0.75], 40
+    args.widths, args.width_lams, args.eval_images, args.score_lams = [0.25], [0.75], 40, [0.75]
     args.set = ["batch_size=32", "eval_batch_size=200", *args.set]
 
 
@@ -163,6 +166,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for w in args.widths
         for lam in args.width_lams
     ]
+    runs += [
+        run(f"score-prob-lam{lam:g}", "score", lam=lam, reg_score="probability", epochs=epochs)
+        for lam in args.score_lams
+    ]
     unique = {r.name: r for r in runs}
     only = {g for g in args.only.split(",") if g}
     if "finetune" in only:
@@ -171,7 +178,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def evaluate_run(result: RunResult, config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """Saliency metrics, cos and accuracy on the seeded validation subset the trainer's ``val_cos`` uses."""
+    """Saliency metrics, cos and accuracy on the seeded validation subset the trainer's ``val_cos`` uses
+    (:func:`igrad.evaluate.evaluate_model`'s result, per-image values included)."""
     data = prepare_data(config)
     if data.val is None:
         raise SystemExit("the study needs a validation split (--val-fraction > 0)")
@@ -183,17 +191,10 @@ def evaluate_run(result: RunResult, config: TrainConfig, args: argparse.Namespac
         seed=config.split_seed,  # the cos subset's seed: the same images (igrad.data.cos_subset)
         accuracy=False,
     )
-    out = evaluate_model(
+    # the whole evaluation (per-image values and indices included: the report's paired intervals need them)
+    return evaluate_model(
         result.model, val, settings, normalization=data.normalization, config=result.config, progress=False
     )
-    return {
-        "settings": out["settings"],
-        "n": out["data"]["n"],
-        "subset_accuracy": out["model"]["subset_accuracy"],
-        "cos": out["model"]["cos"],
-        "metrics": out["results"],
-        "timing_s": round(out["timing"]["total_s"], 1),
-    }
 
 
 def run_one(run: Run, args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -241,10 +242,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         row = run_one(run, args, path)
         ev = row["evaluation"]
-        gc = ev["metrics"].get("gradcam", {})
+        gc = ev["results"].get("gradcam", {})
         print(
             f"{run.name:28s} val acc {row['val_acc']:7.2%}  val cos {row['val_cos']:6.3f} "
-            f"(eval {ev['cos']['mean']:6.3f})  gradcam AD {gc.get('ad', {}).get('mean', float('nan')):6.2f}  "
+            f"(eval {ev['model']['cos']['mean']:6.3f})  gradcam AD {gc.get('ad', {}).get('mean', float('nan')):6.2f}  "
             f"{row['wall_s']['total']:7.1f}s",
             flush=True,
         )

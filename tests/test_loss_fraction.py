@@ -44,9 +44,19 @@ def _model() -> nn.Module:
     return model
 
 
+class _Softmaxed(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(1)
+
+
+@pytest.mark.parametrize("score", ["logit", "probability"])
 @pytest.mark.parametrize("error", ["cosine", "mse"])
 @pytest.mark.parametrize("stats", ["batch-frozen", "running"])
-def test_fraction_loss_matches_float64_reference(stats, error):
+def test_fraction_loss_matches_float64_reference(stats, error, score):
     """L_R on the seeded subset S, with the whole batch's statistics held constant ('batch-frozen') or the
     running ones, and the cross-entropy over the whole batch: value, logits, buffers and ∇θ of the full
     step against plain autograd in float64."""
@@ -54,7 +64,7 @@ def test_fraction_loss_matches_float64_reference(stats, error):
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 5, (8,))
-    crit = igrad.GradientAlignmentLoss(error, stats=stats, fraction=0.5)
+    crit = igrad.GradientAlignmentLoss(error, stats=stats, fraction=0.5, score=score)
     l_r, logits = crit(ours, x, y, generator=torch.Generator().manual_seed(7))
     (F.cross_entropy(logits, y) + l_r).backward()
 
@@ -63,9 +73,11 @@ def test_fraction_loss_matches_float64_reference(stats, error):
     subset = torch.randperm(8, generator=torch.Generator().manual_seed(7))[:4].sort().values
     ref_logits = ref(x)  # an ordinary training forward: logits, one running-statistics update
     frozen = frozen_copy(model, batch_statistics(model, x)) if stats == "batch-frozen" else frozen_copy(ref, {})
-    guided, swapped = guided_by_module_swap(frozen, x[subset], y[subset])
+    # score "probability": the gradients of softmax(y)_c (then L_R reaches θ through the seed p_c(e_c - p) too)
+    scored = _Softmaxed(frozen) if score == "probability" else frozen
+    guided, swapped = guided_by_module_swap(scored, x[subset], y[subset])
     assert swapped == 2
-    std = plain_input_gradient(frozen, x[subset], y[subset], create_graph=True)
+    std = plain_input_gradient(scored, x[subset], y[subset], create_graph=True)
     ref_lr = igrad.ERRORS[error](std.flatten(1), guided.flatten(1)).mean()
     torch.testing.assert_close(l_r.detach(), ref_lr.detach())
     torch.testing.assert_close(logits, ref_logits)

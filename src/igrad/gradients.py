@@ -16,13 +16,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .errors import unknown_name
 from .models import uncompiled
 from .output import model_logits, refuse_probabilities
 from .rules import BackwardRules, Phase
 from .torch_utils import eval_mode, preserve_batchnorm_counters
 from .validate import TargetLike, check_images, resolve_target
 
-__all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity"]
+__all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity", "SCORES"]
+
+#: What the input gradient is taken of: ``logit`` ``y_c`` (SPEC 1, the default everywhere) or ``probability``
+#: ``p_c = softmax(y)_c`` (another reading of the paper; issue 13's ablation). For ``probability`` the backward
+#: starts from ``∂p_c/∂y = p_c (e_c - p)`` (float32 or wider) and both passes share it: the guided rules act inside the
+#: network only, so ``δᴳx`` is guided backpropagation of ``p_c``.
+SCORES = ("logit", "probability")
 
 
 class InputGradients(NamedTuple):
@@ -49,6 +56,7 @@ def input_gradients(
     parameter_path: bool = True,
     train: bool = False,
     statistics: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    score: str = "logit",
 ) -> InputGradients:
     """Standard and/or guided input gradients of ``y_target`` from **one** forward pass.
 
@@ -65,16 +73,22 @@ def input_gradients(
     training-mode BatchNorm treated per ``stats``); the logits' values are not inspected (no device
     synchronisation). With ``update_stats=False`` (the default) a training-mode model's BatchNorm
     buffers and counters are left untouched. ``parameter_path=False`` declares that ``logits`` will
-    feed no loss (only the gradients will): a later ``backward()`` then skips the forward graph.
+    feed no loss (only the gradients will): a later ``backward()`` then skips the forward graph (ignored
+    for ``score="probability"`` with ``create_graph``, whose gradients depend on the logits).
     ``statistics`` (with ``stats="batch-frozen"``): the batch statistics a forward on a larger batch
     recorded (:attr:`igrad.rules.BackwardRules.statistics`), held constant here instead of this batch's
-    own (the sub-batch regulariser's passes on a subset of that batch).
+    own (the sub-batch regulariser's passes on a subset of that batch). ``score``: ``"logit"`` (SPEC 1) or
+    ``"probability"``: the gradients of ``p_{i,c_i} = softmax(y_i)_{c_i}`` instead (see :data:`SCORES`).
 
-    Raises :class:`~igrad.errors.IgradError` for bad images or targets and for a model that does not
-    return logits ``[B, num_classes]``.
+    Raises :class:`~igrad.errors.IgradError` for bad images or targets, an unknown ``score``, and for a
+    model that does not return logits ``[B, num_classes]``.
     """
     check_images(x)
+    if score not in SCORES:
+        raise unknown_name("score", score, SCORES)
     model = uncompiled(model)  # the rules record an eager forward (same parameters)
+    # the probability's seed p_c (e_c - p) depends on the logits: a loss of the gradient reaches θ through them
+    parameter_path = parameter_path or (score == "probability" and create_graph)
     rules = BackwardRules(
         stats=stats,
         update_stats=update_stats,
@@ -95,16 +109,20 @@ def input_gradients(
         if not train:
             refuse_probabilities(logits, model)
         t = resolve_target(target, logits)
-        score = logits.gather(1, t[:, None]).sum()
+        if score == "probability":  # in float32 at least (bf16 logits under autocast), float64 kept
+            scores = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
+        else:
+            scores = logits
+        total = scores.gather(1, t[:, None]).sum()
         g_guided = g_standard = None
         if guided:
             with rules.phase(Phase.GUIDED):
                 (g_guided,) = torch.autograd.grad(
-                    score, xg, create_graph=guided_graph, retain_graph=standard or create_graph or guided_graph
+                    total, xg, create_graph=guided_graph, retain_graph=standard or create_graph or guided_graph
                 )
         if standard:
             with rules.phase(Phase.STANDARD):
-                (g_standard,) = torch.autograd.grad(score, xg, create_graph=create_graph, retain_graph=create_graph)
+                (g_standard,) = torch.autograd.grad(total, xg, create_graph=create_graph, retain_graph=create_graph)
     return InputGradients(logits, t, g_standard, g_guided)
 
 

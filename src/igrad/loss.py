@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import IgradError, unknown_name
-from .gradients import InputGradients, cosine_similarity, input_gradients
+from .gradients import SCORES, InputGradients, cosine_similarity, input_gradients
 from .models import unwrap_model
 from .output import model_logits, refuse_probabilities
 from .rules import STATS_MODES, BackwardRules
@@ -115,7 +115,9 @@ class GradientAlignmentLoss(nn.Module):
       the loss learns to satisfy itself through that coupling. Kept only to show the failure.
 
     Parameters: ``error`` a name in :data:`ERRORS`; ``allow`` non-linearities without a guided rule to
-    let through (see :mod:`igrad.rules`); ``fraction`` ρ in (0, 1], the sub-batch regulariser below.
+    let through (see :mod:`igrad.rules`); ``fraction`` ρ in (0, 1], the sub-batch regulariser below;
+    ``score`` what the gradients are taken of: ``"logit"`` ``y_c`` (SPEC 1) or ``"probability"``
+    ``softmax(y)_c`` (an ablation; :data:`igrad.gradients.SCORES`).
 
     **Sub-batch regulariser** (``fraction=ρ < 1``, SPEC 1): ``logits`` come from one ordinary training
     forward over the whole batch (``L_C`` on all ``n`` samples, exact train-mode BatchNorm, running
@@ -141,8 +143,11 @@ class GradientAlignmentLoss(nn.Module):
         stats: str = DEFAULT_STATS,
         allow: Iterable[str] = (),
         fraction: float = 1.0,
+        score: str = "logit",
     ) -> None:
         super().__init__()
+        if score not in SCORES:
+            raise unknown_name("score", score, SCORES)
         if error not in ERRORS:
             raise unknown_name("error function", error, ERRORS)
         if stats not in STATS_MODES:
@@ -158,11 +163,13 @@ class GradientAlignmentLoss(nn.Module):
         self.stats = stats
         self.allow = tuple(allow)
         self.fraction = float(fraction)
+        self.score = score
         self._checked: int | None = None  # id of the last model whose logits passed refuse_probabilities
 
     def extra_repr(self) -> str:
         fraction = f", fraction={self.fraction:g}" if self.fraction < 1 else ""
-        return f"error={self.error!r}, stats={self.stats!r}{fraction}"
+        score = f", score={self.score!r}" if self.score != "logit" else ""
+        return f"error={self.error!r}, stats={self.stats!r}{fraction}{score}"
 
     def forward(
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, generator: torch.Generator | None = None
@@ -189,6 +196,7 @@ class GradientAlignmentLoss(nn.Module):
             allow=self.allow,
             parameter_path=not two_passes,
             train=True,
+            score=self.score,
         )
         logits = res.logits if logits is None else logits
         return self._error(model, res, logits), logits
@@ -231,6 +239,7 @@ class GradientAlignmentLoss(nn.Module):
             allow=self.allow,
             parameter_path=False,
             train=True,
+            score=self.score,
             statistics=statistics,
         )
         return self._error(model, res, logits), logits

@@ -629,7 +629,7 @@ class _Conv2d(torch.autograd.Function):
         phase = ctx.state.phase
         none3 = (None, None, None)
         if grad is None or (phase is Phase.FREE and not ctx.state.parameter_path):
-            return None, None, *none3
+            return None, None, None, *none3
         x, weight = ctx.saved_tensors
         if phase is not Phase.FREE:  # an input-gradient pass: no parameter gradients
             if phase is Phase.STANDARD and torch.is_grad_enabled():

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..data import TrainData, load_train_data
 from ..errors import IgradError, unknown_name
+from ..gradients import SCORES
 from ..loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS
 from ..normalization import NORMALIZATIONS, Normalization
 from ..rules import STATS_MODES
@@ -89,6 +90,7 @@ class TrainConfig:
     error: str = _f("cosine", "error function E of L_R")
     stats: str = _f(DEFAULT_STATS, "BatchNorm statistics of the regulariser's gradient passes")
     allow: list[str] = _f([], "non-linearities without a guided rule to let through (e.g. silu)")
+    reg_score: str = _f("logit", "what L_R's gradients are taken of: logit (SPEC 1) or probability (softmax)")
     reg_fraction: float = _f(1.0, "fraction ρ of each batch L_R is computed on (L_C on the whole batch; SPEC 1)")
     # optimisation
     epochs: int = _f(200, "number of epochs")
@@ -168,6 +170,8 @@ class TrainConfig:
             raise unknown_name("error function", self.error, ERRORS)
         if self.stats not in STATS_MODES:
             raise unknown_name("statistics mode", self.stats, STATS_MODES)
+        if self.reg_score not in SCORES:
+            raise unknown_name("score", self.reg_score, SCORES)
         if self.schedule not in SCHEDULES:
             raise unknown_name("schedule", self.schedule, SCHEDULES)
         checks = [

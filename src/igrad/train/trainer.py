@@ -245,7 +245,9 @@ class _Trainer:
         model = model.to(self.device)
         self.model = to_channels_last(model) if c.channels_last else model
         self.criterion = (
-            GradientAlignmentLoss(c.error, stats=c.stats, allow=c.allow, fraction=c.reg_fraction) if c.lam > 0 else None
+            GradientAlignmentLoss(c.error, stats=c.stats, allow=c.allow, fraction=c.reg_fraction, score=c.reg_score)
+            if c.lam > 0
+            else None
         )
         self._preflight()
         n = len(d.train)
@@ -354,15 +356,18 @@ class _Trainer:
                 f"cannot resume: the classes of {self.config.data} changed since the run was trained "
                 f"(new: {added or 'none'}; missing: {gone or 'none'}); restore the class folders or start a new run"
             )
+        # a field the checkpoint predates was trained with that field's default (e.g. no label smoothing)
+        defaults = TrainConfig().to_dict()
         mismatch = [
             k
             for k, v in self.config.to_dict().items()
-            if k not in RESUME_OVERRIDES and k in saved and k not in ("mean", "std") and saved[k] != v
+            if k not in RESUME_OVERRIDES and k not in ("mean", "std") and saved.get(k, defaults[k]) != v
         ]
         if mismatch:
             k = mismatch[0]
             raise IgradError(
-                f"cannot resume: {k} is {self.config.to_dict()[k]!r} but the run was trained with {saved[k]!r} "
+                f"cannot resume: {k} is {self.config.to_dict()[k]!r} but the run was trained with "
+                f"{saved.get(k, defaults[k])!r} "
                 f"(only {', '.join(sorted(RESUME_OVERRIDES))} may change when resuming)"
             )
         if saved.get("world_size", 1) != self.dist.world:
