@@ -13,7 +13,7 @@ stratified; the study chooses on it, never on the test set). Groups:
   ``--ft-lr2`` for λ ∈ ``--ft-lr2-lams``;
 * ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``;
 * ``score``: from scratch like ``scratch``, λ ∈ ``--score-lams``, with the regulariser's gradients taken of
-  the softmax probability instead of the logit (``reg_score=probability``; SPEC 1 uses the logit).
+  the softmax probability instead of the logit (``reg_score=prob``; SPEC 1 uses the logit).
 
 After a run finishes, its small results go to ``RESULTS/<run>.json`` (atomically, with provenance): final
 and best validation accuracy, eval-mode mean cos(δx, δᴳx) on the validation split, test accuracy (recorded,
@@ -167,8 +167,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for lam in args.width_lams
     ]
     runs += [
-        run(f"score-prob-lam{lam:g}", "score", lam=lam, reg_score="probability", epochs=epochs)
-        for lam in args.score_lams
+        run(f"score-prob-lam{lam:g}", "score", lam=lam, reg_score="prob", epochs=epochs) for lam in args.score_lams
     ]
     unique = {r.name: r for r in runs}
     only = {g for g in args.only.split(",") if g}

@@ -53,7 +53,7 @@ class _Softmaxed(nn.Module):
         return self.model(x).softmax(1)
 
 
-@pytest.mark.parametrize("score", ["logit", "probability"])
+@pytest.mark.parametrize("score", ["logit", "prob"])
 @pytest.mark.parametrize("error", ["cosine", "mse"])
 @pytest.mark.parametrize("stats", ["batch-frozen", "running"])
 def test_fraction_loss_matches_float64_reference(stats, error, score):
@@ -73,8 +73,8 @@ def test_fraction_loss_matches_float64_reference(stats, error, score):
     subset = torch.randperm(8, generator=torch.Generator().manual_seed(7))[:4].sort().values
     ref_logits = ref(x)  # an ordinary training forward: logits, one running-statistics update
     frozen = frozen_copy(model, batch_statistics(model, x)) if stats == "batch-frozen" else frozen_copy(ref, {})
-    # score "probability": the gradients of softmax(y)_c (then L_R reaches θ through the seed p_c(e_c - p) too)
-    scored = _Softmaxed(frozen) if score == "probability" else frozen
+    # score "prob": the gradients of softmax(y)_c (then L_R reaches θ through the seed p_c(e_c - p) too)
+    scored = _Softmaxed(frozen) if score == "prob" else frozen
     guided, swapped = guided_by_module_swap(scored, x[subset], y[subset])
     assert swapped == 2
     std = plain_input_gradient(scored, x[subset], y[subset], create_graph=True)

@@ -49,7 +49,7 @@ def test_probability_gradients_match_plain_and_module_swap_references():
     model = _model()
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    res = input_gradients(model, x, y, score="probability")
+    res = input_gradients(model, x, y, score="prob")
     want = plain_input_gradient(Softmaxed(model), x, y)
     want_guided, swapped = guided_by_module_swap(Softmaxed(model), x, y)
     assert swapped == 2
@@ -68,7 +68,7 @@ def test_probability_regulariser_value_and_parameter_gradient():
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([4, 3, 2, 1, 0, 1])
-    l_r, logits = igrad.GradientAlignmentLoss(stats="running", score="probability")(ours, x, y)
+    l_r, logits = igrad.GradientAlignmentLoss(stats="running", score="prob")(ours, x, y)
     l_r.backward()
     g = plain_input_gradient(Softmaxed(ref), x, y, create_graph=True)
     gg, _ = guided_by_module_swap(Softmaxed(ref), x, y)
@@ -85,7 +85,7 @@ def test_subset_regulariser_takes_the_score_too():
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 5, (8,))
     logit = igrad.GradientAlignmentLoss(fraction=0.5)(model, x, y, generator=torch.Generator().manual_seed(1))[0]
-    prob = igrad.GradientAlignmentLoss(fraction=0.5, score="probability")(
+    prob = igrad.GradientAlignmentLoss(fraction=0.5, score="prob")(
         model, x, y, generator=torch.Generator().manual_seed(1)
     )[0]
     assert abs(float(logit) - float(prob)) > 1e-4
@@ -94,8 +94,8 @@ def test_subset_regulariser_takes_the_score_too():
 def test_unknown_score_is_refused():
     model = _model()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    with pytest.raises(IgradError, match="score 'prob'.*logit, probability"):
-        input_gradients(model, x, score="prob")
+    with pytest.raises(IgradError, match="score 'probability'.*logit, prob"):
+        input_gradients(model, x, score="probability")
     with pytest.raises(IgradError, match="score 'softmax'"):
         igrad.GradientAlignmentLoss(score="softmax")
     with pytest.raises(IgradError, match="score 'p'"):
@@ -105,4 +105,4 @@ def test_unknown_score_is_refused():
 def test_train_cli_refuses_an_unknown_score(tmp_path, capsys):
     rc = main(["train", "--reg-score", "softmax", "--lam", "0.1", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert rc == 2 and "score 'softmax'" in err and "logit, probability" in err and "Traceback" not in err
+    assert rc == 2 and "score 'softmax'" in err and "logit, prob" in err and "Traceback" not in err

@@ -25,11 +25,11 @@ from .validate import TargetLike, check_images, resolve_target
 
 __all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity", "SCORES"]
 
-#: What the input gradient is taken of: ``logit`` ``y_c`` (SPEC 1, the default everywhere) or ``probability``
-#: ``p_c = softmax(y)_c`` (another reading of the paper; issue 13's ablation). For ``probability`` the backward
+#: What the input gradient is taken of: ``logit`` ``y_c`` (SPEC 1, the default everywhere) or ``prob``
+#: ``p_c = softmax(y)_c`` (another reading of the paper; issue 13's ablation). For ``prob`` the backward
 #: starts from ``∂p_c/∂y = p_c (e_c - p)`` (float32 or wider) and both passes share it: the guided rules act inside the
 #: network only, so ``δᴳx`` is guided backpropagation of ``p_c``.
-SCORES = ("logit", "probability")
+SCORES = ("logit", "prob")
 
 
 class InputGradients(NamedTuple):
@@ -74,11 +74,11 @@ def input_gradients(
     synchronisation). With ``update_stats=False`` (the default) a training-mode model's BatchNorm
     buffers and counters are left untouched. ``parameter_path=False`` declares that ``logits`` will
     feed no loss (only the gradients will): a later ``backward()`` then skips the forward graph (ignored
-    for ``score="probability"`` with ``create_graph``, whose gradients depend on the logits).
+    for ``score="prob"`` with ``create_graph``, whose gradients depend on the logits).
     ``statistics`` (with ``stats="batch-frozen"``): the batch statistics a forward on a larger batch
     recorded (:attr:`igrad.rules.BackwardRules.statistics`), held constant here instead of this batch's
     own (the sub-batch regulariser's passes on a subset of that batch). ``score``: ``"logit"`` (SPEC 1) or
-    ``"probability"``: the gradients of ``p_{i,c_i} = softmax(y_i)_{c_i}`` instead (see :data:`SCORES`).
+    ``"prob"``: the gradients of ``p_{i,c_i} = softmax(y_i)_{c_i}`` instead (see :data:`SCORES`).
 
     Raises :class:`~igrad.errors.IgradError` for bad images or targets, an unknown ``score``, and for a
     model that does not return logits ``[B, num_classes]``.
@@ -88,7 +88,7 @@ def input_gradients(
         raise unknown_name("score", score, SCORES)
     model = uncompiled(model)  # the rules record an eager forward (same parameters)
     # the probability's seed p_c (e_c - p) depends on the logits: a loss of the gradient reaches θ through them
-    parameter_path = parameter_path or (score == "probability" and create_graph)
+    parameter_path = parameter_path or (score == "prob" and create_graph)
     rules = BackwardRules(
         stats=stats,
         update_stats=update_stats,
@@ -109,7 +109,7 @@ def input_gradients(
         if not train:
             refuse_probabilities(logits, model)
         t = resolve_target(target, logits)
-        if score == "probability":  # in float32 at least (bf16 logits under autocast), float64 kept
+        if score == "prob":  # in float32 at least (bf16 logits under autocast), float64 kept
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         else:
             scores = logits

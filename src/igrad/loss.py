@@ -116,7 +116,7 @@ class GradientAlignmentLoss(nn.Module):
 
     Parameters: ``error`` a name in :data:`ERRORS`; ``allow`` non-linearities without a guided rule to
     let through (see :mod:`igrad.rules`); ``fraction`` ρ in (0, 1], the sub-batch regulariser below;
-    ``score`` what the gradients are taken of: ``"logit"`` ``y_c`` (SPEC 1) or ``"probability"``
+    ``score`` what the gradients are taken of: ``"logit"`` ``y_c`` (SPEC 1) or ``"prob"``
     ``softmax(y)_c`` (an ablation; :data:`igrad.gradients.SCORES`).
 
     **Sub-batch regulariser** (``fraction=ρ < 1``, SPEC 1): ``logits`` come from one ordinary training

@@ -33,7 +33,6 @@ as the metrics, so that a curve's clean point and ``p`` come from the same funct
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,6 +45,7 @@ from .errors import IgradError, unknown_name
 from .normalization import Normalization, resolve_normalization
 from .output import model_logits
 from .precision import full_precision
+from .stats import summarize  # re-exported: its home is igrad.stats
 from .torch_utils import eval_mode
 from .validate import TargetLike, check_images, check_target, parse_names, positive_int, resolve_target
 
@@ -568,47 +568,3 @@ def compute_metrics(
             res = _causal_metric(mode, model, clean, maps, step, batch_size, substrate, score)
             values[name], curves[name] = res.auc, res.curves
     return MetricResults({n: values[n] for n in names}, curves)
-
-
-def summarize(
-    values: torch.Tensor | Sequence[float],
-    *,
-    ci: str = "normal",
-    level: float = 0.95,
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> dict[str, float | int | None]:
-    """Mean over samples with a ``level`` confidence interval: ``{"mean", "ci_low", "ci_high", "n"}``.
-
-    ``ci="normal"``: ``mean ± z·sd/√N`` (``sd`` with N − 1, ``z`` the normal quantile, 1.96 at 95%);
-    ``ci="bootstrap"``: the percentile interval of ``n_boot`` resampled means (seeded by ``seed``).
-    With fewer than two samples the interval is ``None``.
-    """
-    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if v.numel() == 0:
-        raise IgradError("cannot summarise an empty set of values")
-    if not bool(torch.isfinite(v).all()):
-        raise IgradError("cannot summarise non-finite values")
-    if not 0 < level < 1:
-        raise IgradError(f"level must be in (0, 1), got {level}")
-    n = int(v.numel())
-    mean = float(v.mean())
-    low = high = None
-    if n >= 2:
-        if ci == "normal":
-            half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * float(v.std()) / math.sqrt(n)
-            low, high = mean - half, mean + half
-        elif ci == "bootstrap":
-            gen = torch.Generator().manual_seed(seed)
-            rows = max(1, 2_000_000 // n)  # resample in chunks to bound memory
-            parts = []
-            for i in range(0, n_boot, rows):
-                parts.append(v[torch.randint(0, n, (min(rows, n_boot - i), n), generator=gen)].mean(1))
-            means = torch.cat(parts)
-            q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-            low, high = (float(a) for a in torch.quantile(means, q))
-        else:
-            raise unknown_name("confidence interval", ci, ("normal", "bootstrap"))
-    elif ci not in ("normal", "bootstrap"):
-        raise unknown_name("confidence interval", ci, ("normal", "bootstrap"))
-    return {"mean": mean, "ci_low": low, "ci_high": high, "n": n}

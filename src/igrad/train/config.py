@@ -90,7 +90,9 @@ class TrainConfig:
     error: str = _f("cosine", "error function E of L_R")
     stats: str = _f(DEFAULT_STATS, "BatchNorm statistics of the regulariser's gradient passes")
     allow: list[str] = _f([], "non-linearities without a guided rule to let through (e.g. silu)")
-    reg_score: str = _f("logit", "what L_R's gradients are taken of: logit (SPEC 1) or probability (softmax)")
+    reg_score: str = _f(
+        "logit", "what L_R's gradients are taken of: logit (SPEC 1) or prob (its softmax probability, an ablation)"
+    )
     reg_fraction: float = _f(1.0, "fraction ρ of each batch L_R is computed on (L_C on the whole batch; SPEC 1)")
     # optimisation
     epochs: int = _f(200, "number of epochs")
