@@ -1,0 +1,313 @@
+"""The report of the trade-off study (issue 13): ``report.md``, ``results.json`` and ``front.png`` from the
+per-run files that ``experiments/tradeoff.py`` writes, whatever subset of the runs has finished.
+
+    python experiments/tradeoff_report.py results/tradeoff
+
+Every number is on the validation split (10 % of the training set, never the test set), except the
+``baseline`` group's test top-1, which is the preset's accuracy target (issue 13) and is used for nothing.
+Per run: validation top-1 (all validation images) with Wilson's 95 % interval, eval-mode cos(δx, δᴳx) and
+each saliency method's AD/AG/AI/insertion/deletion on the same 500 validation images, with the paired
+95 % interval of the per-image difference against the run's control (the λ = 0 run of the same budget:
+``scratch-lam0`` for the runs from scratch, ``ft-lam0`` at the same rate for fine-tuning, the λ = 0 run of
+the same width) and the count of cells clearly better/worse after Holm's correction over the run's cells.
+
+**The choice rule** (fixed before any regularised run finished, applied mechanically): among the runs from
+scratch at the study budget (groups ``scratch`` and ``warmup``), λ* is the one with the largest validation
+cos(δx, δᴳx) whose validation top-1 is at least that of ``scratch-lam0`` minus 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from igrad.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from igrad.evaluate import compare_results
+from igrad.metrics import METRICS
+from igrad.provenance import provenance
+from igrad.stats import holm, paired_p_value, wilson_interval
+
+#: Tolerance of the choice rule: accuracy within this many points of the λ = 0 run.
+ACCURACY_SLACK = 0.01
+GROUP_ORDER = ("baseline", "scratch", "warmup", "score", "finetune", "width")
+MARKERS = {"baseline": "*", "scratch": "o", "warmup": "^", "score": "x", "finetune": "s", "width": "D"}
+
+
+def load_runs(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every finished run's results file in ``folder`` (the report's own files left out)."""
+    runs = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "results.json":
+            continue
+        row = json.loads(path.read_text())
+        if "evaluation" in row and "run" in row:
+            runs[row["run"]] = row
+    return runs
+
+
+def control_of(row: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str | None:
+    """The λ = 0 run a run is compared with (``None`` for the controls themselves and the baseline)."""
+    c = row["config"]
+    if c["lam"] == 0 or row["group"] == "baseline":
+        return None
+    if row["group"] == "finetune":
+        name = next(
+            (
+                r
+                for r, v in runs.items()
+                if v["group"] == "finetune" and v["config"]["lam"] == 0 and v["config"]["lr"] == c["lr"]
+            ),
+            None,
+        )
+    elif row["group"] == "width":
+        name = next(
+            (
+                r
+                for r, v in runs.items()
+                if v["group"] == "width" and v["config"]["lam"] == 0 and v["config"]["width"] == c["width"]
+            ),
+            None,
+        )
+    else:
+        name = "scratch-lam0"
+    return name if name in runs else None
+
+
+def accuracy(row: dict[str, Any]) -> dict[str, Any]:
+    """Validation top-1 over all validation images with Wilson's 95 % interval."""
+    n = int(row["evaluation"]["data"]["n_total"])
+    k = round(row["val_acc"] * n)
+    lo, hi = wilson_interval(k, n)
+    return {"top1": row["val_acc"], "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def comparison(row: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
+    """Paired differences against the control, with Holm's correction over the run's metric cells."""
+    cmp = compare_results(control["evaluation"], row["evaluation"])
+    if not cmp["paired"]:
+        raise SystemExit(f"{row['run']} and {control['run']} were evaluated on different images")
+    cells = [(m, k, e) for m, d in cmp["methods"].items() for k, e in d.items()]
+    p = []
+    for m, k, _ in cells:
+        a = control["evaluation"]["per_sample"]["methods"][m][k]
+        b = row["evaluation"]["per_sample"]["methods"][m][k]
+        p.append(paired_p_value([y - x for x, y in zip(a, b, strict=True)]))
+    rejected = holm(p)
+    better = worse = 0
+    for (_, _, e), pv, rej in zip(cells, p, rejected, strict=True):
+        e["p"], e["holm_significant"] = pv, rej
+        if rej:
+            up = e["difference"]["mean"] > 0
+            better += up == e["higher_is_better"]
+            worse += up != e["higher_is_better"]
+    cmp["holm"] = {"cells": len(cells), "better": better, "worse": worse}
+    # accuracy: the difference of two independent proportions over the validation split (normal interval)
+    a, b = accuracy(control), accuracy(row)
+    se = math.sqrt(a["top1"] * (1 - a["top1"]) / a["n"] + b["top1"] * (1 - b["top1"]) / b["n"])
+    d = b["top1"] - a["top1"]
+    cmp["accuracy_difference"] = {"mean": d, "ci_low": d - 1.96 * se, "ci_high": d + 1.96 * se}
+    return cmp
+
+
+def describe(row: dict[str, Any]) -> str:
+    c = row["config"]
+    parts = [f"λ {c['lam']:g}"]
+    if c.get("lam_warmup"):
+        parts.append(f"warm-up {c['lam_warmup']:g} ep")
+    if c.get("reg_score", "logit") != "logit":
+        parts.append(f"score {c['reg_score']}")
+    if c.get("init"):
+        parts.append(f"fine-tune lr {c['lr']:g}")
+    parts.append(f"width {c['width']:g}, {c['epochs']} ep")
+    return ", ".join(parts)
+
+
+def choose(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The choice rule of the module docstring."""
+    if "scratch-lam0" not in runs:
+        return {"lam": None, "why": "scratch-lam0 has not finished"}
+    floor = runs["scratch-lam0"]["val_acc"] - ACCURACY_SLACK
+    eligible = [r for r in runs.values() if r["group"] in ("scratch", "warmup") and r["val_acc"] >= floor]
+    best = max(eligible, key=lambda r: r["evaluation"]["model"]["cos"]["mean"])
+    return {
+        "run": best["run"],
+        "lam": best["config"]["lam"],
+        "lam_warmup": best["config"].get("lam_warmup", 0.0),
+        "val_acc": best["val_acc"],
+        "val_cos": best["evaluation"]["model"]["cos"]["mean"],
+        "accuracy_floor": floor,
+        "candidates": sorted(r["run"] for r in runs.values() if r["group"] in ("scratch", "warmup")),
+    }
+
+
+def _fmt_diff(e: dict[str, Any]) -> str:
+    d = e.get("difference")
+    if d is None:
+        return f"{e['regularised']:.2f}"
+    mark = "**" if e.get("holm_significant") else ""
+    return f"{mark}{e['regularised']:.2f} ({d['mean']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]){mark}"
+
+
+def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choice: dict[str, Any]) -> str:
+    any_row = next(iter(runs.values()))
+    ev = any_row["evaluation"]
+    methods = list(ev["results"])
+    metrics = list(ev["metrics"])
+    prov = provenance(None, None)
+    lines = [
+        "# Trade-off study: accuracy against interpretability (issue 13)",
+        "",
+        f"CIFAR ResNet-18, real CIFAR-100, preset `{any_row['recipe']}`; {len(runs)} runs finished. Validation = "
+        f"{ev['data']['n_total']} images held out of the training set (10 %, per class, seeded); cos and the "
+        f"saliency metrics on the same {ev['data']['n']} of them (seeded) for every run. Generated by "
+        "`python experiments/tradeoff_report.py results/tradeoff` from the per-run files beside this one "
+        "(each with its config and provenance); report commit "
+        f"{str(prov.get('commit'))[:12]}.",
+        "",
+        "## The choice rule (stated before the study's regularised runs finished)",
+        "",
+        "Among the runs from scratch at the study budget (λ curve and λ warm-up), take the one with the largest "
+        "validation cos(δx, δᴳx) whose validation top-1 is at least λ = 0's minus 1 point.",
+        "",
+    ]
+    if choice.get("lam") is None:
+        lines.append(f"Not yet applied: {choice['why']}.")
+    else:
+        lines.append(
+            f"**Result: {choice['run']}** (λ = {choice['lam']:g}, warm-up {choice['lam_warmup']:g} epochs): "
+            f"validation top-1 {choice['val_acc']:.2%} (floor {choice['accuracy_floor']:.2%}), cos "
+            f"{choice['val_cos']:.3f}; candidates: {', '.join(choice['candidates'])}."
+        )
+    lines += ["", "## Runs", ""]
+    lines.append(
+        "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget), normal "
+        "95 % interval. Metric cells: value (paired difference vs the control [95 % interval]); **bold**: "
+        "clearly different after Holm's correction over the run's cells. ↑/↓: higher/lower is better."
+    )
+    lines.append("")
+    head = ["run", "setting", "top-1 [95 %]", "Δ top-1", "cos", "Holm better/worse"]
+    head += [f"{m} {METRICS[k].title} {'↑' if METRICS[k].higher_is_better else '↓'}" for m in methods for k in metrics]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in table:
+        row, cmp = runs[t["run"]], t.get("comparison")
+        acc = t["accuracy"]
+        cells = [t["run"], describe(row), f"{acc['top1']:.2%} [{acc['ci_low']:.1%}, {acc['ci_high']:.1%}]"]
+        if cmp:
+            d = cmp["accuracy_difference"]
+            cells.append(f"{d['mean'] * 100:+.1f} [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}]")
+        else:
+            cells.append("control" if row["config"]["lam"] == 0 else "—")
+        cells.append(f"{t['cos']:.3f}")
+        cells.append(f"{cmp['holm']['better']}/{cmp['holm']['worse']} of {cmp['holm']['cells']}" if cmp else "—")
+        for m in methods:
+            for k in metrics:
+                if cmp and m in cmp["methods"] and k in cmp["methods"][m]:
+                    cells.append(_fmt_diff(cmp["methods"][m][k]))
+                else:
+                    cells.append(f"{row['evaluation']['results'][m][k]['mean']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    base = runs.get("baseline-lam0")
+    if base is not None:
+        lines += [
+            "",
+            "## The preset's baseline (issue 13's accuracy target)",
+            "",
+            f"`baseline-lam0` ({describe(base)}, trained on the 45,000 training images left after the split): "
+            f"test top-1 **{base['test_acc']:.2%}** on the 10,000 CIFAR-100 test images (target ≥ 60 %), validation "
+            f"{base['val_acc']:.2%}; training wall time {base['wall_s']['train'] / 60:.0f} min on one thread "
+            "(the other core ran another study run).",
+        ]
+    lines += ["", "![front](front.png)", ""]
+    return "\n".join(lines)
+
+
+def figure(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]]) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    panels = [
+        ("cos", "eval-mode cos(δx, δᴳx)"),
+        ("del", "Grad-CAM deletion AUC (lower is better)"),
+        ("ins", "Grad-CAM insertion AUC (higher is better)"),
+    ]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for group in GROUP_ORDER:
+            pts = [t for t in table if runs[t["run"]]["group"] == group]
+            if not pts:
+                continue
+            xs = [
+                t["cos"] if key == "cos" else runs[t["run"]]["evaluation"]["results"]["gradcam"][key]["mean"]
+                for t in pts
+            ]
+            ys = [t["accuracy"]["top1"] * 100 for t in pts]
+            ax.scatter(xs, ys, marker=MARKERS[group], s=60, label=group)
+            for x, y, t in zip(xs, ys, pts, strict=True):
+                c = runs[t["run"]]["config"]
+                tag = f"{c['lam']:g}" + (f"/w{c['width']:g}" if group == "width" else "")
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", title="group (labels: λ)")
+    fig.suptitle("ResNet-18 on CIFAR-100 validation: one point per run")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="the folder of the per-run results files")
+    args = ap.parse_args()
+    runs = load_runs(args.folder)
+    if not runs:
+        raise SystemExit(f"no finished runs in {args.folder}")
+    order = {g: i for i, g in enumerate(GROUP_ORDER)}
+    table = []
+    for name, row in sorted(
+        runs.items(),
+        key=lambda kv: (
+            order.get(kv[1]["group"], 9),
+            kv[1]["config"]["width"],
+            kv[1]["config"]["lr"],
+            kv[1]["config"]["lam"],
+            kv[0],
+        ),
+    ):
+        control = control_of(row, runs)
+        table.append(
+            {
+                "run": name,
+                "group": row["group"],
+                "config": row["config"],
+                "accuracy": accuracy(row),
+                "cos": row["evaluation"]["model"]["cos"]["mean"],
+                "control": control,
+                "comparison": comparison(row, runs[control]) if control else None,
+            }
+        )
+    choice = choose(runs)
+    atomic_write_json(
+        args.folder / "results.json",
+        {
+            "kind": "igrad-tradeoff-study",
+            "choice_rule": "largest validation cos among scratch/warm-up runs with validation top-1 >= λ=0's - 1 point",
+            "choice": choice,
+            "runs": table,
+            "provenance": provenance(None, None),
+        },
+    )
+    atomic_write_text(args.folder / "report.md", markdown(runs, table, choice))
+    atomic_write_bytes(args.folder / "front.png", figure(runs, table))
+    print(f"{len(runs)} runs; choice: {choice}")
+
+
+if __name__ == "__main__":
+    main()
