@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from igrad.atomic import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from igrad.evaluate import compare_results
 from igrad.metrics import METRICS
 from igrad.provenance import provenance
-from igrad.stats import holm, paired_p_value, wilson_interval
+from igrad.stats import difference_interval, wilson_interval
 
 #: Tolerance of the choice rule: accuracy within this many points of the λ = 0 run.
 ACCURACY_SLACK = 0.01
@@ -86,30 +85,17 @@ def accuracy(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparison(row: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
-    """Paired differences against the control, with Holm's correction over the run's metric cells."""
+    """Paired differences against the control (Holm's correction over the run's cells: compare_results)."""
     cmp = compare_results(control["evaluation"], row["evaluation"])
     if not cmp["paired"]:
         raise SystemExit(f"{row['run']} and {control['run']} were evaluated on different images")
-    cells = [(m, k, e) for m, d in cmp["methods"].items() for k, e in d.items()]
-    p = []
-    for m, k, _ in cells:
-        a = control["evaluation"]["per_sample"]["methods"][m][k]
-        b = row["evaluation"]["per_sample"]["methods"][m][k]
-        p.append(paired_p_value([y - x for x, y in zip(a, b, strict=True)]))
-    rejected = holm(p)
-    better = worse = 0
-    for (_, _, e), pv, rej in zip(cells, p, rejected, strict=True):
-        e["p"], e["holm_significant"] = pv, rej
-        if rej:
-            up = e["difference"]["mean"] > 0
-            better += up == e["higher_is_better"]
-            worse += up != e["higher_is_better"]
+    cells = [e for d in cmp["methods"].values() for e in d.values()]
+    better = sum(bool(e.get("holm_significant")) and e["better"] == "regularised" for e in cells)
+    worse = sum(bool(e.get("holm_significant")) and e["better"] == "baseline" for e in cells)
     cmp["holm"] = {"cells": len(cells), "better": better, "worse": worse}
-    # accuracy: the difference of two independent proportions over the validation split (normal interval)
     a, b = accuracy(control), accuracy(row)
-    se = math.sqrt(a["top1"] * (1 - a["top1"]) / a["n"] + b["top1"] * (1 - b["top1"]) / b["n"])
-    d = b["top1"] - a["top1"]
-    cmp["accuracy_difference"] = {"mean": d, "ci_low": d - 1.96 * se, "ci_high": d + 1.96 * se}
+    d, lo, hi = difference_interval(round(a["top1"] * a["n"]), a["n"], round(b["top1"] * b["n"]), b["n"])
+    cmp["accuracy_difference"] = {"mean": d, "ci_low": lo, "ci_high": hi}
     return cmp
 
 
@@ -184,7 +170,7 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
         )
     lines += ["", "## Runs", ""]
     lines.append(
-        "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget), normal "
+        "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget), Newcombe "
         "95 % interval. Metric cells: value (paired difference vs the control [95 % interval]); **bold**: "
         "clearly different after Holm's correction over the run's cells. ↑/↓: higher/lower is better."
     )

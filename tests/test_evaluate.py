@@ -175,7 +175,17 @@ def test_compare_table_marks_the_better_value():
     assert cmp["model"]["accuracy"]["better"] == "baseline" and cmp["model"]["cos"]["better"] == "regularised"
     table = compare_table(base, ours)
     row = next(line for line in table.splitlines() if line.startswith("| gradcam |"))
-    assert row == "| gradcam | 10.00 | **5.00**\\* | **3.00** | 2.00 | 40.00 | **52.00**\\* | 5.00 | 5.00 |"
+    # Holm over the 4 cells, p by hand: AD diffs all -5 (p = 0), Insertion diffs 10, 11, 15 (z = 12 / (√7/√3)
+    # = 7.86, p ≈ 4e-15), AG -2, 1, -2 (z = 1, p = 0.317), deletion all 0 (p = 1): 0 ≤ 0.05/4 and 4e-15 ≤
+    # 0.05/3 rejected, 0.317 > 0.05/2 stops: AD and Insertion keep their mark (†)
+    assert g["ad"]["p"] == 0 and g["ins"]["p"] < 1e-12 and g["ag"]["p"] == pytest.approx(0.3173, abs=1e-4)
+    assert g["del"]["p"] == 1 and [g[k]["holm_significant"] for k in ("ad", "ag", "ins", "del")] == [
+        True,
+        False,
+        True,
+        False,
+    ]
+    assert row == "| gradcam | 10.00 | **5.00**\\*† | **3.00** | 2.00 | 40.00 | **52.00**\\*† | 5.00 | 5.00 |"
     assert "| top-1 accuracy (%) | **70.00** | 69.00 |" in table
     assert "the same images" in table
     # different subsets: no paired test, said so

@@ -68,6 +68,20 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         assert cmp["paired"] and set(cmp["methods"]) == set(base["results"])
         w = entry["wins"]
         assert w["cells"] == 5 * len(base["results"]) == w["regularised"] + w["baseline"] + w["tie"]
+        # Holm's correction is stricter than the per-cell interval: a Holm-significant cell is significant
+        for side in LABELS:
+            assert w[f"{side}_holm"] <= w[f"{side}_significant"] <= w[side]
+        cells = [e for d in cmp["methods"].values() for e in d.values()]
+        assert all(0 <= e["p"] <= 1 and (not e["holm_significant"] or e["significant"]) for e in cells)
+        # accuracy with Wilson intervals around it, and the difference's interval around the difference
+        acc = entry["accuracy"]
+        for label in LABELS:
+            a = acc[label]
+            assert a["n"] == 16 and a["ci_low"] <= a["top1"] <= a["ci_high"]
+            assert a["top1"] == pytest.approx(entry["runs"][label]["accuracy"])
+        d = acc["difference"]
+        assert d["mean"] == pytest.approx(acc["regularised"]["top1"] - acc["baseline"]["top1"])
+        assert d["ci_low"] <= d["mean"] <= d["ci_high"]
     numbers = list(_numbers(stored))
     assert len(numbers) > 100
     bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
@@ -83,7 +97,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         rows = [line for line in md.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == len(NETWORKS)
         for row in rows:
-            cells = [c.strip().strip("*\\") for c in row.strip("|").split("|")[1:]]
+            cells = [c.strip().strip("*\\†") for c in row.strip("|").split("|")[1:]]
             assert len(cells) == 10 and all(math.isfinite(float(c)) for c in cells)
     for key in ("top-1 accuracy (%)", "mean cos(δx, δᴳx)"):
         rows = [line for line in md.splitlines() if line.startswith(f"| {key} |")]

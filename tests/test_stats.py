@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from igrad import IgradError
-from igrad.stats import holm, paired_p_value, summarize, wilson_interval
+from igrad.stats import difference_interval, holm, paired_p_value, summarize, wilson_interval
 
 
 def test_holm_step_down_by_hand():
@@ -60,3 +60,12 @@ def test_paired_p_value_by_hand_and_agrees_with_the_interval():
 def test_paired_p_value_needs_two_values():
     with pytest.raises(IgradError, match="at least 2"):
         paired_p_value([1.0])
+
+
+def test_difference_interval_newcombe_example():
+    # Newcombe (1998), example (a): 56/70 - 48/80 = 0.2000, method 10 interval (0.0524, 0.3339)
+    d, lo, hi = difference_interval(48, 80, 56, 70)
+    assert d == pytest.approx(0.2)
+    assert (lo, hi) == (pytest.approx(0.0524, abs=5e-5), pytest.approx(0.3339, abs=5e-5))
+    d, lo, hi = difference_interval(56, 70, 48, 80)  # the other way round: mirrored
+    assert (d, lo, hi) == (pytest.approx(-0.2), pytest.approx(-0.3339, abs=5e-5), pytest.approx(-0.0524, abs=5e-5))

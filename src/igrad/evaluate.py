@@ -35,11 +35,12 @@ from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .images import to_unit
 from .measure import evaluate_accuracy
-from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics, summarize
+from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics
 from .normalization import Normalization, resolve_normalization
 from .precision import autocast
 from .provenance import file_sha256, provenance
 from .saliency import resolve_methods
+from .stats import holm, paired_p_value, summarize
 from .torch_utils import device_of, eval_mode
 from .validate import positive_int
 
@@ -525,7 +526,10 @@ def compare_results(
 ) -> dict[str, Any]:
     """Per method and metric: both means, which is better (``"baseline"``, ``"regularised"`` or ``"tie"``;
     AD and deletion lower is better) and, when both ran on the same images, the paired difference
-    ``regularised − baseline`` with its 95% interval (``significant`` when the interval excludes 0)."""
+    ``regularised − baseline`` with its 95% interval (``significant`` when the interval excludes 0) and
+    the two-sided p-value of the normal test behind it (``p``, :func:`igrad.stats.paired_p_value`), and
+    ``holm_significant``: still significant at 5 % after Holm's correction over all the method × metric
+    cells of this comparison (:func:`igrad.stats.holm`)."""
     paired = baseline["data"]["indices"] == regularised["data"]["indices"]
     out: dict[str, Any] = {"paired": paired, "methods": {}}
     model = {}
@@ -556,7 +560,12 @@ def compare_results(
                 lo, hi = paired_diff["ci_low"], paired_diff["ci_high"]
                 entry["difference"] = paired_diff
                 entry["significant"] = lo is not None and hi is not None and (lo > 0 or hi < 0)
+                entry["p"] = paired_p_value(b - a) if len(a) >= 2 else None
             out["methods"][m][k] = entry
+    if paired:  # Holm's correction over every method × metric cell of the comparison
+        cells = [e for per_method in out["methods"].values() for e in per_method.values() if e.get("p") is not None]
+        for e, rejected in zip(cells, holm([e["p"] for e in cells]), strict=True):
+            e["holm_significant"] = rejected
     return out
 
 

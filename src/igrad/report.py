@@ -171,6 +171,8 @@ def compare_table(
             value = f"**{value}**"
             if entry.get("significant"):
                 value += "\\*"
+            if entry.get("holm_significant"):
+                value += "†"
         return value
 
     lines = [f"| | {lb} | {lo} |", "|---|---:|---:|"]
@@ -198,7 +200,8 @@ def compare_table(
         f"N = {n_b} ({lb}) and {n_o} ({lo}) images"
         + (", the same images" if cmp["paired"] else ", NOT the same images (no paired test)")
         + ". Bold: the better value of the pair (AD and deletion: lower is better); \\*: the paired 95% interval "
-        "of the per-image difference excludes 0. Metric values ×100."
+        "of the per-image difference excludes 0; †: still significant after Holm's correction over all the "
+        "cells of this table (family-wise error 5%). Metric values ×100."
     )
     return "\n".join(lines) + "\n\n" + "\n".join(rows) + "\n\n" + legend + "\n"
 
@@ -267,6 +270,21 @@ def _reproduce_header(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _accuracy_sentence(stats: Mapping[str, Any] | None, acc_b: float | None, acc_r: float | None) -> str:
+    """Top-1 of both models with Wilson intervals and the difference with Newcombe's (when measured)."""
+    if stats is None:
+        if acc_b is None or acc_r is None:
+            return "Top-1 accuracy not measured."
+        return f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points)."
+    b, r, d = stats["baseline"], stats["regularised"], stats["difference"]
+    return (
+        f"Top-1 accuracy {100 * b['top1']:.2f}% [{100 * b['ci_low']:.2f}, {100 * b['ci_high']:.2f}] → "
+        f"{100 * r['top1']:.2f}% [{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}] on {b['n']} test images "
+        f"(Wilson 95%); difference {100 * d['mean']:+.2f} points [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
+        "(Newcombe 95%, conservative for the same images)."
+    )
+
+
 def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]:
     """One network of the reproduction: its SPEC 5 table, the cells won, the runs, curves and figure."""
     w = entry["wins"]
@@ -277,10 +295,11 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         "",
         entry["table"],
         f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
-        f"({w['regularised_significant']} with a paired 95% interval excluding 0); baseline better in "
-        f"{w['baseline']} ({w['baseline_significant']} significant); ties {w['tie']}. "
-        f"Top-1 accuracy {100 * acc_b:.2f}% → {100 * acc_r:.2f}% ({100 * (acc_r - acc_b):+.2f} points); "
-        f"mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
+        f"({w['regularised_significant']} with a paired 95% interval excluding 0, **{w.get('regularised_holm', 0)} "
+        f"after Holm's correction**); baseline better in {w['baseline']} ({w['baseline_significant']} significant, "
+        f"{w.get('baseline_holm', 0)} after Holm); ties {w['tie']}. "
+        + _accuracy_sentence(entry.get("accuracy"), acc_b, acc_r)
+        + f" Mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
         "",
         "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
         "|---|---:|---:|---:|---:|---:|---|",

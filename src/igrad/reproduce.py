@@ -47,6 +47,7 @@ from .evaluate import EvalConfig, compare_results, evaluate_model, select_indice
 from .normalization import Normalization
 from .provenance import file_sha256, provenance
 from .report import FIGURE_METHODS, LABELS, ablation_markdown, compare_table, reproduce_markdown, write_comparison
+from .stats import difference_interval, wilson_interval
 from .torch_utils import device_of
 from .train import TrainConfig, TrainData, fit_or_resume, prepare_data
 
@@ -274,6 +275,7 @@ def _model_row(results: Mapping[str, Any]) -> dict[str, Any]:
     mo = results["model"]
     return {
         "accuracy": mo["accuracy"],
+        "accuracy_n": mo.get("accuracy_n"),
         "cos": mo["cos"],
         "results": results["results"],
         "evaluation_s": results["timing"]["total_s"],
@@ -281,16 +283,38 @@ def _model_row(results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _wins(cmp: Mapping[str, Any]) -> dict[str, int]:
+    """Cells each model is better in: in all, with the cell's paired 95 % interval excluding 0
+    (``*_significant``), and after Holm's correction over the network's cells (``*_holm``; from
+    :func:`igrad.evaluate.compare_results`)."""
     counts = {"cells": 0, "regularised": 0, "baseline": 0, "tie": 0, "regularised_significant": 0}
-    counts["baseline_significant"] = 0
-    for entries in cmp["methods"].values():
-        for e in entries.values():
-            counts["cells"] += 1
-            side = e["better"] or "tie"
-            counts[side] += 1
-            if e.get("significant") and side != "tie":
-                counts[f"{side}_significant"] += 1
+    counts.update(baseline_significant=0, regularised_holm=0, baseline_holm=0)
+    entries = [e for per_method in cmp["methods"].values() for e in per_method.values()]
+    for e in entries:
+        counts["cells"] += 1
+        side = e["better"] or "tie"
+        counts[side] += 1
+        if side != "tie":
+            counts[f"{side}_significant"] += bool(e.get("significant"))
+            counts[f"{side}_holm"] += bool(e.get("holm_significant"))
     return counts
+
+
+def accuracy_statistics(baseline: Mapping[str, Any], regularised: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Each model's top-1 with Wilson's 95 % interval and the difference (regularised − baseline) with
+    Newcombe's interval (:mod:`igrad.stats`), from ``accuracy`` and ``accuracy_n`` of two run rows;
+    ``None`` where the accuracy was not measured."""
+    rows = (baseline, regularised)
+    if any(r.get("accuracy") is None or not r.get("accuracy_n") for r in rows):
+        return None
+    k = [round(r["accuracy"] * r["accuracy_n"]) for r in rows]
+    n = [int(r["accuracy_n"]) for r in rows]
+    out: dict[str, Any] = {}
+    for label, ki, ni in zip(LABELS, k, n, strict=True):
+        lo, hi = wilson_interval(ki, ni)
+        out[label] = {"top1": ki / ni, "ci_low": lo, "ci_high": hi, "n": ni}
+    d, lo, hi = difference_interval(k[0], n[0], k[1], n[1])
+    out["difference"] = {"mean": d, "ci_low": lo, "ci_high": hi}
+    return out
 
 
 def _command_line(command: str | None, preset: str, data: str, out: Path) -> str:
@@ -375,6 +399,7 @@ def _comparison(
     return {
         "comparison": comparison,
         "wins": _wins(comparison),
+        "accuracy": accuracy_statistics(_model_row(base), _model_row(reg)),
         "table": compare_table(base, reg, labels=("baseline λ=0", f"regularised λ={lam:g}")),
         "figure": {"path": str(figure.relative_to(out)), "indices": indices},
         "curves": {label: str(Path("eval") / net / label / "curves.png") for label in LABELS},

@@ -16,7 +16,7 @@ import torch
 
 from .errors import IgradError, unknown_name
 
-__all__ = ["summarize", "paired_p_value", "holm", "wilson_interval"]
+__all__ = ["summarize", "paired_p_value", "holm", "wilson_interval", "difference_interval"]
 
 
 def summarize(
@@ -109,3 +109,16 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -> tuple[float, float, float]:
+    """``p₂ − p₁`` of two binomial proportions (``k/n``, e.g. two models' top-1 accuracy) with Newcombe's
+    hybrid score interval built from the two Wilson intervals ``(l_i, u_i)`` (Newcombe 1998, method 10):
+    ``(d − √((p₂ − l₂)² + (u₁ − p₁)²), d + √((u₂ − p₂)² + (p₁ − l₁)²))``. It treats the samples as
+    independent: for two models scored on the same images it is conservative (their errors correlate).
+    Returns ``(d, low, high)``."""
+    l1, u1 = wilson_interval(k1, n1, level)
+    l2, u2 = wilson_interval(k2, n2, level)
+    p1, p2 = k1 / n1, k2 / n2
+    d = p2 - p1
+    return d, d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
