@@ -193,3 +193,20 @@ def test_ablation_choice_prefers_clear_wins_and_says_when_there_are_none():
     chosen = _ablation_choice([base, many_wins], acc_margin=0.02)
     assert (chosen["lam"], chosen["clear"], chosen["wins"]) == (0.1, 0, 4) and "noise" in chosen["note"]
     assert _ablation_choice([base, too_costly], acc_margin=0.02)["lam"] == 0.0
+
+
+def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
+    """Each call trains the networks it is given; a network of an earlier report made with the same preset,
+    settings and data is kept as it was (a reproduction spread over working sessions); other settings drop it."""
+    out = tmp_path / "rep"
+    kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False)
+    first = reproduce("demo", data, out, networks=[NETWORKS[1]], **kw)
+    assert list(first["networks"]) == [NETWORKS[1]]
+    second = reproduce("demo", data, out, networks=[NETWORKS[0]], **kw)
+    assert list(second["networks"]) == list(NETWORKS)  # the paper's order
+    assert second["networks"][NETWORKS[1]] == json.loads(json.dumps(first["networks"][NETWORKS[1]]))
+    md = (out / "report.md").read_text()
+    assert all(f"## {n}" in md for n in NETWORKS)
+    # other evaluation settings: the earlier network is not carried over into a report it was not made for
+    third = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
+    assert list(third["networks"]) == [NETWORKS[0]]

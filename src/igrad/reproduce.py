@@ -477,9 +477,44 @@ def reproduce(
         "networks": {},
     }
     cache: dict[str, TrainData] = {}
-    for net in nets:
-        report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress)
+    earlier = _earlier_networks(out, preset, settings, data, nets)
+    wanted = {*nets, *earlier}
+    order = [n for n in NETWORKS if n in wanted] + [n for n in dict.fromkeys([*nets, *earlier]) if n not in NETWORKS]
+    for net in order:
+        if net in nets:
+            report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress)
+        elif net in earlier:
+            report["networks"][net] = earlier[net]
+            if not quiet:
+                print(
+                    f"[reproduce] {net}: kept from the earlier report in {out} (same preset and settings)",
+                    file=sys.stderr,
+                )
     return _write(report, out, started, lambda r: reproduce_markdown(r, out))
+
+
+def _earlier_networks(
+    out: Path, preset: str, settings: Mapping[str, Any], data: str, nets: Sequence[str]
+) -> dict[str, Any]:
+    """The networks of an earlier ``out/results.json`` made with the same preset, settings and data that this
+    call does not train: a reproduction can be run one network at a time (say, one per working session, on
+    different machines) and still end in one report. Anything else there is replaced."""
+    path = out / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = (
+        old.get("kind") == "igrad.reproduce"
+        and old.get("preset") == preset
+        and old.get("data") == data
+        and old.get("settings") == json.loads(json.dumps(settings))
+    )
+    if not same:
+        return {}
+    return {net: entry for net, entry in old.get("networks", {}).items() if net not in nets}
 
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
