@@ -1,48 +1,43 @@
-"""`igrad demo` end to end on tiny generated data, and the CLI's front door."""
+"""``igrad demo`` (:func:`igrad.demo.run_demo`): the baseline, then the same weights fine-tuned with L_R."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from igrad.cli import build_parser, main
+from igrad.cli import main
+from igrad.demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN, demo_configs, run_demo
+from igrad.provenance import file_sha256
 from references import write_folder
 
 
-def test_demo_runs_both_models_and_reports_finite_numbers(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("IGRAD_CACHE", str(tmp_path / "cache"))
-    data = write_folder(tmp_path / "data", n_train=8, n_test=4, size=12)
-    out = tmp_path / "demo"
-    argv = ["demo", "--data", str(data), "--out", str(out), "--width", "0.125", "--epochs", "1"]
-    argv += ["--steps-per-epoch", "2", "--lam", "0.5", "--quiet"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "baseline" in printed and "regularised" in printed
-    report = json.loads((out / "demo.json").read_text())
-    assert set(report["results"]) == {"baseline", "regularised"}
-    assert report["results"]["baseline"]["lam"] == 0 and report["results"]["regularised"]["lam"] == 0.5
-    for row in report["results"].values():
-        assert 0 <= row["test_acc"] <= 1 and math.isfinite(row["cos"]) and -1 <= row["cos"] <= 1
-    assert report["versions"]["torch"] and "config" in report
-    # a second call reuses the finished runs (nothing retrained: the folders hold their checkpoints)
-    stamp = (out / "baseline" / "last.pt").stat().st_mtime_ns
-    assert main(argv) == 0
-    assert (out / "baseline" / "last.pt").stat().st_mtime_ns == stamp
-    # ... and a run folder trained with other settings is refused, never reported under the new ones
-    changed = [*argv[:-2], "0.25", "--quiet"]
-    assert main(changed) == 2
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("IGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "igrad-cache"))
+
+
+def test_configs_are_the_recipe_then_a_fine_tuning_of_the_baseline(tmp_path):
+    base, reg = demo_configs("data", tmp_path)
+    assert (base.preset, base.lam, base.init, base.width, base.epochs) == ("cpu", 0.0, None, 0.25, DEMO_TRAIN["epochs"])
+    assert reg.init == str(tmp_path / "baseline" / "last.pt") and reg.lam == DEMO_LAMBDA
+    assert (reg.lr, reg.epochs, reg.steps_per_epoch) == (DEMO_FINETUNE["lr"], 1, DEMO_FINETUNE["steps_per_epoch"])
+    # everything else is the baseline's (same data, width, augmentation, precision, seed)
+    same = {k for k, v in base.to_dict().items() if reg.to_dict()[k] == v}
+    assert set(base.to_dict()) - same == {"lam", "init", "out", "lr", "epochs", "steps_per_epoch", "warmup_epochs"}
+
+
+def test_run_demo_and_cli(tmp_path, capsys):
+    data = write_folder(tmp_path / "data")
+    tiny = dict(width=0.125, epochs=1, batch_size=8, cos_samples=8, threads=1)
+    result = run_demo(data, tmp_path / "d", quiet=True, **tiny)
+    saved = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert saved["results"]["regularised"]["lam"] == DEMO_LAMBDA and saved["versions"]["torch"]
+    # the regularised run started from the baseline's final weights (the checkpoint's SHA-256 it recorded)
+    run = json.loads((tmp_path / "d" / "regularised" / "run.json").read_text())
+    assert run["provenance"]["config"]["init_sha256"] == file_sha256(tmp_path / "d" / "baseline" / "last.pt")
+    assert 0 <= result.baseline["test_acc"] <= 1 and -1 <= result.regularised["cos"] <= 1
+    assert "regularised (fine-tuned baseline)" in result.table()
+    rc = main(["demo", "--data", str(data), "--out", str(tmp_path / "d"), "--width", "0.125", "--epochs", "1"])
+    assert rc == 2  # another batch size than the finished runs': refused, not silently reused
     assert "cannot resume" in capsys.readouterr().err
-
-
-def test_cli_help_lists_commands_and_errors_are_one_line(tmp_path, capsys):
-    help_text = build_parser().format_help()
-    for command in ("demo", "train", "explain", "evaluate"):
-        assert command in help_text
-    with pytest.raises(SystemExit) as exc:
-        main(["--version"])
-    assert exc.value.code == 0
-    assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -41,7 +41,8 @@ def data(tmp_path, monkeypatch):
 def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, data):
     out = tmp_path / "rep"
     kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=2, lam=0.5, quiet=True, progress=False)
-    report = reproduce("demo", data, out, **kw)
+    assert EXPERIMENTS["demo"]["default_networks"] == [NETWORKS[0]]  # the demo trains ResNet-18 alone
+    report = reproduce("demo", data, out, networks=list(NETWORKS), **kw)
 
     # files: report, results, per-network evaluations with curves, figures, run folders
     assert (out / "report.md").is_file() and (out / "results.json").is_file()
@@ -59,6 +60,11 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         assert entry["runs"]["baseline"]["lam"] == 0 and entry["runs"]["regularised"]["lam"] == 0.5
         assert entry["runs"]["regularised"]["config"]["model"] == net
         assert entry["runs"]["baseline"]["steps"] == 2  # the caller's budget wins over the preset's per network
+        # the demo's regularised model fine-tunes the baseline's final weights with a fresh optimiser
+        reg_config = entry["runs"]["regularised"]["config"]
+        assert reg_config["init"] == str(out / "runs" / net / "baseline" / "last.pt")
+        assert (reg_config["lr"], reg_config["epochs"]) == (0.01, 1) and entry["runs"]["regularised"]["steps"] == 4
+        assert entry["runs"]["baseline"]["config"]["init"] is None
         # the same test subset for both models, every method with every metric
         base, reg = (json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in LABELS)
         assert base["data"]["indices"] == reg["data"]["indices"] and base["data"]["n"] == 6
@@ -109,7 +115,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
 
     # a second call trains nothing and reuses the evaluations; the numbers are the same
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")}
-    again = reproduce("demo", data, out, **kw)
+    again = reproduce("demo", data, out, networks=list(NETWORKS), **kw)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")} == stamps
     for net in NETWORKS:
         assert again["networks"][net]["trained"] == {lb: False for lb in LABELS}
@@ -118,7 +124,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
 
     # a changed config is refused, not silently reused
     with pytest.raises(IgradError, match="cannot resume"):
-        reproduce("demo", data, out, **{**kw, "train": {**TINY_TRAIN, "batch_size": 4}})
+        reproduce("demo", data, out, networks=list(NETWORKS), **{**kw, "train": {**TINY_TRAIN, "batch_size": 4}})
 
 
 def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
@@ -210,3 +216,21 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
     # other evaluation settings: the earlier network is not carried over into a report it was not made for
     third = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
     assert list(third["networks"]) == [NETWORKS[0]]
+
+
+def test_cli_prints_a_short_summary(tmp_path, data, capsys):
+    out = tmp_path / "rep"
+    args = ["reproduce", "--preset", "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--limit", "4"]
+    assert main([*args, "--quiet", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    stored = json.loads((out / "results.json").read_text())
+    entry = stored["networks"][NETWORKS[0]]
+    acc = entry["accuracy"]
+    head = f"{NETWORKS[0]}: top-1 {100 * acc['baseline']['top1']:.1f}% → {100 * acc['regularised']['top1']:.1f}%"
+    assert head in printed and "cos(δx, δᴳx)" in printed and "after Holm" in printed
+    for method, per in entry["comparison"]["methods"].items():
+        row = next(line for line in printed.splitlines() if line.strip().startswith(method + " "))
+        ad = per["ad"]
+        assert f"{ad['baseline']:.1f} → {ad['regularised']:.1f}" in row
+    assert f"figure: {out / entry['figure']['path']}" in printed and f"report: {out / 'report.md'}" in printed
+    assert list(stored["networks"]) == [NETWORKS[0]]

@@ -123,8 +123,18 @@ def test_qualitative_figure_layout(setup):
     axes = fig.get_axes()
     assert len(axes) == 3 * 2 * (1 + len(methods))  # rows: image × model; columns: image + methods
     assert [a.get_title() for a in axes[:5]] == ["image", *methods]
-    assert axes[0].get_ylabel() == "baseline\nclass1" and axes[5].get_ylabel() == "regularised\nclass1"
+    with torch.no_grad():  # each row names the model's own prediction (plain eval-mode forward)
+        pred = {k: m.eval()(x).argmax(1) for k, m in (("baseline", base), ("regularised", reg))}
+    assert axes[0].get_ylabel() == f"baseline\npred: {CLASSES[pred['baseline'][0]]}"
+    assert axes[5].get_ylabel() == f"regularised\npred: {CLASSES[pred['regularised'][0]]}"
     assert imread(tmp / "q.png").shape[2] in (3, 4)
+    # a tensor of labels: the true class too (image 2 of 3: rows 2 and 3, first column)
+    fig = qualitative_figure(
+        {"baseline": base, "regularised": reg}, x, torch.tensor([1, 2, 3]), methods, MEAN, STD, class_names=CLASSES
+    )
+    axes = fig.get_axes()
+    assert axes[2 * 5].get_ylabel() == f"baseline\ntrue: {CLASSES[2]}\npred: {CLASSES[pred['baseline'][1]]}"
+    assert axes[3 * 5].get_ylabel() == f"regularised\ntrue: {CLASSES[2]}\npred: {CLASSES[pred['regularised'][1]]}"
 
 
 def test_overlay_and_signed_pictures_hand_computed():

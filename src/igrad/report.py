@@ -301,13 +301,15 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         + _accuracy_sentence(entry.get("accuracy"), acc_b, acc_r)
         + f" Mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
         "",
-        "| model | λ | epochs | steps | training time (with per-epoch tests) | evaluation time | run folder |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | λ | starts from | epochs | steps | training time (with per-epoch tests) | evaluation time | "
+        "run folder |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for label in LABELS:
         r = entry["runs"][label]
+        start = "the baseline's final weights (fine-tuning)" if r["config"].get("init") else "scratch"
         lines.append(
-            f"| {label} | {r['lam']:g} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
+            f"| {label} | {r['lam']:g} | {start} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
             f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
         )
     return lines + [
@@ -348,8 +350,13 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Configuration",
         "",
-        "Training (the baseline's config; the regularised run differs only in `lam` "
-        "and `out`; networks differ in `model`):",
+        "Training (the baseline's config; the regularised run differs only in `lam` and `out`"
+        + (
+            f", and fine-tunes the baseline: `{json.dumps(report['settings']['finetune'])}`, `init`"
+            if report["settings"].get("finetune")
+            else ""
+        )
+        + "; networks differ in `model`):",
         "",
     ]
     if first_net is not None:
@@ -368,6 +375,44 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
         f"Metrics: {', '.join(METRICS[k].title for k in METRICS)}.",
         "",
     ]
+
+
+def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
+    """A short plain-text summary of :func:`igrad.reproduce.reproduce` for the terminal: per network the
+    accuracy and cos of both models, the cells won (raw, interval, Holm), every metric cell as
+    ``baseline → regularised`` (``†``: clearly different after Holm), and where the report and figures are."""
+    lines = []
+    for net, entry in report["networks"].items():
+        base, reg, w = entry["runs"]["baseline"], entry["runs"]["regularised"], entry["wins"]
+        acc = entry.get("accuracy")
+        if acc:
+            d = acc["difference"]
+            acc_text = (
+                f"top-1 {100 * acc['baseline']['top1']:.1f}% → {100 * acc['regularised']['top1']:.1f}% "
+                f"({100 * d['mean']:+.1f} points, 95% [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}])"
+            )
+        else:
+            acc_text = "top-1 not measured"
+        lines += [
+            f"{net}: {acc_text}; cos(δx, δᴳx) {base['cos']['mean']:.3f} → {reg['cos']['mean']:.3f}",
+            f"  regularised better in {w['regularised']} of {w['cells']} cells ({w.get('regularised_holm', 0)} after "
+            f"Holm), baseline in {w['baseline']} ({w.get('baseline_holm', 0)} after Holm)",
+        ]
+        methods = entry["comparison"]["methods"]
+        metrics = list(next(iter(methods.values()))) if methods else []
+        lines.append(f"  {'method':<12}" + "".join(f"{METRICS[k].title + ' ' + _arrow(k):>18}" for k in metrics))
+        for m, per in methods.items():
+            cells = []
+            for k in metrics:
+                e = per[k]
+                cells.append(f"{e['baseline']:.1f} → {e['regularised']:.1f}{'†' if e.get('holm_significant') else ' '}")
+            lines.append(f"  {m:<12}" + "".join(f"{c:>18}" for c in cells))
+        lines.append(f"  figure: {out / entry['figure']['path']}")
+    lines += [
+        "(values ×100; † clearly different after Holm's correction over the network's cells)",
+        f"report: {out / 'report.md'}",
+    ]
+    return "\n".join(lines)
 
 
 def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:

@@ -41,7 +41,7 @@ import torch
 
 from . import loss as _loss
 from .atomic import atomic_write_json, atomic_write_text
-from .demo import DEMO_LAMBDA
+from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
@@ -135,11 +135,19 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "recipe": "cpu",
-        "train": {"epochs": 1, "steps_per_epoch": 60, "warmup_epochs": 0.2, "width": 0.125, "cos_samples": 100},
-        "networks": {"cifar_mobilenet_v2": {"steps_per_epoch": 30}},
-        # 60 steps are too few for the default λ to move anything: the demonstrations' strong λ
+        "default_networks": ["cifar_resnet18"],
+        "train": dict(DEMO_TRAIN),
+        "networks": {},
         "lam": DEMO_LAMBDA,
-        "evaluate": {"limit": 32, "methods": ["gradient", "guided", "gradcam"], "metrics": "all", "batch_size": 32},
+        # the regularised model fine-tunes the baseline (init): a fresh optimiser at a tenth of the rate
+        "finetune": dict(DEMO_FINETUNE),
+        "evaluate": {
+            "limit": 200,
+            "methods": ["gradient", "guided", "gradcam", "gradcam++"],
+            "metrics": "all",
+            "batch_size": 50,
+            "amp": True,
+        },
         "figure_images": 3,
         "ablation": {
             "train": {"epochs": 1, "steps_per_epoch": 20, "warmup_epochs": 0.2, "val_fraction": 0.1},
@@ -343,14 +351,16 @@ def _run_configs(
     settings: Mapping[str, Any], nets: Sequence[str], data: str, out: Path
 ) -> dict[str, dict[str, TrainConfig]]:
     """The baseline's and the regularised model's :class:`TrainConfig` of each network, all validated
-    before anything is trained."""
-    configs = {
-        net: {
-            label: train_config(settings, net, data, value, out / "runs" / net / label)
-            for label, value in zip(LABELS, (0.0, settings["lam"]), strict=True)
-        }
-        for net in nets
-    }
+    before anything is trained. With the preset's ``finetune`` overrides the regularised model starts from
+    the baseline's final weights (``init``: fresh optimiser and schedule) instead of from scratch."""
+    configs = {}
+    for net in nets:
+        runs = out / "runs" / net
+        base = train_config(settings, net, data, 0.0, runs / LABELS[0])
+        reg = train_config(settings, net, data, settings["lam"], runs / LABELS[1])
+        if settings.get("finetune"):
+            reg = reg.replace(init=str(runs / LABELS[0] / "last.pt"), **settings["finetune"])
+        configs[net] = {LABELS[0]: base, LABELS[1]: reg}
     for per_net in configs.values():
         for c in per_net.values():
             c.validate()
@@ -464,7 +474,7 @@ def reproduce(
     if device is not None:
         train.setdefault("device", device)
     settings = preset_settings(preset, train=train, evaluation=evaluation, lam=lam, figure_images=figure_images)
-    nets = _check_networks(networks, NETWORKS)
+    nets = _check_networks(networks, settings.get("default_networks") or NETWORKS)
     configs = _run_configs(settings, nets, data, out)
     report: dict[str, Any] = {
         "kind": "igrad.reproduce",

@@ -146,12 +146,15 @@ def explanation_figure(
     class_names: Sequence[str] | None = None,
     cell: float = 1.6,
     title: str | None = None,
+    predictions: Mapping[str, torch.Tensor] | None = None,
+    true_labels: torch.Tensor | None = None,
 ) -> Figure:
     """A grid: one row per ``(label, explanations)`` entry of ``rows`` and image (rows of the same image are
     adjacent), columns = the input image, then the methods in the order of the first entry.
 
     ``images`` holds raw pixels ``[B, C, H, W]`` in [0, 1]. Each row is labelled with its ``label`` and the
-    class its maps explain.
+    class its maps explain; with ``predictions`` (per row label, the model's predicted classes ``[B]``) and
+    ``true_labels`` ``[B]``, with the true class and that model's prediction instead.
     """
     if not rows:
         raise IgradError("nothing to draw: no rows")
@@ -167,6 +170,9 @@ def explanation_figure(
             ax.imshow(_rgb(images[i]), interpolation="nearest")
             c = int(next(iter(exps.values())).target[i]) if exps else None
             text = label if c is None else f"{label}\n{_class_label(c, class_names)}"
+            if predictions is not None and label in predictions:
+                truth = "" if true_labels is None else f"true: {_class_label(int(true_labels[i]), class_names)}\n"
+                text = f"{label}\n{truth}pred: {_class_label(int(predictions[label][i]), class_names)}"
             ax.set_ylabel(text, fontsize=8)
             for j, name in enumerate(methods, start=1):
                 ax = axes[row, j]
@@ -198,7 +204,9 @@ def qualitative_figure(
     title: str | None = None,
 ) -> Figure:
     """The paper's qualitative figure: for each image, one row per model (e.g. ``{"baseline": m0,
-    "regularised": m1}``, in that order), columns = the image, then each method's map.
+    "regularised": m1}``, in that order), columns = the image, then each method's map. Each row is
+    labelled with the model, the true class (when ``targets`` is a tensor of labels) and the model's
+    predicted class.
 
     ``images`` are the models' normalised inputs ``[B, C, H, W]`` (``mean``/``std`` recover the raw
     pixels for display); ``targets`` as in :func:`igrad.gradient`, the same classes for every model
@@ -212,7 +220,14 @@ def qualitative_figure(
         (label, explain(model, images, targets, methods, target_layer=target_layer, method_kwargs=method_kwargs))
         for label, model in models.items()
     ]
-    fig = explanation_figure(raw, rows, class_names=class_names, title=title)
+    predictions = {}
+    for label, model in models.items():
+        with torch.no_grad(), eval_mode(model):
+            predictions[label] = model_logits(model, images).argmax(1)
+    true_labels = targets if isinstance(targets, torch.Tensor) else None
+    fig = explanation_figure(
+        raw, rows, class_names=class_names, title=title, predictions=predictions, true_labels=true_labels
+    )
     if path is not None:
         save_figure(fig, path)
     return fig

@@ -1,7 +1,7 @@
-"""Train a small CIFAR ResNet-18 briefly without and with the interpretable-gradient loss, and print
-the test accuracy and eval-mode mean cos(standard, guided gradient) of both (a few minutes on a CPU).
-The training half of `igrad reproduce --preset demo`, for one network, with the same strong λ (a short
-run needs it for the effect to show); `igrad reproduce --preset demo` also evaluates the saliency maps.
+"""Train a small CIFAR ResNet-18 for a few epochs, fine-tune it briefly with the interpretable-gradient loss,
+and print the test accuracy and eval-mode mean cos(standard, guided gradient) of both (a few minutes on a
+CPU). The training half of `igrad reproduce --preset demo`, with the same budget and λ;
+`igrad reproduce --preset demo` (`make demo`) also evaluates the saliency maps and writes a report.
 
 examples:
   igrad demo --data /path/to/cifar100            (an image folder with train/ and test/)
@@ -28,9 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--lam", type=float, default=DEMO_LAMBDA, help=f"λ of the regularised run (default {DEMO_LAMBDA:g})")
     p.add_argument("--model", default="cifar_resnet18")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--steps-per-epoch", type=int, default=60)
+    p.add_argument("--width", type=float, default=None, help="width multiplier (default: the demo's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the baseline (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -42,17 +41,16 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or (os.fspath(p) if (p := data_root_from_env()) else None)
     if data is None:
         raise IgradError("no data: pass --data FOLDER, set IGRAD_DATA, or use --data cifar100 --download")
+    overrides = {k: v for k, v in (("width", args.width), ("epochs", args.epochs)) if v is not None}
     result = run_demo(
         data,
         args.out,
         lam=args.lam,
         model=args.model,
-        width=args.width,
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch,
         download=args.download,
         seed=args.seed,
         quiet=args.quiet,
+        **overrides,
     )
     print()
     print(result.table())

@@ -20,6 +20,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from ..data import data_root_from_env
 from ..errors import IgradError
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the reproduction (or the ablation) and print where the report is."""
     import torch
 
+    from ..report import terminal_summary
     from ..reproduce import ablation, reproduce
 
     data = args.data or (os.fspath(p) if (p := data_root_from_env()) else None)
@@ -81,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{net}: chosen on the validation split: {entry['chosen']}")
         return 0
     report = reproduce(args.preset, data, args.out, lam=args.lam, **common)
-    for net, entry in report["networks"].items():
-        print(f"\n## {net}\n\n{entry['table']}")
+    print(terminal_summary(report, Path(args.out)))
     print(f"wrote {args.out}/report.md and results.json ({report['wall_time_s'] / 60:.1f} min)")
     return 0
