@@ -81,24 +81,14 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: ``paper`` (a GPU): SPEC 2's recipe as is (200 epochs, MultiStep 60/120/160, full width), all
 #: methods and metrics on a seeded 2 000-image test subset; its ablation trains 20 epochs per setting.
 #:
-#: ``cpu`` (≈ 90 min on a 2-core machine at ``--threads 1`` while something else runs). Step times at
-#: batch 128, width 0.25, one thread, measured here with another training job running: ResNet-18
-#: 0.46 s (λ = 0) and 0.98 s (λ > 0: three backward passes), MobileNet-V2 0.70 s and 1.62 s; one step
-#: of all four runs ≈ 3.8 s. 4 epochs × 200 steps = 800 steps per run (102 400 samples ≈ 2 passes over
-#: CIFAR-100's 50 000) ⇒ 800 × 3.8 s ≈ 50 min of training. After each epoch the trainer measures accuracy on all
-#: 10 000 test images (measured, 1 thread: 16 s ResNet, 42 s MobileNet) and cos on 200 images ⇒
-#: 4 epochs × (2 × 20 s + 2 × 48 s) ≈ 9 min: hence few long epochs, not many short ones. Evaluation
-#: (measured, 1 thread, per image, all five metrics): ResNet-18 0.07 s per gradient/CAM method and
-#: 0.23 s for Score-CAM; MobileNet-V2 0.09 s and 1.7 s (Score-CAM: 320 masked forwards) ⇒ 200 images ×
-#: 2 models × (0.51 s + 2.07 s) ≈ 17 min, plus 2 min of whole-test-set accuracy. Total ≈ 80 min, with a
-#: margin for a busier machine.
-#: The half-epoch warm-up and the cosine schedule end a short run at a low rate, which matters more
-#: here than the schedule's shape. Five methods (the four of the figure and Grad-CAM++) on 200 images:
-#: the 95% intervals are wide (printed in every cell); the paper preset evaluates all eleven.
-#: Its ablation (ResNet-18): 1 + 4 × 3 = 13 runs of 2 × 60 steps with a 10% validation split ⇒
-#: 120 × (0.46 s + 12 × 0.98 s) ≈ 25 min, plus per-epoch test and validation accuracy (≈ 25 s × 26)
-#: ≈ 11 min, plus Grad-CAM on 100 validation images per run (≈ 2 min): ≈ 40 min.
-#:
+#: ``cpu`` (issue 14; one network per working session of a 2-core machine, ``--jobs 2 --threads 1
+#: --networks NAME``: the report keeps the other network from an earlier call): the ``cpu`` training recipe as
+#: is (:data:`igrad.train.PRESETS`: 24 epochs, 1/2 width, bf16 + channels-last, ρ = 0.25; ResNet-18 about 52
+#: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side), λ chosen on the validation
+#: split by the trade-off study (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM,
+#: the gradient and guided backpropagation) with all five metrics on 1 000 seeded test images, the same for
+#: every model, in bf16 (``amp``: metric means within 0.05 of float32's on 200 images, results/eval_bf16.json;
+#: 4.6x faster) with accuracy and cos in float32.
 #: ``demo`` (a few minutes): width 0.125, one epoch of 60 steps (MobileNet-V2, 0.8 s and 1.4 s per step
 #: even at this width, 30), one accuracy pass over the test set per run, 32 test images for three
 #: methods (Score-CAM only in the figure: on MobileNet-V2 it costs 1.5 s per image). It shows the
@@ -118,14 +108,15 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     },
     "cpu": {
         "recipe": "cpu",
-        "train": {"epochs": 4, "steps_per_epoch": 200, "warmup_epochs": 0.5, "width": 0.25, "cos_samples": 200},
+        "train": {},
         "networks": {},
         "lam": None,
         "evaluate": {
-            "limit": 200,
-            "methods": ["gradient", "guided", "gradcam", "gradcam++", "scorecam"],
+            "limit": 1000,
+            "methods": ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gradient", "guided"],
             "metrics": "all",
             "batch_size": 50,
+            "amp": True,
         },
         "figure_images": 6,
         "ablation": {
@@ -416,6 +407,43 @@ def _comparison(
     }
 
 
+def _train_child(values: dict[str, Any]) -> None:
+    """A child process of :func:`_train_side_by_side`: train one config (reusing or resuming its folder)."""
+    fit_or_resume(TrainConfig.from_dict(values), quiet=True)
+
+
+def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
+    """Train the runs that do not depend on another (not fine-tuning) in up to ``jobs`` processes at once,
+    each with ``threads`` torch threads (when unset: the CPU count divided among the processes). The runs are
+    the same as trained one after another: each process seeds and trains exactly as :func:`igrad.train.fit`
+    does in this one. Returns the labels trained here (a finished run is only reused)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = {label: c for label, c in configs.items() if c.init is None and not _finished(c)}
+    if len(todo) < 2:
+        return set()
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+    values = {label: c.replace(threads=c.threads or threads).to_dict() for label, c in todo.items()}
+    if not quiet:
+        print(
+            f"[reproduce] training {', '.join(todo)} side by side ({min(jobs, len(todo))} processes)", file=sys.stderr
+        )
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_train_child, v) for v in values.values()]:
+            future.result()  # re-raises a child's error here
+    return set(todo)
+
+
+def _finished(config: TrainConfig) -> bool:
+    """Whether ``config.out`` holds a finished run (its ``run.json`` says so)."""
+    path = Path(config.out) / "run.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def _network(
     net: str,
     configs: Mapping[str, TrainConfig],
@@ -425,15 +453,18 @@ def _network(
     cache: dict[str, TrainData],
     quiet: bool,
     progress: bool,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse), evaluate (or reuse) and compare the two models of ``net``: its report entry."""
     entry: dict[str, Any] = {"runs": {}, "trained": {}, "evaluation_reused": {}}
     results: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
+    side_by_side = _train_side_by_side(configs, jobs, quiet) if jobs > 1 else set()
     for label, config in configs.items():
-        if not quiet:
+        if not quiet and label not in side_by_side:
             print(f"[reproduce] {net} {label} (λ = {config.lam:g}): training", file=sys.stderr)
         run, trained = _train(config, quiet)
+        trained = trained or label in side_by_side
         prepared = _test_data(cache, config)
         if not quiet:
             print(f"[reproduce] {net} {label}: evaluating {run.run_dir / 'last.pt'}", file=sys.stderr)
@@ -462,11 +493,14 @@ def reproduce(
     quiet: bool = False,
     progress: bool = True,
     command: str | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train, evaluate and report the baseline and the regularised model of each network (module
     docstring). ``train``/``evaluation``/``lam``/``figure_images`` override the preset
     (:func:`preset_settings`); ``device`` is used for training (``TrainConfig.device``) and evaluation;
-    ``command`` is the command line recorded in the report. Returns the content of ``results.json``."""
+    ``command`` is the command line recorded in the report; ``jobs`` > 1 trains a network's two models
+    side by side in that many processes (on a CPU: one thread each on two cores; a fine-tuned model
+    waits for its baseline). Returns the content of ``results.json``."""
     started = time.perf_counter()
     data = os.fspath(data)
     out = Path(out)
@@ -492,7 +526,7 @@ def reproduce(
     order = [n for n in NETWORKS if n in wanted] + [n for n in dict.fromkeys([*nets, *earlier]) if n not in NETWORKS]
     for net in order:
         if net in nets:
-            report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress)
+            report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress, jobs)
         elif net in earlier:
             report["networks"][net] = earlier[net]
             if not quiet:

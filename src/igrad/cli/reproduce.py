@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluated test images (default: the preset's)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a busy machine)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="train each network's two models side by side in this many processes (2 on a 2-core CPU, with "
+        "--threads 1; a fine-tuned model waits for its baseline)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         for net, entry in report["networks"].items():
             print(f"{net}: chosen on the validation split: {entry['chosen']}")
         return 0
-    report = reproduce(args.preset, data, args.out, lam=args.lam, **common)
+    report = reproduce(args.preset, data, args.out, lam=args.lam, jobs=positive_int("--jobs", args.jobs), **common)
     print(terminal_summary(report, Path(args.out)))
     print(f"wrote {args.out}/report.md and results.json ({report['wall_time_s'] / 60:.1f} min)")
     return 0
