@@ -18,8 +18,7 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/igrad reproduce --preset demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) \
-		--out runs/reproduce-demo --threads 1
-	@echo "report: runs/reproduce-demo/report.md"
+		--out runs/reproduce-demo --quiet
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
