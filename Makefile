@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 
 demo: $(BIN)/.installed
 	$(BIN)/igrad reproduce --preset demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) \
-		--out runs/reproduce-demo --quiet
+		--out runs/reproduce-demo
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
