@@ -267,6 +267,17 @@ def hand_gradcam(model, layer, x, targets, to_bchw=lambda t: t):
     return finish_maps(raw, tuple(x.shape[-2:]))
 
 
+class Softmaxed(nn.Module):
+    """``softmax(model(x))``: differentiating its output ``c`` gives ``∂p_c/∂x`` (the probability score)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(1)
+
+
 class _GuidedRectifierFn(torch.autograd.Function):
     """ReLU (``upper=None``) or ReLU6 with the guided rule of SPEC 1 written out by hand:
     ``δz = max(δa, 0) · 1[z > 0]`` (ReLU), ``· 1[0 < z < 6]`` (ReLU6)."""

@@ -7,27 +7,17 @@ of its branches (λ = 0, and λ > 0 where the regulariser's forward gives the lo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+import test_train
 from igrad.cli import main
 from igrad.train import TrainConfig, fit
 from igrad.train import trainer as trainer_module
-from references import write_folder
 from test_train import tiny
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("IGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "igrad-cache"))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data"))
+_cache, folder = test_train._cache, test_train.folder  # the shared fixtures
 
 
 def hand_smoothed_ce(logits: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:

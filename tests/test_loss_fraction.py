@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import igrad
 from igrad import IgradError
 from igrad.rules import BackwardRules, _conv_backward, strided_input_grad
-from references import batch_statistics, frozen_copy, guided_by_module_swap, plain_input_gradient
+from references import Softmaxed, batch_statistics, frozen_copy, guided_by_module_swap, plain_input_gradient
 
 
 class Net(nn.Module):
@@ -44,15 +44,6 @@ def _model() -> nn.Module:
     return model
 
 
-class _Softmaxed(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(1)
-
-
 @pytest.mark.parametrize("score", ["logit", "prob"])
 @pytest.mark.parametrize("error", ["cosine", "mse"])
 @pytest.mark.parametrize("stats", ["batch-frozen", "running"])
@@ -74,7 +65,7 @@ def test_fraction_loss_matches_float64_reference(stats, error, score):
     ref_logits = ref(x)  # an ordinary training forward: logits, one running-statistics update
     frozen = frozen_copy(model, batch_statistics(model, x)) if stats == "batch-frozen" else frozen_copy(ref, {})
     # score "prob": the gradients of softmax(y)_c (then L_R reaches θ through the seed p_c(e_c - p) too)
-    scored = _Softmaxed(frozen) if score == "prob" else frozen
+    scored = Softmaxed(frozen) if score == "prob" else frozen
     guided, swapped = guided_by_module_swap(scored, x[subset], y[subset])
     assert swapped == 2
     std = plain_input_gradient(scored, x[subset], y[subset], create_graph=True)

@@ -20,29 +20,12 @@ from igrad import IgradError
 from igrad.cli import main
 from igrad.gradients import input_gradients
 from igrad.train import TrainConfig
-from references import guided_by_module_swap, plain_input_gradient
-from test_loss_fraction import Net
-
-
-class Softmaxed(nn.Module):
-    """``softmax(model(x))``: differentiating its output ``c`` gives ``∂p_c/∂x`` (references only)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).softmax(1)
+from references import Softmaxed, guided_by_module_swap, plain_input_gradient
+from test_loss_fraction import _model as _train_mode_model
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = Net().double().eval()
-    with torch.no_grad():
-        for bn in (model.b1, model.b2):
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 1.5)
-    return model
+    return _train_mode_model().eval()  # its running statistics randomised
 
 
 def test_probability_gradients_match_plain_and_module_swap_references():
