@@ -196,6 +196,14 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
                 else:
                     cells.append(f"{row['evaluation']['results'][m][k]['mean']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Reading the metric cells: insertion, deletion, AD and AG are measured on the model's softmax probability "
+        "of the class, so a model that is less accurate and less confident scores lower insertion and lower "
+        "(better) deletion whatever its maps show; differences between runs of very different accuracy say more "
+        "about the model than about its explanations. Compare runs at similar accuracy (the choice rule's "
+        "purpose), or AI, which counts images and is less tied to the probability's scale.",
+    ]
     base = runs.get("baseline-lam0")
     if base is not None:
         lines += [
