@@ -108,7 +108,7 @@ def describe(row: dict[str, Any]) -> str:
         parts.append(f"score {c['reg_score']}")
     if c.get("init"):
         parts.append(f"fine-tune lr {c['lr']:g}")
-    parts.append(f"width {c['width']:g}, {c['epochs']} ep")
+    parts.append(f"width {c['width'] or 1:g}, {c['epochs']} ep")
     return ", ".join(parts)
 
 
@@ -166,12 +166,15 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
         lines.append(
             f"**Result: {choice['run']}** (λ = {choice['lam']:g}, warm-up {choice['lam_warmup']:g} epochs): "
             f"validation top-1 {choice['val_acc']:.2%} (floor {choice['accuracy_floor']:.2%}), cos "
-            f"{choice['val_cos']:.3f}; candidates: {', '.join(choice['candidates'])}."
+            f"{choice['val_cos']:.3f}; candidates finished so far: {', '.join(choice['candidates'])} (the report "
+            "applies the rule anew to whatever has finished). The choice is made at a third of the preset's budget "
+            "and used for the preset's full one."
         )
     lines += ["", "## Runs", ""]
     lines.append(
         "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget), Newcombe "
-        "95 % interval. Metric cells: value (paired difference vs the control [95 % interval]); **bold**: "
+        "95 % interval (conservative: both models see the same images). Metric cells: value (paired difference "
+        "vs the control [95 % interval]); **bold**: "
         "clearly different after Holm's correction over the run's cells. ↑/↓: higher/lower is better."
     )
     lines.append("")
@@ -269,7 +272,7 @@ def main() -> None:
         runs.items(),
         key=lambda kv: (
             order.get(kv[1]["group"], 9),
-            kv[1]["config"]["width"],
+            kv[1]["config"]["width"] or 1,
             kv[1]["config"]["lr"],
             kv[1]["config"]["lam"],
             kv[0],

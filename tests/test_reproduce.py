@@ -209,7 +209,8 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
     kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False)
     first = reproduce("demo", data, out, networks=[NETWORKS[1]], **kw)
     assert list(first["networks"]) == [NETWORKS[1]]
-    second = reproduce("demo", data, out, networks=[NETWORKS[0]], **kw)
+    # another session, another thread count (a resource, not a setting): still one report
+    second = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "train": {**TINY_TRAIN, "threads": 1}})
     assert list(second["networks"]) == list(NETWORKS)  # the paper's order
     assert second["networks"][NETWORKS[1]] == json.loads(json.dumps(first["networks"][NETWORKS[1]]))
     md = (out / "report.md").read_text()

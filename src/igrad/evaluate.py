@@ -527,7 +527,8 @@ def compare_results(
     """Per method and metric: both means, which is better (``"baseline"``, ``"regularised"`` or ``"tie"``;
     AD and deletion lower is better) and, when both ran on the same images, the paired difference
     ``regularised − baseline`` with its 95% interval (``significant`` when the interval excludes 0) and
-    the two-sided p-value of the normal test behind it (``p``, :func:`igrad.stats.paired_p_value`), and
+    the two-sided p-value of the normal test (``p``, :func:`igrad.stats.paired_p_value`; with ``ci="normal"`` it
+    agrees with the interval, with ``"bootstrap"`` the interval is the bootstrap's and may differ), and
     ``holm_significant``: still significant at 5 % after Holm's correction over all the method × metric
     cells of this comparison (:func:`igrad.stats.holm`)."""
     paired = baseline["data"]["indices"] == regularised["data"]["indices"]

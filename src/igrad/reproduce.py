@@ -111,7 +111,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "train": {},
         "networks": {},
         # the trade-off study's choice on the validation split (results/tradeoff/report.md: the largest cos
-        # within a point of λ = 0's top-1 among the runs from scratch)
+        # within a point of λ = 0's top-1 among the runs from scratch at a third of the budget); interim while
+        # the study's λ = 0.025 / 2.5 and warm-up runs are unfinished (λ = 0.25 missed the point)
         "lam": 0.075,
         "evaluate": {
             "limit": 1000,
@@ -416,9 +417,11 @@ def _train_child(values: dict[str, Any]) -> None:
 
 def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
     """Train the runs that do not depend on another (not fine-tuning) in up to ``jobs`` processes at once,
-    each with ``threads`` torch threads (when unset: the CPU count divided among the processes). The runs are
-    the same as trained one after another: each process seeds and trains exactly as :func:`igrad.train.fit`
-    does in this one. Returns the labels trained here (a finished run is only reused)."""
+    each with ``threads`` torch threads (when unset: the CPU count divided among the processes). With
+    ``threads`` set, the runs are bitwise those trained one after another: each process seeds and trains
+    exactly as :func:`igrad.train.fit` does in this one (float32 sums split differently across other thread
+    counts). The children train quietly (no epoch lines); a child's error is raised here. Returns the labels
+    trained here (a finished run is only reused)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -556,11 +559,34 @@ def _earlier_networks(
         old.get("kind") == "igrad.reproduce"
         and old.get("preset") == preset
         and old.get("data") == data
-        and old.get("settings") == json.loads(json.dumps(settings))
+        and _comparable(old.get("settings", {})) == _comparable(json.loads(json.dumps(settings)))
     )
+    kept = {net: entry for net, entry in old.get("networks", {}).items() if net not in nets}
     if not same:
+        if kept:
+            print(
+                f"[reproduce] note: {path} was made with another preset, data or settings; its networks "
+                f"{', '.join(kept)} are not carried into the new report",
+                file=sys.stderr,
+            )
         return {}
-    return {net: entry for net, entry in old.get("networks", {}).items() if net not in nets}
+    return kept
+
+
+#: Training fields that say where and how fast a run went, not what it computed: ignored when an earlier
+#: report's networks are carried over (a later session may run on another machine).
+_RESOURCE_FIELDS = ("threads", "device", "download", "data_root", "eval_batch_size", "checkpoint_every")
+
+
+def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` without the resource fields of its training overrides (shared and per network)."""
+    out = dict(settings)
+    out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in _RESOURCE_FIELDS}
+    out["networks"] = {
+        net: {k: v for k, v in values.items() if k not in _RESOURCE_FIELDS}
+        for net, values in out.get("networks", {}).items()
+    }
+    return out
 
 
 def _ablation_choice(rows: Sequence[Mapping[str, Any]], acc_margin: float) -> dict[str, Any] | None:
