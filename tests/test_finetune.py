@@ -117,7 +117,7 @@ def test_init_takes_the_weights_with_a_fresh_optimiser(folder, base, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # the trainer's kernels (1 thread): only the batch order differs
     try:
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing).backward()  # the recipe's L_C
     finally:
         torch.set_num_threads(threads)
     params = dict(model.named_parameters())

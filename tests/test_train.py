@@ -135,7 +135,7 @@ def test_config_toml_roundtrip_and_checks(tmp_path):
     from igrad.train import config_from_toml, config_to_toml
 
     c = TrainConfig.preset_config("cpu", lam=0.75, allow=["silu"], milestones=[3, 5], mean=[0.5] * 3, std=[0.25] * 3)
-    assert c.epochs == 15 and c.schedule == "cosine" and c.width == 0.25 and c.lr == 0.1 and c.momentum == 0.9
+    assert c.epochs == 24 and c.schedule == "cosine" and c.width == 0.5 and c.lr == 0.1 and c.momentum == 0.9
     (tmp_path / "c.toml").write_text(config_to_toml(c, "a comment"))
     assert TrainConfig.from_dict(config_from_toml(tmp_path / "c.toml")) == c
     with pytest.raises(igrad.IgradError, match="unknown config field 'lamda'.*'lam'"):
