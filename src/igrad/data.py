@@ -153,6 +153,11 @@ def _torchvision_split(name: str, train: bool, root: Path, download: bool) -> Sp
             f"{name} not found under {root} ({exc}); pass --download on a machine with internet, "
             "or point --data at an image folder"
         ) from exc
+    except OSError as exc:  # urllib's URLError and socket errors: no internet, or the server unreachable
+        raise IgradError(
+            f"could not download {name} into {root}: {exc}; on a machine without internet point --data (or "
+            "IGRAD_DATA) at the CIFAR image-folder copy"
+        ) from exc
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return Split(images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
