@@ -19,6 +19,13 @@ from .errors import IgradError, unknown_name
 __all__ = ["summarize", "paired_p_value", "holm", "wilson_interval", "difference_interval"]
 
 
+def _normal_quantile(level: float) -> float:
+    """``z`` of a two-sided ``level`` interval (1.96 at 0.95); :class:`IgradError` unless 0 < level < 1."""
+    if not 0 < level < 1:
+        raise IgradError(f"level must be in (0, 1), got {level}")
+    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
+
+
 def summarize(
     values: torch.Tensor | Sequence[float],
     *,
@@ -38,14 +45,13 @@ def summarize(
         raise IgradError("cannot summarise an empty set of values")
     if not bool(torch.isfinite(v).all()):
         raise IgradError("cannot summarise non-finite values")
-    if not 0 < level < 1:
-        raise IgradError(f"level must be in (0, 1), got {level}")
+    z = _normal_quantile(level)
     n = int(v.numel())
     mean = float(v.mean())
     low = high = None
     if n >= 2:
         if ci == "normal":
-            half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * float(v.std()) / math.sqrt(n)
+            half = z * float(v.std()) / math.sqrt(n)
             low, high = mean - half, mean + half
         elif ci == "bootstrap":
             gen = torch.Generator().manual_seed(seed)
@@ -102,9 +108,7 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     (Wilson 1927). Raises :class:`IgradError` unless ``0 ≤ successes ≤ n`` and ``n ≥ 1``."""
     if n < 1 or not 0 <= successes <= n:
         raise IgradError(f"a binomial interval needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
-    if not 0 < level < 1:
-        raise IgradError(f"level must be in (0, 1), got {level}")
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    z = _normal_quantile(level)
     p = successes / n
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))

@@ -558,16 +558,14 @@ class _Trainer:
                 # the regulariser's subset (reg_fraction < 1) is seeded per step and rank: exact on resume
                 subset = torch.Generator().manual_seed(_derive_seed(c.seed, epoch, step, dist.rank, _SUBSET))
                 l_r, logits = self.criterion(self.ddp, x, y, generator=subset)
-                l_c = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
-                loss = l_c + lam * l_r.float()
             else:
                 if c.amp and self.device.type == "cpu":  # the engine's fast bf16 strided depthwise backward
                     logits, _ = training_forward(self.ddp, x, allow=c.allow)
                 else:
                     logits = model_logits(self.ddp, x, probabilities=False)  # checked in _preflight
-                l_c = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
-                l_r = torch.zeros((), device=self.device)
-                loss = l_c
+                l_r = torch.zeros((), device=self.device)  # not computed at λ = 0
+            l_c = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
+            loss = l_c + lam * l_r.float()
         n = float(len(y))
         step_sums = torch.stack(
             [
