@@ -23,7 +23,7 @@ import torch
 
 from igrad.checkpoint import load_checkpoint
 from igrad.train import fit
-from test_train import REPO, tiny, write_folder
+from test_train import REPO, cli_args, tiny, write_folder
 
 TINY_CNN = """
 import torch
@@ -64,6 +64,7 @@ for name in ("resnet", "tiny"):
     result = fit(config, quiet=True)
     torch.save(result.model.state_dict(), out / f"{name}-rank{rank}.pt")
     (out / f"{name}-rank{rank}.json").write_text(json.dumps(result.history))
+dist.barrier()  # no process tears its gloo connections down while the other still writes (abort at exit)
 dist.destroy_process_group()
 """
 
@@ -128,3 +129,28 @@ def test_torchrun_two_ranks_identical_weights_one_set_of_files(tmp_path, monkeyp
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["l_r"] == pytest.approx(b["l_r"], rel=1e-5)
         assert a["cos"] == pytest.approx(b["cos"], abs=1e-4)
+
+
+def test_igrad_train_under_torchrun_owns_and_closes_its_group(tmp_path):
+    """``igrad train`` under torchrun creates the process group itself (nobody else did) and must close it:
+    both ranks exit 0 (no abort at exit), rank 0 alone writes the run folder and prints the epoch lines,
+    and the checkpoint records two processes."""
+    folder = write_folder(tmp_path / "data")
+    config = tiny(folder, tmp_path / "run", lam=0.5, epochs=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igrad"]
+    proc = subprocess.run(
+        [*cmd, "train", *cli_args(config)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    assert proc.stdout.count("epoch 2/2") == 1, proc.stdout
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt",
+        "config.toml",
+        "last.pt",
+        "metrics.jsonl",
+        "run.json",
+    ]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["world_size"] == 2

@@ -62,11 +62,16 @@ class Dist:
         """This process's share of ``n`` items: indices ``rank, rank + world, ...``."""
         return torch.arange(self.rank, n, self.world)
 
-    def close(self) -> None:
-        """Destroy the process group when this object created it."""
+    def close(self, *, finished: bool = True) -> None:
+        """Destroy the process group when this object created it. After a ``finished`` run every process
+        first waits for the others (a barrier): a process that tears its gloo connections down while
+        another still finishes its last operations makes that one abort at exit. After an error there is
+        no barrier, since the other processes may never arrive at it."""
         if self.owns_group:
             import torch.distributed as dist
 
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

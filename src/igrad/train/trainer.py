@@ -703,6 +703,7 @@ def fit(
     config.validate()
     threads = torch.get_num_threads()
     dist = Dist.from_env(config.device)
+    finished = False
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -711,10 +712,12 @@ def fit(
         with torch.random.fork_rng(devices=devices):
             trainer.setup(state, run_dir)
             del state
-            return trainer.run()
+            result = trainer.run()
+        finished = True
+        return result
     finally:
         torch.set_num_threads(threads)
-        dist.close()
+        dist.close(finished=finished)
 
 
 def fit_or_resume(config: TrainConfig, *, quiet: bool = False) -> RunResult:
