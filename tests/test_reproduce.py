@@ -12,7 +12,17 @@ import torch
 
 from igrad.cli import main
 from igrad.errors import IgradError
-from igrad.reproduce import EXPERIMENTS, FIGURE_METHODS, LABELS, NETWORKS, ablation, preset_settings, reproduce
+from igrad.provenance import file_sha256
+from igrad.reproduce import (
+    EXPERIMENTS,
+    FIGURE_METHODS,
+    FINETUNED,
+    LABELS,
+    NETWORKS,
+    ablation,
+    preset_settings,
+    reproduce,
+)
 from references import write_folder
 
 TINY_TRAIN = {"width": 0.125, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "cos_samples": 8}
@@ -245,9 +255,79 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data):
     kw["progress"] = False
     a = reproduce("cpu", data, tmp_path / "a", networks=[NETWORKS[0]], **kw)
     b = reproduce("cpu", data, tmp_path / "b", networks=[NETWORKS[0]], jobs=2, **kw)
-    assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in LABELS}
-    for label in LABELS:
+    # the cpu preset's fine-tuned third model waits for the baseline, then trains in this process
+    assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in (*LABELS, FINETUNED)}
+    for label in (*LABELS, FINETUNED):
         wa = torch.load(tmp_path / "a" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         wb = torch.load(tmp_path / "b" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["networks"][NETWORKS[0]]["table"] == b["networks"][NETWORKS[0]]["table"]
+
+
+def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(tmp_path, data, capsys):
+    """A preset's ``finetuned`` model: trained from the baseline's final weights (its checkpoint records the
+    file's SHA-256) at its own λ and budget, evaluated on the same images, compared with the baseline like the
+    regularised model (the baseline's cells identical in both comparisons, the other side its own results),
+    reported in report.md, the terminal summary and the figure, and reused on a second call."""
+    out = tmp_path / "ft"
+    ft = {"lam": 0.5, "train": {"epochs": 1, "lr": 0.01}}
+    kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=2, lam=0.25, quiet=True, progress=False)
+    report = reproduce("demo", data, out, networks=[NETWORKS[0]], finetuned=ft, **kw)
+    net = NETWORKS[0]
+    entry, runs = report["networks"][net], out / "runs" / net
+    row = entry["runs"][FINETUNED]
+    assert row["lam"] == 0.5 and row["config"]["init"] == str(runs / "baseline" / "last.pt")
+    assert (row["config"]["epochs"], row["config"]["lr"], row["epochs"]) == (1, 0.01, 1)
+    state = torch.load(runs / FINETUNED / "last.pt", weights_only=True)
+    assert state["config"]["init_sha256"] == file_sha256(runs / "baseline" / "last.pt")
+    own = json.loads((out / "eval" / net / FINETUNED / "results.json").read_text())
+    base = json.loads((out / "eval" / net / "baseline" / "results.json").read_text())
+    assert own["data"]["indices"] == base["data"]["indices"]
+    versus = entry[FINETUNED]
+    assert versus["lam"] == 0.5 and versus["comparison"]["paired"]
+    for method, per in versus["comparison"]["methods"].items():
+        for k, cell in per.items():
+            assert cell["baseline"] == entry["comparison"]["methods"][method][k]["baseline"]
+            assert cell["regularised"] == pytest.approx(own["results"][method][k]["mean"], rel=1e-9, abs=1e-12)
+    assert versus["accuracy"]["regularised"]["top1"] == pytest.approx(row["accuracy"])
+    w = versus["wins"]
+    assert w["cells"] == w["regularised"] + w["baseline"] + w["tie"] == 5 * len(own["results"])
+    assert set(entry["curves"]) == {*LABELS, FINETUNED} and (out / entry["curves"][FINETUNED]).is_file()
+
+    md = (out / "report.md").read_text()
+    assert f"### {net}: the baseline fine-tuned with λ = 0.5" in md and "Fine-tuned better in" in md
+    for method in own["results"]:
+        assert len([line for line in md.splitlines() if line.startswith(f"| {method} |")]) == 2
+    assert "one row per model: baseline, regularised, fine-tuned" in md
+
+    from igrad.report import terminal_summary
+
+    summary = terminal_summary(report, out)
+    acc = versus["accuracy"]
+    assert f"{net}, fine-tuned λ = 0.5: top-1 {100 * acc['baseline']['top1']:.1f}% → " in summary
+    assert "fine-tuned better in" in summary
+
+    again = reproduce("demo", data, out, networks=[NETWORKS[0]], finetuned=ft, **kw)
+    assert again["networks"][net]["trained"] == {lb: False for lb in (*LABELS, FINETUNED)}
+    assert again["networks"][net]["evaluation_reused"] == {lb: True for lb in (*LABELS, FINETUNED)}
+    assert again["networks"][net][FINETUNED]["table"] == versus["table"]
+
+
+def test_finetuned_settings_are_checked_and_the_cli_can_skip_them(tmp_path, data, monkeypatch):
+    assert preset_settings("cpu")["finetuned"] == {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}}
+    assert preset_settings("cpu", finetuned={})["finetuned"] is None
+    assert preset_settings("demo")["finetuned"] is None
+    with pytest.raises(IgradError, match="λ > 0"):
+        preset_settings("demo", finetuned={"lam": 0})
+    with pytest.raises(IgradError, match="'lam' and 'train'"):
+        preset_settings("demo", finetuned={"lam": 0.5, "epochs": 3})
+    seen = {}
+
+    def fake(preset, data, out, **kw):
+        seen.update(kw)
+        raise IgradError("stop here")
+
+    monkeypatch.setattr("igrad.reproduce.reproduce", fake)
+    args = ["reproduce", "--preset", "cpu", "--data", str(data), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, "--no-finetuned"]) != 0 and seen["finetuned"] == {}
+    assert main(args) != 0 and seen["finetuned"] is None

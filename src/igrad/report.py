@@ -22,6 +22,7 @@ from .train import config_to_toml
 
 __all__ = [
     "LABELS",
+    "FINETUNED",
     "FIGURE_METHODS",
     "results_table",
     "write_report",
@@ -33,6 +34,9 @@ __all__ = [
 
 #: The two models of a comparison: λ = 0 and λ > 0 (one word for each, everywhere).
 LABELS = ("baseline", "regularised")
+#: The optional third model of a reproduction: the baseline fine-tuned with ``L_R`` (its comparison with the
+#: baseline reuses the two labels above, "regularised" being the fine-tuned model).
+FINETUNED = "fine-tuned"
 #: Columns of the qualitative figure after the image.
 FIGURE_METHODS = ("gradient", "guided", "gradcam", "scorecam")
 
@@ -285,42 +289,55 @@ def _accuracy_sentence(stats: Mapping[str, Any] | None, acc_b: float | None, acc
     )
 
 
-def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]:
-    """One network of the reproduction: its SPEC 5 table, the cells won, the runs, curves and figure."""
-    w = entry["wins"]
-    base, reg = entry["runs"]["baseline"], entry["runs"]["regularised"]
-    acc_b, acc_r = base["accuracy"], reg["accuracy"]
-    lines = [
-        f"## {net}",
-        "",
-        entry["table"],
-        f"Regularised better in **{w['regularised']} of {w['cells']}** method × metric cells "
+def _versus_lines(name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """The SPEC 5 table of one regularised model (``name``) against the baseline and the sentence under it:
+    cells won (raw, paired interval, Holm), accuracy with intervals, mean cos."""
+    w = versus["wins"]
+    return [
+        versus["table"],
+        f"{name.capitalize()} better in **{w['regularised']} of {w['cells']}** method × metric cells "
         f"({w['regularised_significant']} with a paired 95% interval excluding 0, **{w.get('regularised_holm', 0)} "
         f"after Holm's correction**); baseline better in {w['baseline']} ({w['baseline_significant']} significant, "
         f"{w.get('baseline_holm', 0)} after Holm); ties {w['tie']}. "
-        + _accuracy_sentence(entry.get("accuracy"), acc_b, acc_r)
-        + f" Mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {reg['cos']['mean']:.4f}.",
+        + _accuracy_sentence(versus.get("accuracy"), base["accuracy"], other["accuracy"])
+        + f" Mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {other['cos']['mean']:.4f}.",
         "",
+    ]
+
+
+def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]:
+    """One network of the reproduction: its SPEC 5 table (and the fine-tuned model's, when there is one), the
+    cells won, the runs, curves and figure."""
+    runs = entry["runs"]
+    lines = [f"## {net}", "", *_versus_lines("regularised", entry, runs["baseline"], runs["regularised"])]
+    if FINETUNED in entry:
+        ft = entry[FINETUNED]
+        lines += [
+            f"### {net}: the baseline fine-tuned with λ = {ft['lam']:g}",
+            "",
+            *_versus_lines("fine-tuned", ft, runs["baseline"], runs[FINETUNED]),
+        ]
+    lines += [
         "| model | λ | starts from | epochs | steps | training time (with per-epoch tests) | evaluation time | "
         "run folder |",
         "|---|---:|---|---:|---:|---:|---:|---|",
     ]
-    for label in LABELS:
-        r = entry["runs"][label]
+    for label in runs:
+        r = runs[label]
         start = "the baseline's final weights (fine-tuning)" if r["config"].get("init") else "scratch"
         lines.append(
             f"| {label} | {r['lam']:g} | {start} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
             f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
         )
+    curves = ", ".join(f"[{label}]({path})" for label, path in entry["curves"].items())
     return lines + [
         "",
-        f"Insertion/deletion curves: [baseline]({entry['curves']['baseline']}), "
-        f"[regularised]({entry['curves']['regularised']}).",
+        f"Insertion/deletion curves: {curves}.",
         "",
         f"![qualitative figure, {net}]({entry['figure']['path']})",
         "",
         f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
-        "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image the baseline row, then the regularised row.",
+        "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image one row per model: " + ", ".join(runs) + ".",
         "",
     ]
 
@@ -356,6 +373,12 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
             if report["settings"].get("finetune")
             else ""
         )
+        + (
+            f"; the fine-tuned model starts from the baseline's final weights (`init`) with "
+            f"`{json.dumps(report['settings']['finetuned'])}`"
+            if report["settings"].get("finetuned")
+            else ""
+        )
         + "; networks differ in `model`):",
         "",
     ]
@@ -377,36 +400,47 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _summary_lines(
+    title: str, name: str, versus: Mapping[str, Any], other: Mapping[str, Any], base: Mapping[str, Any]
+) -> list[str]:
+    """:func:`terminal_summary`'s lines for one regularised model (``name``) against the baseline."""
+    w, acc = versus["wins"], versus.get("accuracy")
+    if acc:
+        d = acc["difference"]
+        acc_text = (
+            f"top-1 {100 * acc['baseline']['top1']:.1f}% → {100 * acc['regularised']['top1']:.1f}% "
+            f"({100 * d['mean']:+.1f} points, 95% [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}])"
+        )
+    else:
+        acc_text = "top-1 not measured"
+    lines = [
+        f"{title}: {acc_text}; cos(δx, δᴳx) {base['cos']['mean']:.3f} → {other['cos']['mean']:.3f}",
+        f"  {name} better in {w['regularised']} of {w['cells']} cells ({w.get('regularised_holm', 0)} after "
+        f"Holm), baseline in {w['baseline']} ({w.get('baseline_holm', 0)} after Holm)",
+    ]
+    methods = versus["comparison"]["methods"]
+    metrics = list(next(iter(methods.values()))) if methods else []
+    lines.append(f"  {'method':<12}" + "".join(f"{METRICS[k].title + ' ' + _arrow(k):>18}" for k in metrics))
+    for m, per in methods.items():
+        cells = []
+        for k in metrics:
+            e = per[k]
+            cells.append(f"{e['baseline']:.1f} → {e['regularised']:.1f}{'†' if e.get('holm_significant') else ' '}")
+        lines.append(f"  {m:<12}" + "".join(f"{c:>18}" for c in cells))
+    return lines
+
+
 def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
     """A short plain-text summary of :func:`igrad.reproduce.reproduce` for the terminal: per network the
     accuracy and cos of both models, the cells won (raw, interval, Holm), every metric cell as
     ``baseline → regularised`` (``†``: clearly different after Holm), and where the report and figures are."""
     lines = []
     for net, entry in report["networks"].items():
-        base, reg, w = entry["runs"]["baseline"], entry["runs"]["regularised"], entry["wins"]
-        acc = entry.get("accuracy")
-        if acc:
-            d = acc["difference"]
-            acc_text = (
-                f"top-1 {100 * acc['baseline']['top1']:.1f}% → {100 * acc['regularised']['top1']:.1f}% "
-                f"({100 * d['mean']:+.1f} points, 95% [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}])"
-            )
-        else:
-            acc_text = "top-1 not measured"
-        lines += [
-            f"{net}: {acc_text}; cos(δx, δᴳx) {base['cos']['mean']:.3f} → {reg['cos']['mean']:.3f}",
-            f"  regularised better in {w['regularised']} of {w['cells']} cells ({w.get('regularised_holm', 0)} after "
-            f"Holm), baseline in {w['baseline']} ({w.get('baseline_holm', 0)} after Holm)",
-        ]
-        methods = entry["comparison"]["methods"]
-        metrics = list(next(iter(methods.values()))) if methods else []
-        lines.append(f"  {'method':<12}" + "".join(f"{METRICS[k].title + ' ' + _arrow(k):>18}" for k in metrics))
-        for m, per in methods.items():
-            cells = []
-            for k in metrics:
-                e = per[k]
-                cells.append(f"{e['baseline']:.1f} → {e['regularised']:.1f}{'†' if e.get('holm_significant') else ' '}")
-            lines.append(f"  {m:<12}" + "".join(f"{c:>18}" for c in cells))
+        lines += _summary_lines(net, "regularised", entry, entry["runs"]["regularised"], entry["runs"]["baseline"])
+        if FINETUNED in entry:
+            ft = entry[FINETUNED]
+            name = f"{net}, fine-tuned λ = {ft['lam']:g}"
+            lines += _summary_lines(name, "fine-tuned", ft, entry["runs"][FINETUNED], entry["runs"]["baseline"])
         lines.append(f"  figure: {out / entry['figure']['path']}")
     lines += [
         "(values ×100; † clearly different after Holm's correction over the network's cells)",
