@@ -12,6 +12,7 @@ from matplotlib.image import imread
 import igrad
 from igrad.checkpoint import save_checkpoint
 from igrad.cli import main
+from igrad.errors import IgradError
 from igrad.saliency import signed_map
 from igrad.visualize import cam_overlay, denormalize, qualitative_figure, save_image, signed_image
 
@@ -125,16 +126,23 @@ def test_qualitative_figure_layout(setup):
     assert [a.get_title() for a in axes[:5]] == ["image", *methods]
     with torch.no_grad():  # each row names the model's own prediction (plain eval-mode forward)
         pred = {k: m.eval()(x).argmax(1) for k, m in (("baseline", base), ("regularised", reg))}
-    assert axes[0].get_ylabel() == f"baseline\npred: {CLASSES[pred['baseline'][0]]}"
-    assert axes[5].get_ylabel() == f"regularised\npred: {CLASSES[pred['regularised'][0]]}"
+    assert axes[0].get_ylabel() == f"baseline\nexplains: {CLASSES[1]}\npred: {CLASSES[pred['baseline'][0]]}"
+    assert axes[5].get_ylabel() == f"regularised\nexplains: {CLASSES[1]}\npred: {CLASSES[pred['regularised'][0]]}"
     assert imread(tmp / "q.png").shape[2] in (3, 4)
-    # a tensor of labels: the true class too (image 2 of 3: rows 2 and 3, first column)
-    fig = qualitative_figure(
-        {"baseline": base, "regularised": reg}, x, torch.tensor([1, 2, 3]), methods, MEAN, STD, class_names=CLASSES
-    )
+    # the images' true classes given: the true class too (image 2 of 3: rows 2 and 3, first column)
+    labels = torch.tensor([1, 2, 3])
+    models = {"baseline": base, "regularised": reg}
+    fig = qualitative_figure(models, x, labels, methods, MEAN, STD, class_names=CLASSES, labels=labels)
     axes = fig.get_axes()
     assert axes[2 * 5].get_ylabel() == f"baseline\ntrue: {CLASSES[2]}\npred: {CLASSES[pred['baseline'][1]]}"
     assert axes[3 * 5].get_ylabel() == f"regularised\ntrue: {CLASSES[2]}\npred: {CLASSES[pred['regularised'][1]]}"
+    # a tensor of explained classes alone is not called the truth: the row says which class its maps explain
+    fig = qualitative_figure(models, x, torch.tensor([4, 0, 2]), methods, MEAN, STD, class_names=CLASSES)
+    axes = fig.get_axes()
+    assert axes[2 * 5].get_ylabel() == f"baseline\nexplains: {CLASSES[0]}\npred: {CLASSES[pred['baseline'][1]]}"
+    assert not any("true:" in a.get_ylabel() for a in axes)
+    with pytest.raises(IgradError, match="labels must be"):
+        qualitative_figure(models, x, labels, methods, MEAN, STD, labels=labels[:2])
 
 
 def test_overlay_and_signed_pictures_hand_computed():

@@ -305,7 +305,7 @@ def _figure(
     y = data.test.labels[indices].to(device)
     norm = data.normalization
     qualitative_figure(
-        models, x, y, list(FIGURE_METHODS), norm.mean, norm.std, path, class_names=data.classes, title=title
+        models, x, y, list(FIGURE_METHODS), norm.mean, norm.std, path, class_names=data.classes, title=title, labels=y
     )
     return indices.tolist()
 

@@ -153,8 +153,9 @@ def explanation_figure(
     adjacent), columns = the input image, then the methods in the order of the first entry.
 
     ``images`` holds raw pixels ``[B, C, H, W]`` in [0, 1]. Each row is labelled with its ``label`` and the
-    class its maps explain; with ``predictions`` (per row label, the model's predicted classes ``[B]``) and
-    ``true_labels`` ``[B]``, with the true class and that model's prediction instead.
+    class its maps explain; with ``predictions`` (per row label, the model's predicted classes ``[B]``) also
+    with that model's prediction ("pred: ..."), and with ``true_labels`` ``[B]`` the true class ("true: ...")
+    in place of the explained one (the caller explains the true class, or says so in the title).
     """
     if not rows:
         raise IgradError("nothing to draw: no rows")
@@ -171,8 +172,11 @@ def explanation_figure(
             c = int(next(iter(exps.values())).target[i]) if exps else None
             text = label if c is None else f"{label}\n{_class_label(c, class_names)}"
             if predictions is not None and label in predictions:
-                truth = "" if true_labels is None else f"true: {_class_label(int(true_labels[i]), class_names)}\n"
-                text = f"{label}\n{truth}pred: {_class_label(int(predictions[label][i]), class_names)}"
+                if true_labels is not None:
+                    first = f"true: {_class_label(int(true_labels[i]), class_names)}\n"
+                else:
+                    first = "" if c is None else f"explains: {_class_label(c, class_names)}\n"
+                text = f"{label}\n{first}pred: {_class_label(int(predictions[label][i]), class_names)}"
             ax.set_ylabel(text, fontsize=8)
             for j, name in enumerate(methods, start=1):
                 ax = axes[row, j]
@@ -202,11 +206,12 @@ def qualitative_figure(
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     class_names: Sequence[str] | None = None,
     title: str | None = None,
+    labels: torch.Tensor | None = None,
 ) -> Figure:
     """The paper's qualitative figure: for each image, one row per model (e.g. ``{"baseline": m0,
     "regularised": m1}``, in that order), columns = the image, then each method's map. Each row is
-    labelled with the model, the true class (when ``targets`` is a tensor of labels) and the model's
-    predicted class.
+    labelled with the model, the true class when ``labels`` (the images' true classes ``[B]``) are given,
+    else the class its maps explain, and the model's predicted class.
 
     ``images`` are the models' normalised inputs ``[B, C, H, W]`` (``mean``/``std`` recover the raw
     pixels for display); ``targets`` as in :func:`igrad.gradient`, the same classes for every model
@@ -224,9 +229,10 @@ def qualitative_figure(
     for label, model in models.items():
         with torch.no_grad(), eval_mode(model):
             predictions[label] = model_logits(model, images).argmax(1)
-    true_labels = targets if isinstance(targets, torch.Tensor) else None
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]):
+        raise IgradError(f"labels must be [B] = [{images.shape[0]}] true classes, got shape {list(labels.shape)}")
     fig = explanation_figure(
-        raw, rows, class_names=class_names, title=title, predictions=predictions, true_labels=true_labels
+        raw, rows, class_names=class_names, title=title, predictions=predictions, true_labels=labels
     )
     if path is not None:
         save_figure(fig, path)
