@@ -248,13 +248,18 @@ def test_cli_prints_a_short_summary(tmp_path, data, capsys):
     assert list(stored["networks"]) == [NETWORKS[0]]
 
 
-def test_side_by_side_training_equals_one_after_another(tmp_path, data):
+def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd):
     """jobs=2 trains the two models in two processes at once; their weights are exactly those of the
     sequential run (same seeds, one thread each), and the report says they were trained."""
     kw = dict(train={**TINY_TRAIN, "threads": 1}, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True)
     kw["progress"] = False
     a = reproduce("cpu", data, tmp_path / "a", networks=[NETWORKS[0]], **kw)
+    capfd.readouterr()
     b = reproduce("cpu", data, tmp_path / "b", networks=[NETWORKS[0]], jobs=2, **kw)
+    # each child's epoch line says which model it is about
+    printed = capfd.readouterr().out.splitlines()
+    for label in LABELS:
+        assert sum(line.startswith(f"[{label}] epoch 1/1") for line in printed) == 1, printed
     # the cpu preset's fine-tuned third model waits for the baseline, then trains in this process
     assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in (*LABELS, FINETUNED)}
     for label in (*LABELS, FINETUNED):

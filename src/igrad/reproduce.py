@@ -470,9 +470,31 @@ def _versus(
     }
 
 
-def _train_child(values: dict[str, Any]) -> None:
-    """A child process of :func:`_train_side_by_side`: train one config (reusing or resuming its folder)."""
-    fit_or_resume(TrainConfig.from_dict(values), quiet=True)
+class _Prefixed:
+    """A text stream that writes each line to ``stream`` with ``prefix`` in front (the side-by-side children's
+    epoch lines say which model they are about)."""
+
+    def __init__(self, stream: Any, prefix: str) -> None:
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.stream.write(f"{self.prefix}{line}\n")
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _train_child(values: dict[str, Any], label: str) -> None:
+    """A child process of :func:`_train_side_by_side`: train one config (reusing or resuming its folder); its
+    epoch lines go to stdout prefixed with ``[label]``."""
+    import contextlib
+
+    with contextlib.redirect_stdout(_Prefixed(sys.stdout, f"[{label}] ")):
+        fit_or_resume(TrainConfig.from_dict(values), quiet=True)
 
 
 def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
@@ -480,8 +502,8 @@ def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bo
     each with ``threads`` torch threads (when unset: the CPU count divided among the processes). With
     ``threads`` set, the runs are bitwise those trained one after another: each process seeds and trains
     exactly as :func:`igrad.train.fit` does in this one (float32 sums split differently across other thread
-    counts). The children train quietly (no epoch lines); a child's error is raised here. Returns the labels
-    trained here (a finished run is only reused)."""
+    counts). The children print their epoch lines prefixed with their label; a child's error is raised here.
+    Returns the labels trained here (a finished run is only reused)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -495,7 +517,7 @@ def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bo
             f"[reproduce] training {', '.join(todo)} side by side ({min(jobs, len(todo))} processes)", file=sys.stderr
         )
     with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_train_child, v) for v in values.values()]:
+        for future in [pool.submit(_train_child, v, label) for label, v in values.items()]:
             future.result()  # re-raises a child's error here
     return set(todo)
 
