@@ -20,9 +20,8 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-def _checkpoint(path, seed):
+def _checkpoint(path, seed, **changes):
     torch.manual_seed(seed)
-    model = igrad.create_model("cifar_resnet18", num_classes=10, width=0.125)
     config = {
         "model": "cifar_resnet18",
         "model_kwargs": {"width": 0.125},
@@ -30,7 +29,9 @@ def _checkpoint(path, seed):
         "mean": MEAN,
         "std": STD,
         "classes": CLASSES,
+        **changes,
     }
+    model = igrad.create_model("cifar_resnet18", num_classes=config["num_classes"], width=0.125)
     save_checkpoint(path, {"model": model.state_dict(), "config": config})
     return model.eval()
 
@@ -84,6 +85,25 @@ def test_explain_compare_writes_overlays_grid_and_summary(setup, capsys):
     diff = np.abs(imread(out / "base" / "cat_gradcam.png")[..., :3] - expected)
     # PNG rounding (1/255); a map value on a colour-table boundary may flip one step of the 256-entry JET table
     assert (diff <= 1 / 255 + 1e-6).mean() > 0.99 and diff.max() < 0.02
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"num_classes": 5, "classes": CLASSES[:5]}, "5 classes vs 10"),
+    ({"classes": CLASSES[::-1]}, "different class names"),
+    ({"mean": [0.4, 0.4, 0.4]}, "normalisation mean/std"),
+    ({"std": [0.2, 0.2, 0.2]}, "normalisation mean/std"),
+    ({"image_shape": [3, 64, 64]}, "input size (64, 64) vs (32, 32)"),
+])  # fmt: skip
+def test_explain_compare_refuses_a_checkpoint_of_other_inputs_or_classes(setup, capsys, changes, match):
+    """Both rows are drawn from the first checkpoint's inputs and class names: a second checkpoint that reads
+    other inputs or names other classes is a clear error, not a silently wrong row."""
+    tmp, _, _, images = setup
+    _checkpoint(tmp / "other" / "best.pt", 2, **changes)
+    args = ["explain", "--checkpoint", str(tmp / "base" / "best.pt"), "--compare", str(tmp / "other" / "best.pt")]
+    assert main([*args, *images, "--methods", "gradcam", "--out", str(tmp / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be drawn beside" in err and match in err and "Traceback" not in err
+    assert not (tmp / "o" / "grid.png").exists()
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -169,6 +169,31 @@ def _write_maps(
     return files
 
 
+def _check_comparable(configs: list[dict[str, Any]], paths: list[str]) -> None:
+    """The --compare checkpoint must read the same inputs and name the same classes as the first: the images
+    are prepared (size, normalisation) and the target classes named from the first checkpoint alone, so any
+    difference would draw the second model's maps of wrong inputs or of another class. Clear error otherwise."""
+    first, path0 = configs[0], paths[0]
+    for config, path in zip(configs[1:], paths[1:], strict=True):
+        differences = []
+        if int(config.get("num_classes", -1)) != int(first.get("num_classes", -1)):
+            differences.append(f"{config.get('num_classes')} classes vs {first.get('num_classes')}")
+        elif _classes(config) and _classes(first) and _classes(config) != _classes(first):
+            differences.append("different class names (or order)")
+        size, size0 = _image_size(config, config.get("model", "")), _image_size(first, first.get("model", ""))
+        if size != size0:
+            differences.append(f"input size {size} vs {size0}")
+        norm, norm0 = _normalization(config, path), _normalization(first, path0)
+        if (norm.mean, norm.std) != (norm0.mean, norm0.std):
+            differences.append(f"normalisation mean/std {norm.mean}/{norm.std} vs {norm0.mean}/{norm0.std}")
+        if differences:
+            raise IgradError(
+                f"--compare {path} cannot be drawn beside {path0}: "
+                + "; ".join(differences)
+                + " (both rows use the first checkpoint's inputs and classes)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     """Compute the maps, write overlays, the grid figure and explain.json."""
     from ..atomic import atomic_write_json
@@ -183,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     loaded = [load_model(p, map_location=device) for p in paths]
+    _check_comparable([config for _, config in loaded], paths)
     config0 = loaded[0][1]
     raw, size = _inputs(args, config0, device)
     x = _normalization(config0, args.checkpoint).apply(raw)
