@@ -106,6 +106,20 @@ def test_tiny_swin_every_cam_equals_pytorch_grad_cam(tiny_swin, name, cls_name, 
     assert (ours - theirs).abs().max() < ATOL
 
 
+def test_vit_default_target_layer_is_the_last_blocks_first_norm(tiny_vit):
+    """Not the patch embedding (conv_proj, its only Conv2d, before every attention block): pytorch-grad-cam's
+    documented ViT layer, and the default Grad-CAM equals theirs there."""
+    assert igrad.default_target_layer(tiny_vit) == VIT_LAYER
+    assert igrad.default_target_layer(nn.DataParallel(tiny_vit)) == "module." + VIT_LAYER
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([1, 7])
+    with create_method("gradcam", tiny_vit) as m:
+        ours = m(x, t)
+    layer = tiny_vit.get_submodule(VIT_LAYER)
+    theirs = _theirs("GradCAM", tiny_vit, layer, x, t, lambda a: vit_reshape_transform(a, height=4, width=4))
+    assert (ours - theirs).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("name,cls_name,options", PAIRS, ids=[p[0] for p in PAIRS])
 def test_tiny_vit_every_cam_equals_pytorch_grad_cam(tiny_vit, name, cls_name, options):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -48,9 +48,26 @@ def torchvision_builder(name: str) -> Callable[..., nn.Module]:
     return functools.partial(create_torchvision_model, name)
 
 
+def _vit_target_layer(model: nn.Module) -> str | None:
+    """torchvision's VisionTransformer: its last encoder block's first LayerNorm (``ln_1``), pytorch-grad-cam's
+    documented choice for vision transformers (``blocks[-1].norm1`` in timm), read as tokens. Its only
+    convolution is the patch embedding ``conv_proj``, before every transformer block: a CAM there would see
+    no attention at all. ``None`` for other models."""
+    import torchvision
+
+    if not isinstance(model, torchvision.models.VisionTransformer):
+        return None
+    layers = model.encoder.layers
+    if len(layers) == 0:
+        return None
+    last = list(layers._modules)[-1]
+    return f"encoder.layers.{last}.ln_1"
+
+
 def infer_target_layer(model: nn.Module) -> str | None:
-    """torchvision conventions (as pytorch-grad-cam's docs): ``layer4`` for ResNet-like models,
-    the last child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, Swin, ...), else the
+    """torchvision conventions (as pytorch-grad-cam's docs): ``layer4`` for ResNet-like models, the last
+    encoder block's ``ln_1`` for a VisionTransformer (tokens; not its patch-embedding convolution), the last
+    child of ``features`` (VGG, DenseNet, MobileNet, EfficientNet, Swin, ...), else the
     top-level child that contains the last ``nn.Conv2d`` (its last block when that child is an
     ``nn.ModuleList``, which is never called itself: MaxViT's ``blocks.3``), leaving out auxiliary
     classifier heads, which run only in training (GoogLeNet's ``aux1``/``aux2``, Inception-v3's
@@ -59,6 +76,9 @@ def infer_target_layer(model: nn.Module) -> str | None:
     children = dict(model.named_children())
     if "layer4" in children:
         return "layer4"
+    vit_layer = _vit_target_layer(model)
+    if vit_layer is not None:
+        return vit_layer
     features = children.get("features")
     if isinstance(features, nn.Sequential) and len(features) > 0:
         return f"features.{list(features._modules)[-1]}"  # DenseNet names its children (norm5)
