@@ -32,6 +32,8 @@ from igrad.stats import difference_interval, wilson_interval
 
 #: Tolerance of the choice rule: accuracy within this many points of the λ = 0 run.
 ACCURACY_SLACK = 0.01
+#: The study's first fine-tuning rate (experiments/tradeoff.py --ft-lr); points at another rate say theirs.
+FT_LR = 0.01
 GROUP_ORDER = ("baseline", "scratch", "warmup", "score", "finetune", "width")
 MARKERS = {"baseline": "*", "scratch": "o", "warmup": "^", "score": "x", "finetune": "s", "width": "D"}
 
@@ -248,6 +250,7 @@ def figure(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]]) -> byte
             for x, y, t in zip(xs, ys, pts, strict=True):
                 c = runs[t["run"]]["config"]
                 tag = f"{c['lam']:g}" + (f"/w{c['width']:g}" if group == "width" else "")
+                tag += f"/lr{c['lr']:g}" if group == "finetune" and c["lr"] != FT_LR else ""
                 ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel("validation top-1 (%)")
