@@ -158,6 +158,29 @@ def test_init_sha256_is_recorded_and_resume_does_not_reread_init(folder, base, t
     assert after["epoch"] == 2 and after["config"]["init_sha256"] == digest
 
 
+def test_resume_or_reuse_refuses_an_init_file_that_changed(folder, base, tmp_path, capsys):
+    """The init file is there but is no longer the one the run started from (its baseline retrained or
+    replaced): resuming, or reusing the finished run, would claim a start it did not have. Clear error, by the
+    library, by --resume and by reproduce-style reuse alike; the same file again resumes."""
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(base, copy)
+    config = tiny(folder, tmp_path / "ft", init=str(copy), epochs=1, cos_samples=0)
+    fit(config)
+    state = load_checkpoint(copy)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint(copy, state)  # "retrained": other weights at the same path
+    with pytest.raises(IgradError, match="was fine-tuned from .* but that file is now"):
+        fit(config, resume=tmp_path / "ft" / "last.pt")
+    rc = main(["train", "--resume", str(tmp_path / "ft"), "--epochs", "2", "--quiet"])
+    assert rc == 2 and "but that file is now" in capsys.readouterr().err
+    from igrad.train import fit_or_resume
+
+    with pytest.raises(IgradError, match="but that file is now"):
+        fit_or_resume(config)  # the finished run, reused
+    shutil.copyfile(base, copy)  # the original file back: the run resumes
+    assert fit(config.replace(epochs=2), resume=tmp_path / "ft" / "last.pt").final["epoch"] == 2
+
+
 def test_init_matches_classes_by_name(folder, base, tmp_path):
     # a checkpoint whose outputs are in another class order: the run's labels follow the checkpoint's order
     state = load_checkpoint(base)

@@ -67,7 +67,7 @@ from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
 from ..precision import autocast, to_channels_last
-from ..provenance import provenance
+from ..provenance import file_sha256, provenance
 from ..torch_utils import eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
@@ -215,6 +215,19 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], None]
 
 
+def _check_same_init(init: str, sha256: str | None) -> None:
+    """A resumed fine-tuning run's ``init`` file, where it exists, must still be the file it started from."""
+    path = Path(init)
+    if sha256 is None or not path.is_file():
+        return
+    now = file_sha256(path)
+    if now != sha256:
+        raise IgradError(
+            f"cannot resume: this run was fine-tuned from {init} with SHA-256 {sha256[:12]}..., but that file is "
+            f"now {now[:12]}... (retrained or replaced); train the fine-tuning run again in a new folder"
+        )
+
+
 class _Trainer:
     def __init__(self, config: TrainConfig, dist: Dist, quiet: bool, callbacks: Sequence[StepCallback] = ()) -> None:
         self.config = config
@@ -289,7 +302,9 @@ class _Trainer:
 
     def _prepare_init_and_data(self, state: dict[str, Any] | None) -> InitWeights | None:
         """The run's data (``self.data``) and, for a new fine-tuning run, the weights to start from. A resumed
-        fine-tuning run keeps the class order it was trained in and never reads the ``init`` file again."""
+        (or reused) fine-tuning run keeps the class order it was trained in and never loads the ``init`` file
+        again; where that file still exists, its SHA-256 must be the one the run started from (clear
+        :class:`IgradError` otherwise: the run would claim a start it did not have)."""
         c = self.config
         self.data = prepare_data(c)
         self.init_sha256: str | None = None
@@ -301,6 +316,7 @@ class _Trainer:
             return init
         saved = state["config"]
         self.init_sha256 = saved.get("init_sha256")
+        _check_same_init(c.init, self.init_sha256)
         if saved.get("classes") is not None and "num_classes" in saved:
             self.data = match_data_classes(
                 self.data, saved["classes"], int(saved["num_classes"]), source=c.data, model="the run being resumed"
