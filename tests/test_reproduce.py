@@ -219,6 +219,10 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
     kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False)
     first = reproduce("demo", data, out, networks=[NETWORKS[1]], **kw)
     assert list(first["networks"]) == [NETWORKS[1]]
+    # a report written before the fine-tuned model existed has no such setting: the same as none
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["settings"].pop("finetuned") is None
+    (out / "results.json").write_text(json.dumps(stored))
     # another session, another thread count (a resource, not a setting): still one report
     second = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "train": {**TINY_TRAIN, "threads": 1}})
     assert list(second["networks"]) == list(NETWORKS)  # the paper's order
@@ -336,3 +340,18 @@ def test_finetuned_settings_are_checked_and_the_cli_can_skip_them(tmp_path, data
     args = ["reproduce", "--preset", "cpu", "--data", str(data), "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*args, "--no-finetuned"]) != 0 and seen["finetuned"] == {}
     assert main(args) != 0 and seen["finetuned"] is None
+
+
+def test_prefixed_stream_prefixes_every_line_and_keeps_an_unfinished_one():
+    import io
+
+    from igrad.reproduce import _Prefixed
+
+    sink = io.StringIO()
+    stream = _Prefixed(sink, "[baseline] ")
+    stream.write("epoch 1/2 loss 1.0\nepoch 2")
+    stream.write("/2 loss 0.5\nlast words")
+    assert sink.getvalue() == "[baseline] epoch 1/2 loss 1.0\n[baseline] epoch 2/2 loss 0.5\n"
+    stream.flush()
+    assert sink.getvalue().endswith("[baseline] last words")
+    assert stream.getvalue() == sink.getvalue()  # anything else is the stream's own (isatty, encoding, ...)

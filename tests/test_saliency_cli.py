@@ -93,6 +93,7 @@ def test_explain_compare_writes_overlays_grid_and_summary(setup, capsys):
     ({"mean": [0.4, 0.4, 0.4]}, "normalisation mean/std"),
     ({"std": [0.2, 0.2, 0.2]}, "normalisation mean/std"),
     ({"image_shape": [3, 64, 64]}, "input size (64, 64) vs (32, 32)"),
+    ({"image_shape": [1, 32, 32]}, "1 image channels vs 3"),
 ])  # fmt: skip
 def test_explain_compare_refuses_a_checkpoint_of_other_inputs_or_classes(setup, capsys, changes, match):
     """Both rows are drawn from the first checkpoint's inputs and class names: a second checkpoint that reads
@@ -104,6 +105,15 @@ def test_explain_compare_refuses_a_checkpoint_of_other_inputs_or_classes(setup, 
     err = capsys.readouterr().err
     assert "cannot be drawn beside" in err and match in err and "Traceback" not in err
     assert not (tmp / "o" / "grid.png").exists()
+
+
+def test_explain_compare_with_size_given_accepts_other_trained_sizes(setup, capsys):
+    """--size prepares the images for both rows: the checkpoints' trained sizes may then differ."""
+    tmp, _, _, images = setup
+    _checkpoint(tmp / "big" / "best.pt", 2, image_shape=[3, 64, 64])
+    args = ["explain", "--checkpoint", str(tmp / "base" / "best.pt"), "--compare", str(tmp / "big" / "best.pt")]
+    assert main([*args, *images, "--methods", "gradcam", "--size", "48", "--out", str(tmp / "o")]) == 0
+    assert json.loads((tmp / "o" / "explain.json").read_text())["image_size"] == [48, 48]
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -163,11 +163,13 @@ def compare_table(
     regularised: Mapping[str, Any],
     *,
     labels: tuple[str, str] = ("baseline", "regularised"),
+    ci: str = "normal",
 ) -> str:
     """SPEC 5 side by side, in Markdown: accuracy and mean cos, then per method each metric for the
     baseline and regularised; the better value of each pair in bold, ``*`` where the paired 95% interval of
-    the difference excludes 0 (same images)."""
-    cmp = compare_results(baseline, regularised)
+    the difference excludes 0 (same images; ``ci`` as in :func:`igrad.evaluate.compare_results`), ``†``
+    where it stays significant after Holm's correction over the table's cells."""
+    cmp = compare_results(baseline, regularised, ci=ci)
     lb, lo = labels
 
     def mark(value: str, side: str, entry: Mapping[str, Any]) -> str:
@@ -225,7 +227,9 @@ def write_comparison(
             paths[f"{label}.{k}"] = p
     paths["compare.md"] = out / "compare.md"
     atomic_write_text(
-        paths["compare.md"], "# igrad evaluate: comparison\n\n" + compare_table(baseline, regularised, labels=labels)
+        paths["compare.md"],
+        "# igrad evaluate: comparison\n\n"
+        + compare_table(baseline, regularised, labels=labels, ci=regularised["settings"]["ci"]),
     )
     paths["compare.json"] = out / "compare.json"
     atomic_write_json(
@@ -262,8 +266,14 @@ def _reproduce_header(report: Mapping[str, Any]) -> list[str]:
         f"# igrad reproduce: preset `{report['preset']}`",
         "",
         "The paper's claim (SPEC 5): the regularised models improve most interpretability metrics for two "
-        "networks while staying within a small margin of the standard model's accuracy. Below, both models of "
-        "each network, trained from the same seed with the same recipe, differ only in λ.",
+        "networks while staying within a small margin of the standard model's accuracy. Below, the baseline and "
+        "the regularised model of each network, trained from the same seed with the same recipe, differ only in "
+        "λ"
+        + (
+            "; the fine-tuned model starts from the baseline's final weights and trains a few epochs with L_R."
+            if report["settings"].get("finetuned")
+            else "."
+        ),
         "",
         f"- command: `{report['command']}`",
         f"- data: `{report['data']}`; λ of the regularised model: {report['lam']:g}",
@@ -431,8 +441,9 @@ def _summary_lines(
 
 
 def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
-    """A short plain-text summary of :func:`igrad.reproduce.reproduce` for the terminal: per network the
-    accuracy and cos of both models, the cells won (raw, interval, Holm), every metric cell as
+    """A short plain-text summary of :func:`igrad.reproduce.reproduce` for the terminal: per network (and per
+    regularised model: the regularised one, and the fine-tuned one where there is one) the accuracy and cos
+    against the baseline, the cells won (raw, interval, Holm), every metric cell as
     ``baseline → regularised`` (``†``: clearly different after Holm), and where the report and figures are."""
     lines = []
     for net, entry in report["networks"].items():

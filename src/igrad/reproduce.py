@@ -15,6 +15,12 @@ on the final weights ``last.pt``: no checkpoint is chosen on the test split), an
   gradient, guided gradient, Grad-CAM, Score-CAM; baseline row, then regularised row);
 * ``runs/<network>/{baseline,regularised}/``: the run folders of :func:`igrad.train.fit`.
 
+Where the preset (or the caller) gives a ``finetuned`` model, each network gets a third one: the baseline's
+final weights fine-tuned a few epochs with ``L_R`` (``runs/<network>/fine-tuned/``, its evaluation in
+``eval/<network>/fine-tuned/``, a third row per image in the figure), compared with the baseline exactly like the
+regularised model: ``results.json``'s network entry holds it under ``"fine-tuned"`` (``comparison``, ``wins``,
+``accuracy``, ``table``), where the side labelled ``"regularised"`` is the fine-tuned model.
+
 A second call with the same settings trains nothing (finished runs are reused; an interrupted run
 resumes exactly) and reuses each finished evaluation whose checkpoint (SHA-256) and settings are
 unchanged. A run folder trained with a different config is an error, never silently reused.
@@ -449,7 +455,7 @@ def _comparison(
         lam_models[f"fine-tuned (λ = {ft_lam:g})"] = models[FINETUNED]
         entry[FINETUNED] = {"lam": ft_lam, **_versus(base, results[FINETUNED], f"fine-tuned λ={ft_lam:g}", settings)}
     figure = out / "figures" / f"{net}.png"
-    title = f"{net}: baseline (λ = 0) vs regularised; target = label"
+    title = f"{net}: baseline (λ = 0) vs regularised{' vs fine-tuned' if FINETUNED in results else ''}; target = label"
     indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
     entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices}
     entry["curves"] = {label: str(Path("eval") / net / label / "curves.png") for label in results}
@@ -466,7 +472,7 @@ def _versus(
         "comparison": comparison,
         "wins": _wins(comparison),
         "accuracy": accuracy_statistics(_model_row(base), _model_row(other)),
-        "table": compare_table(base, other, labels=("baseline λ=0", label)),
+        "table": compare_table(base, other, labels=("baseline λ=0", label), ci=settings["evaluate"]["ci"]),
     }
 
 
@@ -485,7 +491,14 @@ class _Prefixed:
         return len(text)
 
     def flush(self) -> None:
+        """Write an unfinished line too (at the end of the child), then flush the stream."""
+        if self.pending:
+            self.stream.write(f"{self.prefix}{self.pending}")
+            self.pending = ""
         self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)  # isatty, encoding, fileno, ...: the stream's
 
 
 def _train_child(values: dict[str, Any], label: str) -> None:
@@ -493,8 +506,12 @@ def _train_child(values: dict[str, Any], label: str) -> None:
     epoch lines go to stdout prefixed with ``[label]``."""
     import contextlib
 
-    with contextlib.redirect_stdout(_Prefixed(sys.stdout, f"[{label}] ")):
-        fit_or_resume(TrainConfig.from_dict(values), quiet=True)
+    prefixed = _Prefixed(sys.stdout, f"[{label}] ")
+    try:
+        with contextlib.redirect_stdout(prefixed):
+            fit_or_resume(TrainConfig.from_dict(values), quiet=True)
+    finally:
+        prefixed.flush()
 
 
 def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
@@ -558,6 +575,8 @@ def _network(
         stored = out / "eval" / net / label / "results.json"
         res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
         res["data"]["split"] = "test"
+        if not reused:  # kept at once: a later model's interruption must not cost this evaluation
+            write_report(res, stored.parent)
         results[label], models[label] = res, run.model
         entry["trained"][label] = trained
         entry["evaluation_reused"][label] = reused
@@ -665,8 +684,10 @@ _RESOURCE_FIELDS = RESUME_OVERRIDES - {"epochs", "data", "out"}
 
 
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` without the resource fields of its training overrides (shared and per network)."""
+    """``settings`` without the resource fields of its training overrides (shared and per network); a report
+    made before the fine-tuned model existed had none."""
     out = dict(settings)
+    out.setdefault("finetuned", None)
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in _RESOURCE_FIELDS}
     out["networks"] = {
         net: {k: v for k, v in values.items() if k not in _RESOURCE_FIELDS}

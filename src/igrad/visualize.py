@@ -220,6 +220,8 @@ def qualitative_figure(
     if not models:
         raise IgradError("qualitative_figure needs at least one model")
     check_images(images)
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]):
+        raise IgradError(f"labels must be [B] = [{images.shape[0]}] true classes, got shape {list(labels.shape)}")
     raw = denormalize(images, mean, std)
     rows = [
         (label, explain(model, images, targets, methods, target_layer=target_layer, method_kwargs=method_kwargs))
@@ -229,8 +231,6 @@ def qualitative_figure(
     for label, model in models.items():
         with torch.no_grad(), eval_mode(model):
             predictions[label] = model_logits(model, images).argmax(1)
-    if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]):
-        raise IgradError(f"labels must be [B] = [{images.shape[0]}] true classes, got shape {list(labels.shape)}")
     fig = explanation_figure(
         raw, rows, class_names=class_names, title=title, predictions=predictions, true_labels=labels
     )

@@ -147,9 +147,7 @@ def _inputs(
     """The images' raw [0, 1] pixels at the model's input size, and that size ``(H, W)``."""
     size_px = positive_int("--size", args.size, optional=True)
     size = (size_px, size_px) if size_px else _image_size(config, config.get("model", ""))
-    shape = config.get("image_shape")
-    channels = int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
-    return _load_images(args.images, size, channels).to(device), size
+    return _load_images(args.images, size, _channels(config)).to(device), size
 
 
 def _write_maps(
@@ -169,20 +167,29 @@ def _write_maps(
     return files
 
 
-def _check_comparable(configs: list[dict[str, Any]], paths: list[str]) -> None:
+def _channels(config: dict[str, Any]) -> int:
+    shape = config.get("image_shape")
+    return int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
+
+
+def _check_comparable(configs: list[dict[str, Any]], paths: list[str], *, size_given: bool) -> None:
     """The --compare checkpoint must read the same inputs and name the same classes as the first: the images
-    are prepared (size, normalisation) and the target classes named from the first checkpoint alone, so any
-    difference would draw the second model's maps of wrong inputs or of another class. Clear error otherwise."""
+    are prepared (channels, size unless --size gives it, normalisation) and the target classes named from the
+    first checkpoint alone, so any difference would draw the second model's maps of wrong inputs or of another
+    class. Clear error otherwise."""
     first, path0 = configs[0], paths[0]
     for config, path in zip(configs[1:], paths[1:], strict=True):
         differences = []
-        if int(config.get("num_classes", -1)) != int(first.get("num_classes", -1)):
+        if config.get("num_classes") != first.get("num_classes"):
             differences.append(f"{config.get('num_classes')} classes vs {first.get('num_classes')}")
         elif _classes(config) and _classes(first) and _classes(config) != _classes(first):
             differences.append("different class names (or order)")
-        size, size0 = _image_size(config, config.get("model", "")), _image_size(first, first.get("model", ""))
-        if size != size0:
-            differences.append(f"input size {size} vs {size0}")
+        if _channels(config) != _channels(first):
+            differences.append(f"{_channels(config)} image channels vs {_channels(first)}")
+        if not size_given:
+            size, size0 = _image_size(config, config.get("model", "")), _image_size(first, first.get("model", ""))
+            if size != size0:
+                differences.append(f"input size {size} vs {size0}")
         norm, norm0 = _normalization(config, path), _normalization(first, path0)
         if (norm.mean, norm.std) != (norm0.mean, norm0.std):
             differences.append(f"normalisation mean/std {norm.mean}/{norm.std} vs {norm0.mean}/{norm0.std}")
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     loaded = [load_model(p, map_location=device) for p in paths]
-    _check_comparable([config for _, config in loaded], paths)
+    _check_comparable([config for _, config in loaded], paths, size_given=args.size is not None)
     config0 = loaded[0][1]
     raw, size = _inputs(args, config0, device)
     x = _normalization(config0, args.checkpoint).apply(raw)

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ablation", action="store_true", help="run the λ × error ablation instead (OUT/ablation/)")
     p.add_argument("--limit", type=int, help="evaluated test images (default: the preset's)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument(
+        "--epochs", type=int, help="training epochs of the baseline and regularised models (default: the preset's)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 on a busy machine)")
     p.add_argument(
         "--jobs",

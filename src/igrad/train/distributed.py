@@ -70,9 +70,11 @@ class Dist:
         if self.owns_group:
             import torch.distributed as dist
 
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+            try:
+                if finished:
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
 
 def select_device(name: str, dist: Dist) -> torch.device:
