@@ -346,7 +346,7 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         "",
         f"![qualitative figure, {net}]({entry['figure']['path']})",
         "",
-        f"Qualitative figure: test images {entry['figure']['indices']} (the first of the evaluated subset); "
+        f"Qualitative figure: test images {entry['figure']['indices']} (evenly spaced through the evaluated subset); "
         "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image one row per model: " + ", ".join(runs) + ".",
         "",
     ]

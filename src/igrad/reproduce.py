@@ -301,11 +301,13 @@ def _evaluate_run(
 def _figure(
     models: Mapping[str, torch.nn.Module], data: TrainData, title: str, ev: Mapping[str, Any], n: int, path: Path
 ) -> list[int]:
-    """The qualitative figure on the first ``n`` images of the evaluated test subset."""
+    """The qualitative figure on ``n`` images of the evaluated test subset, evenly spaced through it: an
+    image-folder test split is ordered by class, so its first images would all be of one class."""
     from .visualize import qualitative_figure
 
-    n_images = min(int(n), len(data.test))
-    indices = select_indices(len(data.test), ev["limit"], ev["seed"])[:n_images]
+    subset = select_indices(len(data.test), ev["limit"], ev["seed"])
+    n_images = min(int(n), len(subset))
+    indices = subset[torch.linspace(0, len(subset) - 1, n_images).round().long()] if n_images else subset[:0]
     device = device_of(next(iter(models.values())))
     x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
