@@ -131,8 +131,9 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "train": {},
         "networks": {},
         # the trade-off study's choice on the validation split (results/tradeoff/report.md: the largest cos
-        # within a point of λ = 0's top-1 among the runs from scratch at a third of the budget); interim while
-        # the study's λ = 2.5 and warm-up runs are unfinished (λ = 0.025 aligned less, 0.25 missed the point)
+        # within a point of λ = 0's top-1 among the runs from scratch and with λ warm-up at a third of the
+        # budget): λ = 0.025 aligned less, 0.25 missed the point by 18, the warm-up runs (λ 0.75 and 2.5) by 24
+        # and 37; λ = 2.5 from scratch cannot qualify where 0.75 already lost 41 points
         "lam": 0.075,
         # the third model: the baseline fine-tuned 3 epochs at rate 0.01 with λ = 0.75, the study's fine-tuning
         # run that aligned most for at most a point and a half of validation top-1 (ft-lam0.75: 67.8 % vs the
