@@ -69,6 +69,17 @@ dist.destroy_process_group()
 """
 
 
+def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` with this checkout's igrad, one OpenMP thread per rank;
+    asserts that it exited 0 (showing the ranks' output otherwise)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("IGRAD_CACHE", str(tmp_path / "igrad-cache"))
@@ -82,13 +93,7 @@ def test_torchrun_two_ranks_identical_weights_one_set_of_files(tmp_path, monkeyp
     tinycnn = tiny(folder, tmp_path / "run-tiny", model="test_tiny_cnn", width=None, lam=0.5, epochs=2)
     for name, c in (("resnet", resnet), ("tiny", tinycnn)):
         (tmp_path / f"{name}.json").write_text(json.dumps(c.to_dict()))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path / "script.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(str(tmp_path / "script.py"), str(tmp_path))
     # the epoch lines are printed once (rank 0 only)
     assert proc.stdout.count("epoch 2/2") == 2, proc.stdout
 
@@ -137,13 +142,7 @@ def test_igrad_train_under_torchrun_owns_and_closes_its_group(tmp_path):
     and the checkpoint records two processes."""
     folder = write_folder(tmp_path / "data")
     config = tiny(folder, tmp_path / "run", lam=0.5, epochs=2)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igrad"]
-    proc = subprocess.run(
-        [*cmd, "train", *cli_args(config)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("-m", "igrad", "train", *cli_args(config), cwd=tmp_path)
     assert "terminate called" not in proc.stderr
     assert proc.stdout.count("epoch 2/2") == 1, proc.stdout
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [

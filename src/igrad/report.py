@@ -411,7 +411,7 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
 
 
 def _summary_lines(
-    title: str, name: str, versus: Mapping[str, Any], other: Mapping[str, Any], base: Mapping[str, Any]
+    title: str, name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any]
 ) -> list[str]:
     """:func:`terminal_summary`'s lines for one regularised model (``name``) against the baseline."""
     w, acc = versus["wins"], versus.get("accuracy")
@@ -447,11 +447,12 @@ def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
     ``baseline → regularised`` (``†``: clearly different after Holm), and where the report and figures are."""
     lines = []
     for net, entry in report["networks"].items():
-        lines += _summary_lines(net, "regularised", entry, entry["runs"]["regularised"], entry["runs"]["baseline"])
+        runs = entry["runs"]
+        lines += _summary_lines(net, "regularised", entry, runs["baseline"], runs["regularised"])
         if FINETUNED in entry:
             ft = entry[FINETUNED]
             name = f"{net}, fine-tuned λ = {ft['lam']:g}"
-            lines += _summary_lines(name, "fine-tuned", ft, entry["runs"][FINETUNED], entry["runs"]["baseline"])
+            lines += _summary_lines(name, "fine-tuned", ft, runs["baseline"], runs[FINETUNED])
         lines.append(f"  figure: {out / entry['figure']['path']}")
     lines += [
         "(values ×100; † clearly different after Holm's correction over the network's cells)",

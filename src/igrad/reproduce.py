@@ -308,7 +308,7 @@ def _figure(
 
     subset = select_indices(len(data.test), ev["limit"], ev["seed"])
     n_images = min(int(n), len(subset))
-    indices = subset[torch.linspace(0, len(subset) - 1, n_images).round().long()] if n_images else subset[:0]
+    indices = subset[torch.linspace(0, len(subset) - 1, n_images).round().long()]
     device = device_of(next(iter(models.values())))
     x = data.normalization.apply(data.test.images[indices].to(device))
     y = data.test.labels[indices].to(device)
@@ -447,14 +447,14 @@ def _comparison(
     """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
     ``eval/<net>/``), the cells won, the SPEC 5 table, the qualitative figure and the curves' files; with a
     fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (its report in
-    ``eval/<net>/fine-tuned/``) and a third row per image in the figure."""
+    ``eval/<net>/fine-tuned/`` is written by :func:`_network` when evaluated) and a third row per image in the
+    figure."""
     base, reg, lam = results["baseline"], results["regularised"], settings["lam"]
     write_comparison(base, reg, out / "eval" / net, labels=LABELS)
     lam_models = {"baseline (λ = 0)": models["baseline"], f"regularised (λ = {lam:g})": models["regularised"]}
     entry = _versus(base, reg, f"regularised λ={lam:g}", settings)
     if FINETUNED in results:
         ft_lam = settings["finetuned"]["lam"]
-        write_report(results[FINETUNED], out / "eval" / net / FINETUNED)
         lam_models[f"fine-tuned (λ = {ft_lam:g})"] = models[FINETUNED]
         entry[FINETUNED] = {"lam": ft_lam, **_versus(base, results[FINETUNED], f"fine-tuned λ={ft_lam:g}", settings)}
     figure = out / "figures" / f"{net}.png"

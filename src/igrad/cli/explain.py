@@ -172,13 +172,15 @@ def _channels(config: dict[str, Any]) -> int:
     return int(shape[0]) if isinstance(shape, list | tuple) and len(shape) == 3 else 3
 
 
-def _check_comparable(configs: list[dict[str, Any]], paths: list[str], *, size_given: bool) -> None:
+def _check_comparable(
+    configs: list[dict[str, Any]], norms: list[Normalization], paths: list[str], *, size_given: bool
+) -> None:
     """The --compare checkpoint must read the same inputs and name the same classes as the first: the images
     are prepared (channels, size unless --size gives it, normalisation) and the target classes named from the
     first checkpoint alone, so any difference would draw the second model's maps of wrong inputs or of another
     class. Clear error otherwise."""
-    first, path0 = configs[0], paths[0]
-    for config, path in zip(configs[1:], paths[1:], strict=True):
+    first, norm0, path0 = configs[0], norms[0], paths[0]
+    for config, norm, path in zip(configs[1:], norms[1:], paths[1:], strict=True):
         differences = []
         if config.get("num_classes") != first.get("num_classes"):
             differences.append(f"{config.get('num_classes')} classes vs {first.get('num_classes')}")
@@ -190,7 +192,6 @@ def _check_comparable(configs: list[dict[str, Any]], paths: list[str], *, size_g
             size, size0 = _image_size(config, config.get("model", "")), _image_size(first, first.get("model", ""))
             if size != size0:
                 differences.append(f"input size {size} vs {size0}")
-        norm, norm0 = _normalization(config, path), _normalization(first, path0)
         if (norm.mean, norm.std) != (norm0.mean, norm0.std):
             differences.append(f"normalisation mean/std {norm.mean}/{norm.std} vs {norm0.mean}/{norm0.std}")
         if differences:
@@ -215,10 +216,12 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     paths = [args.checkpoint] + ([args.compare] if args.compare else [])
     loaded = [load_model(p, map_location=device) for p in paths]
-    _check_comparable([config for _, config in loaded], paths, size_given=args.size is not None)
-    config0 = loaded[0][1]
+    configs = [config for _, config in loaded]
+    norms = [_normalization(config, p) for config, p in zip(configs, paths, strict=True)]
+    _check_comparable(configs, norms, paths, size_given=args.size is not None)
+    config0 = configs[0]
     raw, size = _inputs(args, config0, device)
-    x = _normalization(config0, args.checkpoint).apply(raw)
+    x = norms[0].apply(raw)
     classes = _classes(config0)
     target = _parse_target(args.target, len(args.images), classes)
     with torch.no_grad():
