@@ -13,7 +13,10 @@ stratified; the study chooses on it, never on the test set). Groups:
   ``--ft-lr2`` for λ ∈ ``--ft-lr2-lams``;
 * ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``;
 * ``score``: from scratch like ``scratch``, λ ∈ ``--score-lams``, with the regulariser's gradients taken of
-  the softmax probability instead of the logit (``reg_score=prob``; SPEC 1 uses the logit).
+  the softmax probability instead of the logit (``reg_score=prob``; SPEC 1 uses the logit), each beside its
+  logit twin (``score-logit-lam<λ>``: the same run with the logit). The pair is trained by the same call, so
+  the ablation stays paired when ``--set`` changes the precision or the machine differs from the ``scratch``
+  group's (with no ``--set`` the twin repeats ``scratch-lam<λ>``).
 
 After a run finishes, its small results go to ``RESULTS/<run>.json`` (atomically, with provenance): final
 and best validation accuracy, eval-mode mean cos(δx, δᴳx) on the validation split, test accuracy (recorded,
@@ -91,7 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="TrainConfig override")
     ap.add_argument("--runs", default="runs/tradeoff", help="folder of the run folders")
     ap.add_argument("--results", default="results/tradeoff", help="folder of the results files")
-    ap.add_argument("--only", default="", help="comma-separated groups to run (default: all)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated groups or run names to run (default: all): two processes, one core each, can "
+        "share a group by name",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny budget on generated images (checks the pipeline)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -167,13 +175,15 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for lam in args.width_lams
     ]
     runs += [
-        run(f"score-prob-lam{lam:g}", "score", lam=lam, reg_score="prob", epochs=epochs) for lam in args.score_lams
+        run(f"score-{score}-lam{lam:g}", "score", lam=lam, reg_score=score, epochs=epochs)
+        for lam in args.score_lams
+        for score in ("logit", "prob")
     ]
     unique = {r.name: r for r in runs}
     only = {g for g in args.only.split(",") if g}
     if "finetune" in only:
         only.add("baseline")  # the fine-tuning runs start from it
-    return [r for r in unique.values() if not only or r.group in only]
+    return [r for r in unique.values() if not only or r.group in only or r.name in only]
 
 
 def evaluate_run(result: RunResult, config: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Per run: validation top-1 (all validation images) with Wilson's 95 % interval, e
 each saliency method's AD/AG/AI/insertion/deletion on the same 500 validation images, with the paired
 95 % interval of the per-image difference against the run's control (the λ = 0 run of the same budget:
 ``scratch-lam0`` for the runs from scratch, ``ft-lam0`` at the same rate for fine-tuning, the λ = 0 run of
-the same width) and the count of cells clearly better/worse after Holm's correction over the run's cells.
+the same width; for the probability-score ablation, its logit twin of the same λ and recipe) and the count of
+cells clearly better/worse after Holm's correction over the run's cells.
 
 **The choice rule** (fixed before any regularised run finished, applied mechanically): among the runs from
 scratch at the study budget (groups ``scratch`` and ``warmup``), λ* is the one with the largest validation
@@ -64,6 +65,19 @@ def control_of(row: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str | No
             ),
             None,
         )
+    elif row["group"] == "score":  # the ablation: the probability against its logit twin (same λ and recipe)
+        if c.get("reg_score", "logit") == "logit":
+            return None
+        name = next(
+            (
+                r
+                for r, v in runs.items()
+                if v["group"] == "score"
+                and v["config"].get("reg_score", "logit") == "logit"
+                and _recipe(v["config"]) == _recipe(c)
+            ),
+            None,
+        )
     elif row["group"] == "width":
         name = next(
             (
@@ -76,6 +90,11 @@ def control_of(row: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str | No
     else:
         name = "scratch-lam0"
     return name if name in runs else None
+
+
+def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without its name, output folder and score: what two ablation twins share."""
+    return {k: v for k, v in config.items() if k not in ("out", "reg_score")}
 
 
 def accuracy(row: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +130,8 @@ def describe(row: dict[str, Any]) -> str:
     if c.get("init"):
         parts.append(f"fine-tune lr {c['lr']:g}")
     parts.append(f"width {c['width'] or 1:g}, {c['epochs']} ep")
+    if not c.get("amp", True):
+        parts.append("fp32")
     return ", ".join(parts)
 
 
@@ -174,10 +195,10 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
         )
     lines += ["", "## Runs", ""]
     lines.append(
-        "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget), Newcombe "
-        "95 % interval (conservative: both models see the same images). Metric cells: value (paired difference "
-        "vs the control [95 % interval]); **bold**: "
-        "clearly different after Holm's correction over the run's cells. ↑/↓: higher/lower is better."
+        "Top-1: validation, Wilson 95 % interval; Δ: against the control (λ = 0 of the same budget; for the score "
+        "ablation its logit twin), Newcombe 95 % interval (conservative: both models see the same images). "
+        "Metric cells: value (paired difference vs the control [95 % interval]); **bold**: clearly different "
+        "after Holm's correction over the run's cells. ↑/↓: higher/lower is better."
     )
     lines.append("")
     head = ["run", "setting", "top-1 [95 %]", "Δ top-1", "cos", "Holm better/worse"]
@@ -191,7 +212,8 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
             d = cmp["accuracy_difference"]
             cells.append(f"{d['mean'] * 100:+.1f} [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}]")
         else:
-            cells.append("control" if row["config"]["lam"] == 0 else "—")
+            is_twin = row["group"] == "score" and row["config"].get("reg_score", "logit") == "logit"
+            cells.append("control" if row["config"]["lam"] == 0 or is_twin else "—")
         cells.append(f"{t['cos']:.3f}")
         cells.append(f"{cmp['holm']['better']}/{cmp['holm']['worse']} of {cmp['holm']['cells']}" if cmp else "—")
         for m in methods:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +279,66 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd):
         wb = torch.load(tmp_path / "b" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["networks"][NETWORKS[0]]["table"] == b["networks"][NETWORKS[0]]["table"]
+
+
+def _children(pid: int) -> list[int]:
+    """The side-by-side workers of process ``pid`` (multiprocessing's spawned children, not its resource
+    tracker), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child processes in /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_side_by_side_children_end_when_the_parent_is_killed(tmp_path, data, sig):
+    """``reproduce --jobs 2`` killed (SIGKILL, or SIGTERM as ``kill`` and a session's end send it) must not
+    leave its two training children running on, unseen, into the run folders a resumed run then shares."""
+    train = {**TINY_TRAIN, "epochs": 10_000, "threads": 1}  # long enough to be killed mid-training
+    code = (
+        "import sys; from igrad.reproduce import reproduce; "
+        f"reproduce('cpu', sys.argv[1], sys.argv[2], networks=[{NETWORKS[0]!r}], jobs=2, train={train!r}, "
+        f"evaluation={TINY_EVAL!r}, quiet=True, progress=False)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", code, str(data), str(tmp_path / "out")], env=env)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(children) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.5)
+            children = _children(parent.pid)
+        assert len(children) == 2, f"the two training children did not start (parent exit {parent.poll()})"
+        # both are training: their run folders have a first checkpoint
+        runs = tmp_path / "out" / "runs" / NETWORKS[0]
+        while time.monotonic() < deadline and not all((runs / lb / "last.pt").is_file() for lb in LABELS):
+            time.sleep(0.5)
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20  # the watchdog looks once a second
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [c for c in children if _alive(c)], "training children outlived their killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for c in children:
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)
 
 
 def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(tmp_path, data, capsys):

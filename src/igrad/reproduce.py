@@ -517,26 +517,44 @@ def _train_child(values: dict[str, Any], label: str) -> None:
         prefixed.flush()
 
 
+def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    """Initializer of :func:`_train_side_by_side`'s worker processes: end this process within ``interval_s``
+    of its parent ``parent``'s end. A parent killed with SIGTERM or SIGKILL runs no cleanup and would leave
+    its children training on, unseen, and racing a resumed run for the same run folders (torch's DataLoader
+    workers guard against the same with a watchdog on ``os.getppid``). The trainer writes its checkpoints
+    atomically, so ending mid-epoch leaves the last finished epoch's to resume from."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="igrad-parent-watchdog", daemon=True).start()
+
+
 def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
     """Train the runs that do not depend on another (not fine-tuning) in up to ``jobs`` processes at once,
     each with ``threads`` torch threads (when unset: the CPU count divided among the processes). With
     ``threads`` set, the runs are bitwise those trained one after another: each process seeds and trains
     exactly as :func:`igrad.train.fit` does in this one (float32 sums split differently across other thread
-    counts). The children print their epoch lines prefixed with their label; a child's error is raised here.
-    Returns the labels trained here (a finished run is only reused)."""
+    counts). The children print their epoch lines prefixed with their label; a child's error is raised here;
+    a child ends soon after this process does, killed or not (:func:`_exit_with_parent`). Returns the labels
+    trained here (a finished run is only reused)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     todo = {label: c for label, c in configs.items() if c.init is None and not _finished(c)}
     if len(todo) < 2:
         return set()
-    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+    workers = min(jobs, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     values = {label: c.replace(threads=c.threads or threads).to_dict() for label, c in todo.items()}
     if not quiet:
-        print(
-            f"[reproduce] training {', '.join(todo)} side by side ({min(jobs, len(todo))} processes)", file=sys.stderr
-        )
-    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        print(f"[reproduce] training {', '.join(todo)} side by side ({workers} processes)", file=sys.stderr)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         for future in [pool.submit(_train_child, v, label) for label, v in values.items()]:
             future.result()  # re-raises a child's error here
     return set(todo)
