@@ -408,6 +408,10 @@ def test_finetuned_settings_are_checked_and_the_cli_can_skip_them(tmp_path, data
     args = ["reproduce", "--preset", "cpu", "--data", str(data), "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*args, "--no-finetuned"]) != 0 and seen["finetuned"] == {}
     assert main(args) != 0 and seen["finetuned"] is None
+    assert "amp" not in seen["train"] and "amp" not in seen["evaluation"]  # the preset's
+    for flag, amp in (("--no-amp", False), ("--amp", True)):
+        assert main([*args, flag]) != 0
+        assert seen["train"]["amp"] is amp and seen["evaluation"]["amp"] is amp
 
 
 def test_prefixed_stream_prefixes_every_line_and_keeps_an_unfinished_one():

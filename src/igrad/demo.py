@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_json
+from .precision import bf16_pays
 from .provenance import provenance
 from .train import TrainConfig, fit_or_resume
 
@@ -55,11 +56,12 @@ def demo_configs(
 ) -> tuple[TrainConfig, TrainConfig]:
     """The baseline's and the regularised model's configs: the ``cpu`` recipe with :data:`DEMO_TRAIN` and
     ``overrides`` (TrainConfig fields), then for the regularised model :data:`DEMO_FINETUNE`, ``lam`` and
-    ``init`` = the baseline's ``last.pt``."""
+    ``init`` = the baseline's ``last.pt``. Unless ``overrides`` say ``amp``, bf16 only where the device
+    computes it natively (:func:`igrad.precision.bf16_pays`), float32 elsewhere."""
     out = Path(out)
-    base = TrainConfig.preset_config(
-        "cpu", **{**DEMO_TRAIN, **overrides}, data=str(data), lam=0.0, out=str(out / "baseline")
-    )
+    values = {**DEMO_TRAIN, **overrides}
+    values.setdefault("amp", bf16_pays(values.get("device", "auto")))
+    base = TrainConfig.preset_config("cpu", **values, data=str(data), lam=0.0, out=str(out / "baseline"))
     reg = base.replace(lam=lam, init=str(out / "baseline" / "last.pt"), out=str(out / "regularised"), **DEMO_FINETUNE)
     return base, reg
 

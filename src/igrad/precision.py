@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import IgradError
 
-__all__ = ["autocast", "autocast_enabled", "full_precision", "native_bf16", "to_channels_last"]
+__all__ = ["autocast", "autocast_enabled", "bf16_pays", "full_precision", "native_bf16", "to_channels_last"]
 
 T = TypeVar("T", nn.Module, torch.Tensor)
 
@@ -45,6 +45,23 @@ def native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return True
+
+
+def bf16_pays(device: str | torch.device = "auto") -> bool:
+    """Whether bf16 autocast is worth turning on for ``device`` (``"auto"``: CUDA when available, else the CPU):
+    :func:`native_bf16` of its type. The short demonstration (``igrad demo``, ``igrad reproduce --preset
+    demo``) uses bf16 only where this holds and float32 elsewhere: emulated bf16 is an order of magnitude
+    slower than float32 (measured, CIFAR ResNet-18 at 1/4 width, batch 128, 2 threads, on an AMD Zen 3 without
+    AVX-512: 7.2 s a training step in bf16 + channels-last against 0.78 s in float32; on a Zen 5 with
+    AVX512-BF16 bf16 is the faster). Raises :class:`IgradError` for a device name torch does not know."""
+    name = str(device)
+    if name == "auto":
+        return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(name).type
+    except RuntimeError as exc:
+        raise IgradError(f"bad device {name!r}: {exc}") from exc
+    return native_bf16(kind)
 
 
 def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.AbstractContextManager[object]:
@@ -62,7 +79,8 @@ def autocast(device: str | torch.device, enabled: bool = True) -> contextlib.Abs
     if not native_bf16(kind):
         warnings.warn(
             f"bf16 autocast on this {kind.upper()} is emulated (no native bf16 units: AVX512-BF16/AMX on a CPU, "
-            "Ampere or newer on a GPU): it will run, but likely slower than float32",
+            "Ampere or newer on a GPU): it will run, but likely an order of magnitude slower than float32 "
+            "(igrad train/reproduce --no-amp)",
             RuntimeWarning,
             stacklevel=2,
         )

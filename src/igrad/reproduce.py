@@ -51,6 +51,7 @@ from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
+from .precision import bf16_pays
 from .provenance import file_sha256, provenance
 from .report import (
     FIGURE_METHODS,
@@ -160,6 +161,9 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "train": dict(DEMO_TRAIN),
         "networks": {},
         "lam": DEMO_LAMBDA,
+        # bf16 (training and evaluation) only where the device computes it natively: emulated, it is an order
+        # of magnitude slower than float32 (igrad.precision.bf16_pays)
+        "amp_where_native": True,
         # the regularised model fine-tunes the baseline (init): a fresh optimiser at a tenth of the rate
         "finetune": dict(DEMO_FINETUNE),
         "evaluate": {
@@ -198,6 +202,8 @@ def preset_settings(
     s["train"] = {**s["train"], **(train or {})}
     # the caller's overrides also win over the preset's per-network values
     s["networks"] = {net: {**values, **(train or {})} for net, values in s["networks"].items()}
+    if s.pop("amp_where_native", False):  # the caller's amp, where given, wins
+        s["evaluate"]["amp"] = s["train"].setdefault("amp", bf16_pays(s["train"].get("device", "auto")))
     s["evaluate"] = EvalConfig.from_dict({**_EVAL_DEFAULTS, **s["evaluate"], **(evaluation or {})}).to_dict()
     s["lam"] = float(lam if lam is not None else (s["lam"] if s["lam"] is not None else _loss.DEFAULT_LAMBDA))
     if not (math.isfinite(s["lam"]) and s["lam"] > 0):

@@ -5,7 +5,8 @@ machine, wall time), OUT/results.json, the insertion/deletion curves and the qua
 A second call reuses finished runs and evaluations; an interrupted run resumes.
 
 presets: paper (SPEC 2 recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
-hours on 2 cores; a third model fine-tunes the baseline with L_R), demo (a few minutes). --ablation
+hours on 2 cores with native bf16, AVX512-BF16 or AMX; a third model fine-tunes the baseline with L_R),
+demo (a few minutes). --ablation
 trains λ in {0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75} × the error functions at the preset's small budget and
 reports validation accuracy, cos and Grad-CAM's metrics (OUT/ablation/).
 
@@ -59,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads 1; a fine-tuned model waits for its baseline)",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast in training and evaluation (default: the preset's; cpu: on, demo: where the device "
+        "has native bf16). --no-amp on a CPU without AVX512-BF16/AMX, where bf16 is emulated and far slower",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
 
@@ -80,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         train["threads"] = positive_int("--threads", args.threads)
         torch.set_num_threads(args.threads)  # evaluation runs in this process
-    evaluation = {"limit": args.limit} if args.limit is not None else None
+    evaluation: dict[str, object] = {"limit": args.limit} if args.limit is not None else {}
+    if args.amp is not None:
+        train["amp"] = evaluation["amp"] = args.amp
     command = "igrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else None
     common = dict(
         networks=args.networks,
