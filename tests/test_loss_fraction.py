@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import igrad
 from igrad import IgradError
+from igrad.precision import native_bf16
 from igrad.rules import BackwardRules, _conv_backward, strided_input_grad
 from references import Softmaxed, batch_statistics, frozen_copy, guided_by_module_swap, plain_input_gradient
 
@@ -164,7 +165,10 @@ def test_strided_input_gradient_equals_the_native_backward(channels, size, strid
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_strided_depthwise_backward_is_the_exact_gradient_rounded(channels_last):
     """The bf16 path (:func:`strided_input_grad`) against the float64 native backward of the same bf16 values:
-    each result is a sum of 9 exact products accumulated in float32 and rounded once to bf16 (8 bits)."""
+    on a CPU with bf16 units each result is a sum of 9 exact products accumulated in float32 and rounded once
+    to bf16 (8 bits). Where bf16 is emulated the kernels accumulate in bf16 (measured on a Zen 3: 15 % of the
+    entries off by more than one rounding, up to 0.5 % of the largest): there the path must match the CPU's
+    own strided kernel, the one it replaces, to a rounding of the largest entry."""
     torch.manual_seed(2)
     x = torch.randn(4, 16, 12, 12).bfloat16()
     w = torch.randn(16, 1, 3, 3).bfloat16()
@@ -177,8 +181,15 @@ def test_bf16_strided_depthwise_backward_is_the_exact_gradient_rounded(channels_
         g.double(), x.double(), w.double(), None, [2, 2], [1, 1], [1, 1], False, [0, 0], 16, [True, True, False]
     )
     assert gx.dtype == torch.bfloat16
-    torch.testing.assert_close(gx.double(), ref[0], rtol=2**-8, atol=2**-8 * float(ref[0].abs().max()) * 1e-3)
-    torch.testing.assert_close(gw.double(), ref[1], rtol=2**-7, atol=2**-8 * float(ref[1].abs().max()))
+    if native_bf16("cpu"):
+        torch.testing.assert_close(gx.double(), ref[0], rtol=2**-8, atol=2**-8 * float(ref[0].abs().max()) * 1e-3)
+        torch.testing.assert_close(gw.double(), ref[1], rtol=2**-7, atol=2**-8 * float(ref[1].abs().max()))
+    else:
+        own = torch.ops.aten.convolution_backward(g, x, w, None, *conf[:3], False, [0, 0], 16, [True, True, False])
+        torch.testing.assert_close(gx.double(), own[0].double(), rtol=2**-8, atol=2**-8 * float(own[0].abs().max()))
+        # both within a few bf16 roundings of the largest entry of the exact gradient
+        for got, exact in ((gx, ref[0]), (gw, ref[1])):
+            assert float((got.double() - exact).abs().max()) <= 4 * 2**-8 * float(exact.abs().max())
 
 
 class _Float32Activations(TorchDispatchMode):
