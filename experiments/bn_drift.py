@@ -25,18 +25,13 @@ from torch import nn
 
 from igrad.atomic import atomic_write_json
 from igrad.checkpoint import load_model
+from igrad.measure import correct_count
 from igrad.provenance import provenance
 from igrad.train import TrainConfig, prepare_data
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return hits / len(x)
 
 
 @torch.no_grad()
@@ -69,16 +64,14 @@ def _layer_drift(model: nn.Module, x: torch.Tensor) -> list[dict[str, float]]:
 
 
 @torch.no_grad()
-def _reestimated_top1(model: nn.Module, fit: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
-    bns = _batchnorms(model)
-    for b in bns:
+def _reestimate(model: nn.Module, fit: torch.Tensor, batch: int) -> None:
+    """Replace the running statistics by their cumulative average over training-mode forwards of ``fit``."""
+    for b in _batchnorms(model):
         b.reset_running_stats()
-        b.momentum = None  # cumulative average over the batches below
+        b.momentum = None
     model.train()
     for i in range(0, len(fit), batch):
         model(fit[i : i + batch])
-    model.eval()
-    return _top1(model, x, y, batch)
 
 
 def diagnose(run: Path, n: int, batch: int, seed: int) -> dict[str, Any]:
@@ -89,20 +82,28 @@ def diagnose(run: Path, n: int, batch: int, seed: int) -> dict[str, Any]:
         raise SystemExit(f"{run}: the run has no validation split")
     model, _ = load_model(run / "last.pt")
     order = torch.randperm(len(data.val.labels), generator=torch.Generator().manual_seed(seed))
-    x = data.normalization.apply(data.val.images[order[:n]])
-    y = data.val.labels[order[:n]]
-    fit = data.normalization.apply(data.val.images[order[n : 2 * n]])
+    index = order[:n]
+
+    def top1() -> float:  # in the model's current mode
+        cpu = torch.device("cpu")
+        return correct_count(model, data.val, index, data.normalization, batch_size=batch, device=cpu) / len(index)
+
+    def images(part: torch.Tensor) -> torch.Tensor:
+        return data.normalization.apply(data.val.images[part])
+
     model.eval()
-    result = {
-        "run": str(run),
-        "eval_top1": _top1(model, x, y, batch),
-        "train_mode_top1": None,
-        "layers": _layer_drift(model, x[:batch]),
-    }
+    eval_top1, layers = top1(), _layer_drift(model, images(index[:batch]))
     model.train()
-    result["train_mode_top1"] = _top1(model, x, y, batch)  # (updates the buffers: re-estimated next)
-    result["reestimated_eval_top1"] = _reestimated_top1(model, fit, x, y, batch)
-    return result
+    train_top1 = top1()  # (updates the running statistics: replaced next)
+    _reestimate(model, images(order[n : 2 * n]), batch)
+    model.eval()
+    return {
+        "run": str(run),
+        "eval_top1": eval_top1,
+        "train_mode_top1": train_top1,
+        "reestimated_eval_top1": top1(),
+        "layers": layers,
+    }
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,44 +53,36 @@ def load_runs(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def control_of(row: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str | None:
-    """The λ = 0 run a run is compared with (``None`` for the controls themselves and the baseline)."""
-    c = row["config"]
-    if c["lam"] == 0 or row["group"] == "baseline":
+    """The run a run is compared with: the λ = 0 run of its budget, for the score ablation its logit twin
+    (``None`` for the controls themselves and the baseline)."""
+    c, group = row["config"], row["group"]
+    if c["lam"] == 0 or group == "baseline":
         return None
-    if row["group"] == "finetune":
-        name = next(
-            (
-                r
-                for r, v in runs.items()
-                if v["group"] == "finetune" and v["config"]["lam"] == 0 and v["config"]["lr"] == c["lr"]
-            ),
-            None,
-        )
-    elif row["group"] == "score":  # the ablation: the probability against its logit twin (same λ and recipe)
+    if group == "finetune":
+        name = _first(runs, lambda v: v["group"] == group and v["config"]["lam"] == 0 and v["config"]["lr"] == c["lr"])
+    elif group == "score":  # the ablation: the probability against its logit twin (same λ and recipe)
         if c.get("reg_score", "logit") == "logit":
             return None
-        name = next(
-            (
-                r
-                for r, v in runs.items()
-                if v["group"] == "score"
+        name = _first(
+            runs,
+            lambda v: (
+                v["group"] == group
                 and v["config"].get("reg_score", "logit") == "logit"
                 and _recipe(v["config"]) == _recipe(c)
             ),
-            None,
         )
-    elif row["group"] == "width":
-        name = next(
-            (
-                r
-                for r, v in runs.items()
-                if v["group"] == "width" and v["config"]["lam"] == 0 and v["config"]["width"] == c["width"]
-            ),
-            None,
+    elif group == "width":
+        name = _first(
+            runs, lambda v: v["group"] == group and v["config"]["lam"] == 0 and v["config"]["width"] == c["width"]
         )
     else:
         name = "scratch-lam0"
     return name if name in runs else None
+
+
+def _first(runs: dict[str, dict[str, Any]], match: Callable[[dict[str, Any]], bool]) -> str | None:
+    """The name of the first run whose row ``match`` accepts."""
+    return next((name for name, row in runs.items() if match(row)), None)
 
 
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
