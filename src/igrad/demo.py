@@ -22,7 +22,7 @@ from .precision import bf16_pays
 from .provenance import provenance
 from .train import TrainConfig, fit_or_resume
 
-__all__ = ["DEMO_LAMBDA", "DEMO_TRAIN", "DEMO_FINETUNE", "DemoResult", "demo_configs", "run_demo"]
+__all__ = ["DEMO_LAMBDA", "DEMO_TRAIN", "DEMO_FINETUNE", "DemoResult", "demo_amp", "demo_configs", "run_demo"]
 
 #: λ of the fine-tuning in both demonstrations: strong, so that 100 steps move cos(δx, δᴳx) visibly. Measured
 #: with these settings (`make demo` from a fresh clone, real CIFAR-100, 2 cores): the baseline reaches 29.9 %
@@ -51,6 +51,13 @@ class DemoResult:
         return "\n".join(lines)
 
 
+def demo_amp(train: dict[str, Any]) -> bool:
+    """The demonstration's precision: ``train["amp"]`` where the caller set it, else bf16 only where the device
+    (``train["device"]``, default ``auto``) computes it natively (:func:`igrad.precision.bf16_pays`); set in
+    ``train`` and returned."""
+    return bool(train.setdefault("amp", bf16_pays(train.get("device", "auto"))))
+
+
 def demo_configs(
     data: str | os.PathLike[str], out: str | os.PathLike[str], *, lam: float = DEMO_LAMBDA, **overrides: Any
 ) -> tuple[TrainConfig, TrainConfig]:
@@ -60,7 +67,7 @@ def demo_configs(
     computes it natively (:func:`igrad.precision.bf16_pays`), float32 elsewhere."""
     out = Path(out)
     values = {**DEMO_TRAIN, **overrides}
-    values.setdefault("amp", bf16_pays(values.get("device", "auto")))
+    demo_amp(values)
     base = TrainConfig.preset_config("cpu", **values, data=str(data), lam=0.0, out=str(out / "baseline"))
     reg = base.replace(lam=lam, init=str(out / "baseline" / "last.pt"), out=str(out / "regularised"), **DEMO_FINETUNE)
     return base, reg

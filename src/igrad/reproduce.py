@@ -47,11 +47,10 @@ import torch
 
 from . import loss as _loss
 from .atomic import atomic_write_json, atomic_write_text
-from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN
+from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN, demo_amp
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .precision import bf16_pays
 from .provenance import file_sha256, provenance
 from .report import (
     FIGURE_METHODS,
@@ -162,7 +161,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "networks": {},
         "lam": DEMO_LAMBDA,
         # bf16 (training and evaluation) only where the device computes it natively: emulated, it is an order
-        # of magnitude slower than float32 (igrad.precision.bf16_pays)
+        # of magnitude slower than float32 (igrad.demo.demo_amp)
         "amp_where_native": True,
         # the regularised model fine-tunes the baseline (init): a fresh optimiser at a tenth of the rate
         "finetune": dict(DEMO_FINETUNE),
@@ -203,7 +202,7 @@ def preset_settings(
     # the caller's overrides also win over the preset's per-network values
     s["networks"] = {net: {**values, **(train or {})} for net, values in s["networks"].items()}
     if s.pop("amp_where_native", False):  # the caller's amp, where given, wins
-        s["evaluate"]["amp"] = s["train"].setdefault("amp", bf16_pays(s["train"].get("device", "auto")))
+        s["evaluate"]["amp"] = demo_amp(s["train"])
     s["evaluate"] = EvalConfig.from_dict({**_EVAL_DEFAULTS, **s["evaluate"], **(evaluation or {})}).to_dict()
     s["lam"] = float(lam if lam is not None else (s["lam"] if s["lam"] is not None else _loss.DEFAULT_LAMBDA))
     if not (math.isfinite(s["lam"]) and s["lam"] > 0):
