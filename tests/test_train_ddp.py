@@ -49,7 +49,7 @@ if "test_tiny_cnn" not in MODELS:
 """
 
 SCRIPT = """
-import json, sys
+import gc, json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
@@ -62,6 +62,9 @@ rank = dist.get_rank()
 for name in ("resnet", "tiny"):
     config = TrainConfig.from_dict(json.loads((out / f"{name}.json").read_text()))
     result = fit(config, quiet=True)
+    # DistributedDataParallel wrappers still alive (uncollected) once fit has returned
+    ddp = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    (out / f"{name}-rank{rank}-ddp-alive.txt").write_text(str(ddp))
     torch.save(result.model.state_dict(), out / f"{name}-rank{rank}.pt")
     (out / f"{name}-rank{rank}.json").write_text(json.dumps(result.history))
 dist.barrier()  # no process tears its gloo connections down while the other still writes (abort at exit)
@@ -96,6 +99,11 @@ def test_torchrun_two_ranks_identical_weights_one_set_of_files(tmp_path, monkeyp
     proc = torchrun(str(tmp_path / "script.py"), str(tmp_path))
     # the epoch lines are printed once (rank 0 only)
     assert proc.stdout.count("epoch 2/2") == 2, proc.stdout
+    # fit freed its DistributedDataParallel wrapper (whose reducer holds the process group) before returning,
+    # not at some later garbage collection, possibly during interpreter shutdown after the group is gone
+    for name in ("resnet", "tiny"):
+        for rank in (0, 1):
+            assert (tmp_path / f"{name}-rank{rank}-ddp-alive.txt").read_text() == "0", (name, rank)
 
     # BatchNorm network: identical parameters and buffers on both ranks, one set of files
     r0 = torch.load(tmp_path / "resnet-rank0.pt", weights_only=True)

@@ -41,6 +41,7 @@ statistics are broadcast from rank 0 before each evaluation, and evaluation is s
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -299,6 +300,19 @@ class _Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+
+    def release_ddp(self) -> None:
+        """Free the ``DistributedDataParallel`` wrapper now (training goes on with ``self.model`` only).
+
+        Its C++ reducer holds a reference to the process group, and the wrapper sits in reference cycles,
+        so without a collection it would be freed at an arbitrary later moment: after the group is
+        destroyed, or during interpreter shutdown, where tearing a gloo backend down can abort the
+        process ("terminate called without an active exception", seen on rank 1 of the torchrun test).
+        Collecting here makes every training process drop its share of the group before
+        :meth:`Dist.close` and before ``fit`` returns."""
+        if self.ddp is not self.model:
+            self.ddp = self.model
+            gc.collect()
 
     def _prepare_init_and_data(self, state: dict[str, Any] | None) -> InitWeights | None:
         """The run's data (``self.data``) and, for a new fine-tuning run, the weights to start from. A resumed
@@ -720,6 +734,7 @@ def fit(
     threads = torch.get_num_threads()
     dist = Dist.from_env(config.device)
     finished = False
+    trainer: _Trainer | None = None
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -733,6 +748,8 @@ def fit(
         return result
     finally:
         torch.set_num_threads(threads)
+        if trainer is not None:
+            trainer.release_ddp()
         dist.close(finished=finished)
 
 
