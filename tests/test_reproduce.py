@@ -220,7 +220,7 @@ def test_ablation_choice_prefers_clear_wins_and_says_when_there_are_none():
     assert _ablation_choice([base, too_costly], acc_margin=0.02)["lam"] == 0.0
 
 
-def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
+def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     """Each call trains the networks it is given; a network of an earlier report made with the same preset,
     settings and data is kept as it was (a reproduction spread over working sessions); other settings drop it."""
     out = tmp_path / "rep"
@@ -231,8 +231,14 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
     stored = json.loads((out / "results.json").read_text())
     assert stored["settings"].pop("finetuned") is None
     (out / "results.json").write_text(json.dumps(stored))
-    # another session, another thread count (a resource, not a setting): still one report
-    second = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "train": {**TINY_TRAIN, "threads": 1}})
+    # another session, another thread count (a resource, not a setting), the same data folder named by a
+    # relative path through a link: still one report
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(data.parent)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = os.path.join("..", "link", data.name)
+    assert relative != str(data)
+    second = reproduce("demo", relative, out, networks=[NETWORKS[0]], **{**kw, "train": {**TINY_TRAIN, "threads": 1}})
     assert list(second["networks"]) == list(NETWORKS)  # the paper's order
     assert second["networks"][NETWORKS[1]] == json.loads(json.dumps(first["networks"][NETWORKS[1]]))
     md = (out / "report.md").read_text()
@@ -240,6 +246,12 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data):
     # other evaluation settings: the earlier network is not carried over into a report it was not made for
     third = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
     assert list(third["networks"]) == [NETWORKS[0]]
+    # another data folder: not carried over either
+    fourth = reproduce("demo", data, out, networks=[NETWORKS[1]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
+    assert list(fourth["networks"]) == list(NETWORKS)
+    other = write_folder(tmp_path / "other", n_train=8, n_test=4, size=12)
+    fifth = reproduce("demo", other, out, networks=[NETWORKS[0]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
+    assert list(fifth["networks"]) == [NETWORKS[0]]
 
 
 def test_cli_prints_a_short_summary(tmp_path, data, capsys):

@@ -677,7 +677,9 @@ def _earlier_networks(
 ) -> dict[str, Any]:
     """The networks of an earlier ``out/results.json`` made with the same preset, settings and data that this
     call does not train: a reproduction can be run one network at a time (say, one per working session, on
-    different machines) and still end in one report. Anything else there is replaced."""
+    different machines) and still end in one report. Anything else there is replaced. The data is the same
+    when both paths name the same folder (relative or absolute, through links); a copy elsewhere is not
+    recognised as the same data."""
     path = out / "results.json"
     if not path.is_file():
         return {}
@@ -688,7 +690,7 @@ def _earlier_networks(
     same = (
         old.get("kind") == "igrad.reproduce"
         and old.get("preset") == preset
-        and old.get("data") == data
+        and _same_folder(old.get("data"), data)
         and _comparable(old.get("settings", {})) == _comparable(json.loads(json.dumps(settings)))
     )
     kept = {net: entry for net, entry in old.get("networks", {}).items() if net not in nets}
@@ -701,6 +703,13 @@ def _earlier_networks(
             )
         return {}
     return kept
+
+
+def _same_folder(a: object, b: object) -> bool:
+    """Whether two recorded data paths name the same folder (``os.path.realpath`` of both)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 #: Training fields that say where and how fast a run went, not what it computed: ignored when an earlier
