@@ -310,8 +310,10 @@ class _Trainer:
         process ("terminate called without an active exception", seen on rank 1 of the torchrun test).
         Collecting here makes every training process drop its share of the group before
         :meth:`Dist.close` and before ``fit`` returns."""
-        if self.ddp is not self.model:
-            self.ddp = self.model
+        ddp = getattr(self, "ddp", None)  # absent when setup failed before wrapping
+        if isinstance(ddp, nn.parallel.DistributedDataParallel):
+            self.ddp = ddp.module
+            del ddp
             gc.collect()
 
     def _prepare_init_and_data(self, state: dict[str, Any] | None) -> InitWeights | None:
