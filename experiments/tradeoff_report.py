@@ -31,7 +31,7 @@ from igrad.evaluate import compare_results
 from igrad.metrics import METRICS
 from igrad.provenance import provenance
 from igrad.stats import difference_interval, wilson_interval
-from igrad.train import RESUME_OVERRIDES
+from igrad.train import RESOURCE_FIELDS
 
 #: Tolerance of the choice rule: accuracy within this many points of the λ = 0 run.
 ACCURACY_SLACK = 0.01
@@ -86,14 +86,10 @@ def _first(runs: dict[str, dict[str, Any]], match: Callable[[dict[str, Any]], bo
     return next((name for name, row in runs.items() if match(row)), None)
 
 
-#: Config fields that say where and how fast a run went, not what it computed (a resumed run may change
-#: them: thread count, device, data path, ...); the budget (``epochs``) is not one of them.
-_RESOURCES = RESUME_OVERRIDES - {"epochs"}
-
-
 def _recipe(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config without its output folder, score and resource fields: what two ablation twins share."""
-    return {k: v for k, v in config.items() if k not in _RESOURCES | {"reg_score"}}
+    """A run's config without its paths (output folder, data), score and resource fields
+    (:data:`igrad.train.RESOURCE_FIELDS`): what two ablation twins share."""
+    return {k: v for k, v in config.items() if k not in RESOURCE_FIELDS | {"out", "data", "reg_score"}}
 
 
 def accuracy(row: dict[str, Any]) -> dict[str, Any]:

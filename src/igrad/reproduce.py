@@ -64,7 +64,7 @@ from .report import (
 )
 from .stats import difference_interval, wilson_interval
 from .torch_utils import device_of
-from .train import RESUME_OVERRIDES, TrainConfig, TrainData, fit_or_resume, prepare_data
+from .train import RESOURCE_FIELDS, TrainConfig, TrainData, fit_or_resume, prepare_data
 
 __all__ = [
     "NETWORKS",
@@ -712,20 +712,15 @@ def _same_folder(a: object, b: object) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-#: Training fields that say where and how fast a run went, not what it computed: ignored when an earlier
-#: report's networks are carried over (a later session may run on another machine). The fields a resumed
-#: run may change, but for the budget and the run's own paths.
-_RESOURCE_FIELDS = RESUME_OVERRIDES - {"epochs", "data", "out"}
-
-
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` without the resource fields of its training overrides (shared and per network); a report
-    made before the fine-tuned model existed had none."""
+    """``settings`` without the resource fields (:data:`igrad.train.RESOURCE_FIELDS`) of its training overrides
+    (shared and per network): a later session may run on another machine. A report made before the
+    fine-tuned model existed had no ``finetuned`` setting."""
     out = dict(settings)
     out.setdefault("finetuned", None)
-    out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in _RESOURCE_FIELDS}
+    out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in RESOURCE_FIELDS}
     out["networks"] = {
-        net: {k: v for k, v in values.items() if k not in _RESOURCE_FIELDS}
+        net: {k: v for k, v in values.items() if k not in RESOURCE_FIELDS}
         for net, values in out.get("networks", {}).items()
     }
     return out

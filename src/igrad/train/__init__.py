@@ -15,6 +15,7 @@ from .augment import augment
 from .config import (
     NORMALIZATION_CHOICES,
     PRESETS,
+    RESOURCE_FIELDS,
     RESUME_OVERRIDES,
     SCHEDULES,
     TrainConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "METRIC_KEYS",
     "NORMALIZATION_CHOICES",
     "RESUME_OVERRIDES",
+    "RESOURCE_FIELDS",
     "RunResult",
     "StepInfo",
     "TrainData",

@@ -31,6 +31,7 @@ __all__ = [
     "PRESETS",
     "SCHEDULES",
     "RESUME_OVERRIDES",
+    "RESOURCE_FIELDS",
     "NORMALIZATION_CHOICES",
     "config_from_toml",
     "config_to_toml",
@@ -49,6 +50,10 @@ NORMALIZATION_CHOICES = (*NORMALIZATIONS, "data")
 RESUME_OVERRIDES = frozenset(
     {"epochs", "device", "threads", "checkpoint_every", "data", "download", "data_root", "eval_batch_size", "out"}
 )
+#: Config fields that say where and how fast a run goes, not what it computes (device, thread count,
+#: checkpoint interval, evaluation batch, download and data root): the resume overrides but the budget
+#: (``epochs``) and the run's own paths (``data``, ``out``), which callers compare in their own way.
+RESOURCE_FIELDS = RESUME_OVERRIDES - {"epochs", "data", "out"}
 
 
 def _f(default: Any, help: str) -> Any:
