@@ -380,6 +380,16 @@ def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(
     w = versus["wins"]
     assert w["cells"] == w["regularised"] + w["baseline"] + w["tie"] == 5 * len(own["results"])
     assert set(entry["curves"]) == {*LABELS, FINETUNED} and (out / entry["curves"][FINETUNED]).is_file()
+    # its own comparison files beside the regularised model's: the fine-tuned model's means, not the other's
+    files = json.loads((out / "eval" / net / "compare-fine-tuned.json").read_text())
+    assert files["labels"] == ["baseline", FINETUNED]
+    assert files["checkpoints"] == [base["checkpoint"], own["checkpoint"]]
+    assert files["comparison"]["methods"] == versus["comparison"]["methods"]
+    table = (out / "eval" / net / "compare-fine-tuned.md").read_text()
+    assert "| | baseline | fine-tuned |" in table
+    cos_row = next(line for line in table.splitlines() if line.startswith("| mean cos"))
+    assert f"{own['model']['cos']['mean']:.4f}" in cos_row and f"{base['model']['cos']['mean']:.4f}" in cos_row
+    assert json.loads((out / "eval" / net / "compare.json").read_text())["checkpoints"][1] != own["checkpoint"]
 
     md = (out / "report.md").read_text()
     assert f"### {net}: the baseline fine-tuned with λ = 0.5" in md and "Fine-tuned better in" in md

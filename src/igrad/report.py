@@ -218,20 +218,23 @@ def write_comparison(
     out_dir: str | os.PathLike[str],
     *,
     labels: tuple[str, str] = ("baseline", "regularised"),
+    name: str = "compare",
 ) -> dict[str, Path]:
-    """Write each side's report into ``out_dir/<label>/`` and ``compare.md`` + ``compare.json``."""
+    """Write each side's report into ``out_dir/<label>/`` and ``<name>.md`` + ``<name>.json`` (the paired
+    comparison, :func:`igrad.evaluate.compare_results`; keys ``"compare.md"``/``"compare.json"`` in the
+    returned paths whatever ``name`` is)."""
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     for label, res in zip(labels, (baseline, regularised), strict=True):
         for k, p in write_report(res, out / label).items():
             paths[f"{label}.{k}"] = p
-    paths["compare.md"] = out / "compare.md"
+    paths["compare.md"] = out / f"{name}.md"
     atomic_write_text(
         paths["compare.md"],
         "# igrad evaluate: comparison\n\n"
         + compare_table(baseline, regularised, labels=labels, ci=regularised["settings"]["ci"]),
     )
-    paths["compare.json"] = out / "compare.json"
+    paths["compare.json"] = out / f"{name}.json"
     atomic_write_json(
         paths["compare.json"],
         {

@@ -18,8 +18,9 @@ on the final weights ``last.pt``: no checkpoint is chosen on the test split), an
 Where the preset (or the caller) gives a ``finetuned`` model, each network gets a third one: the baseline's
 final weights fine-tuned a few epochs with ``L_R`` (``runs/<network>/fine-tuned/``, its evaluation in
 ``eval/<network>/fine-tuned/``, a third row per image in the figure), compared with the baseline exactly like the
-regularised model: ``results.json``'s network entry holds it under ``"fine-tuned"`` (``comparison``, ``wins``,
-``accuracy``, ``table``), where the side labelled ``"regularised"`` is the fine-tuned model.
+regularised model (``eval/<network>/compare-fine-tuned.{md,json}``): ``results.json``'s network entry holds it
+under ``"fine-tuned"`` (``comparison``, ``wins``, ``accuracy``, ``table``), where the side labelled
+``"regularised"`` is the fine-tuned model.
 
 A second call with the same settings trains nothing (finished runs are reused; an interrupted run
 resumes exactly) and reuses each finished evaluation whose checkpoint (SHA-256) and settings are
@@ -451,9 +452,9 @@ def _comparison(
 ) -> dict[str, Any]:
     """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
     ``eval/<net>/``), the cells won, the SPEC 5 table, the qualitative figure and the curves' files; with a
-    fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (its report in
-    ``eval/<net>/fine-tuned/`` is written by :func:`_network` when evaluated) and a third row per image in the
-    figure."""
+    fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (also written to
+    ``eval/<net>/compare-fine-tuned.{md,json}``; its report in ``eval/<net>/fine-tuned/`` is written by
+    :func:`_network` when evaluated) and a third row per image in the figure."""
     base, reg, lam = results["baseline"], results["regularised"], settings["lam"]
     write_comparison(base, reg, out / "eval" / net, labels=LABELS)
     lam_models = {"baseline (λ = 0)": models["baseline"], f"regularised (λ = {lam:g})": models["regularised"]}
@@ -462,6 +463,8 @@ def _comparison(
         ft_lam = settings["finetuned"]["lam"]
         lam_models[f"fine-tuned (λ = {ft_lam:g})"] = models[FINETUNED]
         entry[FINETUNED] = {"lam": ft_lam, **_versus(base, results[FINETUNED], f"fine-tuned λ={ft_lam:g}", settings)}
+        ft_labels = (LABELS[0], FINETUNED)
+        write_comparison(base, results[FINETUNED], out / "eval" / net, labels=ft_labels, name=f"compare-{FINETUNED}")
     figure = out / "figures" / f"{net}.png"
     title = f"{net}: baseline (λ = 0) vs regularised{' vs fine-tuned' if FINETUNED in results else ''}; target = label"
     indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
