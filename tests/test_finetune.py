@@ -211,8 +211,12 @@ def test_init_of_another_network_is_refused(folder, base, tmp_path, capsys):
     common = ["--preset", "cpu", "--data", str(folder), "--init", str(base), "--threads", "1"]
     err = _refused([*common, "--width", "0.25"], tmp_path / "w", capsys)
     assert "another network" in err and "width 0.125, this run's 0.25" in err
-    err = _refused([*common, "--width", "0.125", "--model", "cifar_mobilenetv2"], tmp_path / "m", capsys)
-    assert "model 'cifar_resnet18', this run's 'cifar_mobilenetv2'" in err
+    err = _refused([*common, "--width", "0.125", "--model", "cifar_mobilenet_v2"], tmp_path / "m", capsys)
+    assert "model 'cifar_resnet18', this run's 'cifar_mobilenet_v2'" in err
+    # a misspelt model is an unknown model, named as such, not "another network"
+    err = _refused([*common, "--width", "0.125", "--model", "cifar_mobilenetv2"], tmp_path / "t", capsys)
+    assert "unknown model 'cifar_mobilenetv2'" in err and "cifar_mobilenet_v2" in err
+    assert "another network" not in err
 
 
 def test_init_with_another_class_count_or_class_names_is_refused(folder, base, tmp_path, capsys):

@@ -7,8 +7,8 @@ in OUT/.partial/ until the end: a killed evaluation started again with the same 
 where it stopped.
 
 examples:
-  igrad evaluate --checkpoint runs/r18/best.pt --data $IGRAD_DATA --limit 1000 --out eval/r18
-  igrad evaluate --compare runs/base/best.pt runs/reg/best.pt --methods gradcam,gradient --out eval/cmp
+  igrad evaluate --checkpoint runs/r18/last.pt --data $IGRAD_DATA --limit 1000 --out eval/r18
+  igrad evaluate --compare runs/base/last.pt runs/reg/last.pt --methods gradcam,gradient --out eval/cmp
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evaluate import EvalConfig
 
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (e.g. RUN/best.pt)")
+    which.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (e.g. RUN/last.pt)")
     which.add_argument(
         "--compare", nargs=2, type=Path, metavar=("BASELINE", "REGULARISED"), help="two checkpoints side by side"
     )

@@ -11,8 +11,8 @@ gives for the network: 32x32 for the CIFAR networks, 224x224 for torchvision's) 
 checkpoint's mean/std.
 
 example:
-  igrad explain --checkpoint runs/base/best.pt cat.png dog.png --methods gradcam,scorecam --out maps/
-  igrad explain --checkpoint runs/base/best.pt --compare runs/reg/best.pt cat.png --out maps/
+  igrad explain --checkpoint runs/base/last.pt cat.png dog.png --methods gradcam,scorecam --out maps/
+  igrad explain --checkpoint runs/base/last.pt --compare runs/reg/last.pt cat.png --out maps/
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IMAGE",
         help="image files (PNG, JPEG, BMP, TIFF, WebP, GIF, PPM/PGM; 8- or 16-bit)",
     )
-    parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint (e.g. RUN/best.pt)")
+    parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint (e.g. RUN/last.pt)")
     parser.add_argument("--compare", metavar="PT", help="a second checkpoint, drawn in a row under the first")
     parser.add_argument(
         "--methods",

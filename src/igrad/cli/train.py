@@ -8,7 +8,7 @@ examples:
   igrad train --preset cpu --data /path/to/cifar100 --lam 0 --out runs/r18-baseline
   igrad train --preset cpu --data /path/to/cifar100 --lam 0.75 --val-fraction 0.1
   igrad train --config runs/r18-baseline/config.toml --seed 1 --out runs/r18-seed1
-  igrad train --preset cpu --data /path/to/cifar100 --init runs/r18-baseline/best.pt --epochs 3 --lam 0.75
+  igrad train --preset cpu --data /path/to/cifar100 --init runs/r18-baseline/last.pt --epochs 3 --lam 0.75
                                             (fine-tune a trained model with L_R: fresh optimiser and schedule)
   igrad train --preset cpu --data /path/to/cifar100 --lam 2.5 --lam-warmup 3   (λ ramps from 0 over 3 epochs)
   igrad train --resume runs/r18-baseline            (continue a killed run; --epochs N extends it)

@@ -23,6 +23,7 @@ from ..data import TrainData, load_train_data
 from ..errors import IgradError, unknown_name
 from ..gradients import SCORES
 from ..loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS
+from ..models import model_info
 from ..normalization import NORMALIZATIONS, Normalization
 from ..rules import STATS_MODES
 
@@ -181,6 +182,7 @@ class TrainConfig:
             raise unknown_name("score", self.reg_score, SCORES)
         if self.schedule not in SCHEDULES:
             raise unknown_name("schedule", self.schedule, SCHEDULES)
+        model_info(self.model)  # an unknown model is named as such before anything compares it (e.g. with init)
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -227,7 +229,7 @@ class TrainConfig:
         if self.init == "" or self.init == "tv" or self.init.startswith("tv:"):
             raise IgradError(
                 f"bad config: init {self.init!r} is not a checkpoint path; --init takes an igrad checkpoint "
-                "(e.g. runs/NAME/best.pt). To start a tv: model from torchvision's pretrained weights use "
+                "(e.g. runs/NAME/last.pt). To start a tv: model from torchvision's pretrained weights use "
                 "--weights DEFAULT (downloaded by torchvision)"
             )
         if self.weights is not None:
