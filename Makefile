@@ -21,8 +21,8 @@ demo: $(BIN)/.installed
 		--out runs/reproduce-demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 	$(BIN)/mypy src
 
 # The suite runs twice, with 1 and with 2 torch threads: float32 reductions split differently across

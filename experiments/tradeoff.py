@@ -86,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--widths", type=_floats, default=[0.25, 0.5, 1.0])
     ap.add_argument("--width-lams", type=_floats, default=[0, 0.75])
     ap.add_argument("--width-epochs", type=int, default=3, help="epochs of the width group")
-    ap.add_argument("--score-lams", type=_floats, default=[0.75], help="λ of the probability-score ablation")
+    ap.add_argument(
+        "--score-lams", type=_floats, default=[0.075], help="λ of the probability-score ablation (the chosen λ)"
+    )
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--eval-images", type=int, default=500, help="validation images of the cos and the metrics")
     ap.add_argument("--methods", default="gradcam,gradient", help="saliency methods evaluated")

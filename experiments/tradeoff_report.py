@@ -100,6 +100,11 @@ def accuracy(row: dict[str, Any]) -> dict[str, Any]:
     return {"top1": row["val_acc"], "ci_low": lo, "ci_high": hi, "n": n}
 
 
+def _correct(acc: dict[str, Any]) -> int:
+    """The number of correctly classified validation images behind :func:`accuracy`'s top-1."""
+    return round(acc["top1"] * acc["n"])
+
+
 def comparison(row: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
     """Paired differences against the control (Holm's correction over the run's cells: compare_results)."""
     cmp = compare_results(control["evaluation"], row["evaluation"])
@@ -110,7 +115,7 @@ def comparison(row: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
     worse = sum(bool(e.get("holm_significant")) and e["better"] == "baseline" for e in cells)
     cmp["holm"] = {"cells": len(cells), "better": better, "worse": worse}
     a, b = accuracy(control), accuracy(row)
-    d, lo, hi = difference_interval(round(a["top1"] * a["n"]), a["n"], round(b["top1"] * b["n"]), b["n"])
+    d, lo, hi = difference_interval(_correct(a), a["n"], _correct(b), b["n"])
     cmp["accuracy_difference"] = {"mean": d, "ci_low": lo, "ci_high": hi}
     return cmp
 
@@ -134,8 +139,15 @@ def choose(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The choice rule of the module docstring."""
     if "scratch-lam0" not in runs:
         return {"lam": None, "why": "scratch-lam0 has not finished"}
-    floor = runs["scratch-lam0"]["val_acc"] - ACCURACY_SLACK
-    eligible = [r for r in runs.values() if r["group"] in ("scratch", "warmup") and r["val_acc"] >= floor]
+    control = accuracy(runs["scratch-lam0"])
+    # in image counts, exactly: a run right at the floor qualifies (no float rounding of k/n − 0.01)
+    floor_count = _correct(control) - round(ACCURACY_SLACK * control["n"])
+    floor = floor_count / control["n"]
+    candidates = [r for r in runs.values() if r["group"] in ("scratch", "warmup")]
+    for r in candidates:
+        if accuracy(r)["n"] != control["n"]:
+            raise SystemExit(f"{r['run']} was validated on {accuracy(r)['n']} images, scratch-lam0 on {control['n']}")
+    eligible = [r for r in candidates if _correct(accuracy(r)) >= floor_count]
     best = max(eligible, key=lambda r: r["evaluation"]["model"]["cos"]["mean"])
     return {
         "run": best["run"],
@@ -144,7 +156,7 @@ def choose(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "val_acc": best["val_acc"],
         "val_cos": best["evaluation"]["model"]["cos"]["mean"],
         "accuracy_floor": floor,
-        "candidates": sorted(r["run"] for r in runs.values() if r["group"] in ("scratch", "warmup")),
+        "candidates": sorted(r["run"] for r in candidates),
     }
 
 
@@ -237,46 +249,86 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
             f"{base['val_acc']:.2%}; training wall time {base['wall_s']['train'] / 60:.0f} min on one thread "
             "(the other core ran another study run).",
         ]
-    lines += ["", "![front](front.png)", ""]
+    lines += ["", *_provenance_lines(runs), "", "![front](front.png)", ""]
     return "\n".join(lines)
 
 
+def _provenance_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The provenance section: where each run's config, seed, versions and commit are, and the runs recorded
+    with uncommitted changes in the tree (``+dirty``), pointing to the notes that say what those were."""
+    dirty = {n: str(r["provenance"]["commit"]) for n, r in runs.items() if "+dirty" in str(r["provenance"]["commit"])}
+    lines = [
+        "## Provenance",
+        "",
+        "Each run's file (`<run>.json`) records its config, seed, library versions, machine and the commit of "
+        "the tree when the run ended; `logs/` holds the per-epoch logs of the runs trained since they were kept.",
+    ]
+    if dirty:
+        listed = ", ".join(f"`{n}` ({c[:7]})" for n, c in sorted(dirty.items()))
+        lines[-1] += (
+            f" Recorded with uncommitted changes in the tree (`+dirty`): {listed}; what those changes were, and "
+            "why they do not touch what these runs computed, is in [provenance-notes.md](provenance-notes.md)."
+        )
+    return lines
+
+
 def figure(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]]) -> bytes:
+    """The front: validation top-1 against cos and against Grad-CAM's and the gradient's deletion and insertion
+    (and the gradient's AD), one point per run, a marker per group; the baseline drawn on top."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    fig = Figure(figsize=(16, 9.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(2, 3).ravel()
     panels = [
-        ("cos", "eval-mode cos(δx, δᴳx)"),
-        ("del", "Grad-CAM deletion AUC (lower is better)"),
-        ("ins", "Grad-CAM insertion AUC (higher is better)"),
+        (None, "cos", "eval-mode cos(δx, δᴳx)"),
+        ("gradcam", "del", "Grad-CAM deletion AUC (lower is better)"),
+        ("gradcam", "ins", "Grad-CAM insertion AUC (higher is better)"),
+        ("gradient", "ad", "gradient AD (lower is better)"),
+        ("gradient", "del", "gradient deletion AUC (lower is better)"),
+        ("gradient", "ins", "gradient insertion AUC (higher is better)"),
     ]
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    for ax, (method, key, label) in zip(axes, panels, strict=True):
         for group in GROUP_ORDER:
             pts = [t for t in table if runs[t["run"]]["group"] == group]
             if not pts:
                 continue
-            xs = [
-                t["cos"] if key == "cos" else runs[t["run"]]["evaluation"]["results"]["gradcam"][key]["mean"]
-                for t in pts
-            ]
+            xs = [t["cos"] if method is None else _mean(runs[t["run"]], method, key) for t in pts]
             ys = [t["accuracy"]["top1"] * 100 for t in pts]
-            ax.scatter(xs, ys, marker=MARKERS[group], s=60, label=group)
-            for x, y, t in zip(xs, ys, pts, strict=True):
+            top = group == "baseline"  # hidden under the fine-tuned points, which start from it
+            outline = {"edgecolors": "black"} if top else {}
+            ax.scatter(
+                xs,
+                ys,
+                marker=MARKERS[group],
+                s=160 if top else 60,
+                label=group,
+                zorder=3 if top else 2,
+                alpha=1 if top else 0.8,
+                **outline,
+            )
+            for i, (x, y, t) in enumerate(zip(xs, ys, pts, strict=True)):
                 c = runs[t["run"]]["config"]
                 tag = f"{c['lam']:g}" + (f"/w{c['width']:g}" if group == "width" else "")
                 tag += f"/lr{c['lr']:g}" if group == "finetune" and c["lr"] != FT_LR else ""
-                ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+                # the fine-tuned runs crowd near the baseline: their tags go left, staggered
+                offset = (-6, -10 + 6 * (i % 4)) if group == "finetune" else (4, 3)
+                ha = "right" if group == "finetune" else "left"
+                ax.annotate(tag, (x, y), textcoords="offset points", xytext=offset, fontsize=6.5, ha=ha)
         ax.set_xlabel(label)
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", title="group (labels: λ)")
-    fig.suptitle("ResNet-18 on CIFAR-100 validation: one point per run")
+    fig.suptitle("ResNet-18 on CIFAR-100 validation: one point per run (metrics on the same 500 images, ×100)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+def _mean(row: dict[str, Any], method: str, metric: str) -> float:
+    """A run's mean of ``metric`` for ``method`` on the study's validation images."""
+    return float(row["evaluation"]["results"][method][metric]["mean"])
 
 
 def main() -> None:

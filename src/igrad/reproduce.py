@@ -137,7 +137,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         # and 37; λ = 2.5 from scratch cannot qualify where 0.75 already lost 41 points
         "lam": 0.075,
         # the third model: the baseline fine-tuned 3 epochs at rate 0.01 with λ = 0.75, the study's fine-tuning
-        # run that aligned most for at most a point and a half of validation top-1 (ft-lam0.75: 67.8 % vs the
+        # run that aligned most within 1.5 points of its control's validation top-1 (ft-lam0.75: 67.8 % vs the
         # control's 69.0 %, cos 0.23 vs 0.00). Chosen on the validation split after the fine-tuning runs had
         # finished (the pre-stated rule covers the runs from scratch; applied to fine-tuning it would take
         # λ = 0.25, cos 0.03, which barely moves the gradients); never on the test set.

@@ -247,8 +247,9 @@ class TrainConfig:
 #: bf16 autocast + channels-last (the regularised step 2.2x (ResNet-18) and 3.5x (MobileNet-V2) faster
 #: than float32 on an AVX512-BF16 CPU; ``--no-amp`` where the CPU has no bf16 units) and the regulariser on
 #: a quarter of each batch (ρ = 0.25 kept the alignment of ρ = 1 on real CIFAR-100: eval cos 0.88 vs 0.84;
-#: results/fraction_bf16.json). One thread per run, ResNet-18 takes about 52 (λ = 0) and 78 (λ > 0)
-#: minutes, MobileNet-V2 about 88 each (results/recipe_steps.md).
+#: results/fraction_bf16.json). One thread per run (AVX512-BF16 CPU), ResNet-18 takes about 52 (λ = 0) and
+#: 78 (λ > 0) minutes; MobileNet-V2 52 minutes for λ = 0 (measured, results/preset/) and, from step times,
+#: 55-90 for λ > 0 (its ρ = 0.25 step costs about what its plain step does: results/recipe_steps.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "cpu": {
