@@ -70,3 +70,33 @@ def test_default_layer_leaves_out_auxiliary_heads_that_run_only_in_training():
     with create_method("gradcam", googlenet) as m:  # runs at the default layer (it used to fail at aux2)
         assert m.layer_name == "inception5b"
         assert m(x, 3).shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(("name", "head"), [("resnet18", "fc"), ("mobilenet_v2", "classifier.1")])
+def test_torchvision_pretrained_weights_start_a_run_with_a_new_head(monkeypatch, name, head):
+    """``--weights DEFAULT`` (``TrainConfig.weights``; the tv: counterpart of ``--init``): every weight but the
+    head is torchvision's pretrained one, the 1000-class head replaced by a fresh one of the run's class count.
+    torchvision's download is replaced by a seeded state dict (nothing is downloaded)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    pretrained = torchvision.models.get_model(name, num_classes=1000).state_dict()
+    urls = []
+
+    def fake_download(url, *args, **kwargs):
+        urls.append(url)
+        return {k: v.clone() for k, v in pretrained.items()}
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_download)
+    from igrad.train import TrainConfig
+
+    config = TrainConfig(model=f"tv:{name}", weights="DEFAULT")
+    model = igrad.create_model(config.model, num_classes=7, **config.model_kwargs)
+    assert urls == [torchvision.models.get_model_weights(name).DEFAULT.url]
+    state = model.state_dict()
+    assert set(state) == set(pretrained)
+    for key, value in pretrained.items():
+        if key.startswith(head + "."):
+            assert state[key].shape[0] == 7  # the new head: 7 classes
+        else:
+            assert torch.equal(state[key], value), key
