@@ -229,6 +229,7 @@ def run_one(run: Run, args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "run_dir": str(result.run_dir),
         "init_sha256": result.config.get("init_sha256"),
         "config": run.config.to_dict(),
+        "sessions": result.sessions,  # each process that trained it, with the commit of its code
         "smoke": bool(args.smoke),
         "provenance": provenance(result.config, run.config.seed),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from PIL import Image
 import igrad
 from igrad.checkpoint import load_checkpoint, load_model, save_checkpoint
 from igrad.cli import main
-from igrad.train import METRIC_KEYS, TrainConfig, fit, lr_factor
+from igrad.provenance import git_commit
+from igrad.train import METRIC_KEYS, TrainConfig, fit, fit_or_resume, lr_factor
 from references import CLASSES, kill_when_stalled, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,6 +300,14 @@ def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_
     assert [r["test_acc"] for r in logged] == [r["test_acc"] for r in uninterrupted.history]
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in uninterrupted.history], rel=1e-12)
     assert [r["lam"] for r in logged] == [r["lam"] for r in uninterrupted.history]
+    # each process that trained the run is recorded: the killed one from step 0, the resumed one from the
+    # checkpoint's step; reusing the finished run trains nothing and adds none
+    sessions = json.loads((tmp_path / "killed" / "run.json").read_text())["sessions"]
+    assert [(x["from_epoch"], x["from_step"]) for x in sessions] == [(0, 0), (state["epoch"], state["step"])]
+    assert all(x["commit"] == git_commit() and x["world_size"] == 1 for x in sessions)
+    assert resumed["sessions"] == sessions
+    assert fit_or_resume(config, quiet=True).sessions == sessions
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["sessions"] == sessions
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -395,6 +405,52 @@ def test_checkpoint_with_pickled_code_is_refused(finished_run, tmp_path, capsys)
     assert rc == 2 and "weights_only" in err
     assert not marker.exists()
     assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
+
+
+def test_results_name_the_commit_of_the_code_the_process_loaded(folder, tmp_path, monkeypatch):
+    """The commit in a run's files is the one read when igrad was imported (the code that ran), not the tree's
+    at write time; a checkpoint from before sessions were recorded gives its provenance's commit as the
+    first session when resumed."""
+    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", "feedbeef+loaded")
+    out = tmp_path / "run"
+    result = fit(tiny(folder, out, epochs=1, cos_samples=0))
+    run = json.loads((out / "run.json").read_text())
+    assert run["provenance"]["commit"] == "feedbeef+loaded" == load_checkpoint(out / "last.pt")["provenance"]["commit"]
+    assert [x["commit"] for x in result.sessions] == ["feedbeef+loaded"] and run["sessions"] == result.sessions
+
+    old = load_checkpoint(out / "last.pt")
+    del old["sessions"]
+    save_checkpoint(out / "last.pt", old)
+    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", "cafe0000")
+    resumed = fit(tiny(folder, out, epochs=2, cos_samples=0), resume=out)
+    first, second = resumed.sessions
+    assert first == {"commit": "feedbeef+loaded", "recorded": "when the checkpoint was written", "until_step": 4}
+    assert (second["commit"], second["from_epoch"], second["from_step"]) == ("cafe0000", 1, 4)
+
+
+def test_git_commit_of_a_checkout_reads_it_now(tmp_path):
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+    def run(*args: str) -> str:
+        return subprocess.run([git, *args], cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+
+    run("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    run("add", "f.txt")
+    run("commit", "-q", "-m", "one")
+    head = run("rev-parse", "HEAD").strip()
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert git_commit(tmp_path) == head + "+dirty"
 
 
 def test_resume_refuses_changed_training_fields(finished_run, tmp_path, capsys):

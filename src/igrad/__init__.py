@@ -9,6 +9,7 @@ from .gradients import gradient, gradient_cosine, input_gradients
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss, register_error
 from .models import create_model, default_target_layer, list_models, register_model
 from .output import LogitsOutput
+from .provenance import PROCESS_COMMIT as _PROCESS_COMMIT  # noqa: F401  (the commit of the code now loaded)
 from .rules import STATS_MODES, BackwardRules, Phase
 
 __version__ = "0.1.0"

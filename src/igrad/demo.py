@@ -90,7 +90,13 @@ def run_demo(
     rows = {}
     for name, config in (("baseline", base), ("regularised", reg)):
         result = fit_or_resume(config, quiet=quiet)
-        rows[name] = {"lam": config.lam, "test_acc": result.test_acc, "cos": result.cos, "run_dir": str(result.run_dir)}
+        rows[name] = {
+            "lam": config.lam,
+            "test_acc": result.test_acc,
+            "cos": result.cos,
+            "run_dir": str(result.run_dir),
+            "sessions": result.sessions,
+        }
     demo = DemoResult(rows["baseline"], rows["regularised"])
     atomic_write_json(Path(out) / "demo.json", {"results": rows, **provenance(reg.to_dict(), seed)})
     return demo

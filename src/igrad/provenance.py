@@ -1,5 +1,10 @@
 """Provenance: every results file says what produced it (config, seed, versions, commit, machine, time).
-Files are written by :mod:`igrad.atomic`."""
+Files are written by :mod:`igrad.atomic`.
+
+The commit is the one of the code this process runs: read once, when igrad is imported, not when a result
+is written, so the results of a job that outlives a commit (hours of training while the tree moves on) name
+the code that produced them. A job that spans processes (a resumed training) records each process's commit
+(:class:`igrad.train.RunResult` ``sessions``)."""
 
 from __future__ import annotations
 
@@ -14,12 +19,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["provenance", "git_commit", "file_sha256"]
+__all__ = ["PROCESS_COMMIT", "provenance", "git_commit", "file_sha256"]
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
-    """The commit of the git checkout holding igrad's source (``+dirty`` when modified), or ``None``."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    """The commit (``git describe``, ``+dirty`` when modified) of the checkout holding ``path`` now; without
+    ``path``, of igrad's own source when this process imported it (:data:`PROCESS_COMMIT`). ``None`` outside
+    a git checkout."""
+    return _describe(Path(path)) if path is not None else PROCESS_COMMIT
+
+
+def _describe(where: Path) -> str | None:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=40"],
@@ -32,6 +42,10 @@ def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+#: The commit of igrad's source when this process imported igrad (``git_commit()``): what its results ran.
+PROCESS_COMMIT: str | None = _describe(Path(__file__).resolve().parent)
 
 
 def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:

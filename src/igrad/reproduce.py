@@ -428,7 +428,8 @@ def _test_data(cache: dict[str, TrainData], config: TrainConfig) -> TrainData:
 
 
 def _run_row(run: Any, config: TrainConfig, res: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's line of the report: λ, folder, checkpoint, budget, final training numbers, config, results."""
+    """A run's line of the report: λ, folder, checkpoint, budget, final training numbers, config, the
+    processes that trained it (commit of each) and results."""
     return {
         "lam": config.lam,
         "run_dir": str(run.run_dir),
@@ -438,6 +439,7 @@ def _run_row(run: Any, config: TrainConfig, res: Mapping[str, Any]) -> dict[str,
         "train_s": run.final.get("elapsed"),
         "final": {k: run.final.get(k) for k in ("test_acc", "cos", "train_acc", "loss", "l_c", "l_r")},
         "config": config.to_dict(),
+        "sessions": run.sessions,
         **_model_row(res),
     }
 

@@ -21,7 +21,9 @@ subset of ``cos_samples`` test images. Files of a run folder (only rank 0 writes
 
 * ``config.toml``: the effective config (reload with ``igrad train --config``);
 * ``metrics.jsonl``: one JSON object per epoch (keys in :data:`METRIC_KEYS`);
-* ``run.json``: summary, status and provenance;
+* ``run.json``: summary, status, provenance and ``sessions``: each process that trained the run (a resumed
+  run has several), with the commit of the code it ran, when it started, from which epoch and step, its device
+  and threads;
 * ``last.pt`` (every epoch, and every ``checkpoint_every`` steps) and ``best.pt`` (highest validation
   accuracy, or test accuracy without a validation split), in the format of :mod:`igrad.checkpoint`.
 
@@ -41,6 +43,7 @@ statistics are broadcast from rank 0 before each evaluation, and evaluation is s
 
 from __future__ import annotations
 
+import datetime as _dt
 import gc
 import json
 import math
@@ -48,7 +51,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +71,7 @@ from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
 from ..precision import autocast, to_channels_last
-from ..provenance import file_sha256, provenance
+from ..provenance import file_sha256, git_commit, provenance
 from ..torch_utils import eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
@@ -154,6 +157,9 @@ class RunResult:
     history: list[dict[str, Any]]
     model: nn.Module
     best: dict[str, Any]
+    #: the processes that trained the run, in order (:meth:`_Trainer.sessions`): each one's commit, start
+    #: time, the epoch and step it started from, its device and threads
+    sessions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -295,6 +301,17 @@ class _Trainer:
         self.saved = "no checkpoint had been written yet"
         if state is not None:
             self._restore(state)
+        self.earlier_sessions = _earlier_sessions(state)
+        self.session_from_step = self.global_step
+        self.session: dict[str, Any] = {
+            "commit": git_commit(),
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "from_epoch": self.epoch,
+            "from_step": self.global_step,
+            "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
+            "world_size": self.dist.world,
+        }
         self.ddp: nn.Module = self.model
         if self.dist.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -427,6 +444,12 @@ class _Trainer:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
+    def sessions(self) -> list[dict[str, Any]]:
+        """The processes that trained this run: those of the checkpoint it resumed from, then this one once it
+        has trained a step (or started the run): a finished run reused by a later process adds none."""
+        trained = self.global_step > self.session_from_step or not self.earlier_sessions
+        return [*self.earlier_sessions, *([dict(self.session)] if trained else [])]
+
     def _elapsed(self) -> float:
         return self.elapsed + time.perf_counter() - self._since
 
@@ -453,6 +476,7 @@ class _Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed": self._elapsed(),
+            "sessions": self.sessions(),
             "provenance": provenance(cfg, self.config.seed),
         }
 
@@ -466,6 +490,7 @@ class _Trainer:
             "epochs_done": self.epoch,
             "final": _finite(self.history[-1]) if self.history else None,
             "best": _finite(self.best),
+            "sessions": self.sessions(),
             "provenance": provenance(cfg, self.config.seed),
         }
         atomic_write_json(self.run_dir / "run.json", summary)
@@ -483,7 +508,9 @@ class _Trainer:
         if self.writes:
             self._write_logs("finished")
         self.model.eval()
-        return RunResult(self.run_dir, self._config_dict(), list(self.history), self.model, dict(self.best))
+        return RunResult(
+            self.run_dir, self._config_dict(), list(self.history), self.model, dict(self.best), self.sessions()
+        )
 
     def _config_toml_values(self) -> dict[str, Any]:
         values = self.config.to_dict()
@@ -679,6 +706,18 @@ class _Trainer:
                     float(t[1]) / len(cos_index) if c.cos_samples > 0 and cos_index is not None else None
                 )
         return out
+
+
+def _earlier_sessions(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The sessions recorded in a checkpoint being resumed; for a checkpoint written before sessions were
+    recorded, one entry with the commit its provenance names (read when it was written, so possibly later
+    than the code that trained it)."""
+    if state is None:
+        return []
+    if "sessions" in state:
+        return [dict(s) for s in state["sessions"]]
+    commit = state.get("provenance", {}).get("commit")
+    return [{"commit": commit, "recorded": "when the checkpoint was written", "until_step": int(state["step"])}]
 
 
 def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
