@@ -82,7 +82,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         # the demo's regularised model fine-tunes the baseline's final weights with a fresh optimiser
         reg_config = entry["runs"]["regularised"]["config"]
         assert reg_config["init"] == str(out / "runs" / net / "baseline" / "last.pt")
-        assert (reg_config["lr"], reg_config["epochs"]) == (0.01, 1) and entry["runs"]["regularised"]["steps"] == 4
+        assert (reg_config["lr"], reg_config["epochs"]) == (0.005, 1) and entry["runs"]["regularised"]["steps"] == 4
         assert entry["runs"]["baseline"]["config"]["init"] is None
         # the same test subset for both models, every method with every metric
         base, reg = (json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in LABELS)
