@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def choose(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {"lam": None, "why": "scratch-lam0 has not finished"}
     control = accuracy(runs["scratch-lam0"])
     # in image counts, exactly: a run right at the floor qualifies (no float rounding of k/n − 0.01)
-    floor_count = _correct(control) - round(ACCURACY_SLACK * control["n"])
+    floor_count = _correct(control) - math.floor(ACCURACY_SLACK * control["n"] + 1e-9)  # never more lenient
     floor = floor_count / control["n"]
     candidates = [r for r in runs.values() if r["group"] in ("scratch", "warmup")]
     for r in candidates:
@@ -256,12 +257,19 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
 def _provenance_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
     """The provenance section: where each run's config, seed, versions and commit are, and the runs recorded
     with uncommitted changes in the tree (``+dirty``), pointing to the notes that say what those were."""
-    dirty = {n: str(r["provenance"]["commit"]) for n, r in runs.items() if "+dirty" in str(r["provenance"]["commit"])}
+    dirty = {}
+    for n, r in runs.items():
+        commits = [r["provenance"]["commit"], *(x.get("commit") for x in r.get("sessions", []))]
+        marked = [str(c) for c in commits if "+dirty" in str(c)]
+        if marked:
+            dirty[n] = marked[0]
     lines = [
         "## Provenance",
         "",
-        "Each run's file (`<run>.json`) records its config, seed, library versions, machine and the commit of "
-        "the tree when the run ended; `logs/` holds the per-epoch logs of the runs trained since they were kept.",
+        "Each run's file (`<run>.json`) records its config, seed, library versions, machine and a commit: for "
+        "the files written before `sessions` existed, the tree's when the run ended; since, the commit igrad "
+        "was imported from, and `sessions`, every process that trained the run with its own commit. `logs/` "
+        "holds the per-epoch logs of the runs trained since they were kept.",
     ]
     if dirty:
         listed = ", ".join(f"`{n}` ({c[:7]})" for n, c in sorted(dirty.items()))
@@ -320,7 +328,7 @@ def figure(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]]) -> byte
         ax.set_ylabel("validation top-1 (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", title="group (labels: λ)")
-    fig.suptitle("ResNet-18 on CIFAR-100 validation: one point per run (metrics on the same 500 images, ×100)")
+    fig.suptitle("ResNet-18 on CIFAR-100 validation: one point per run (saliency metrics ×100, the same 500 images)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()

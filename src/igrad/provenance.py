@@ -1,9 +1,10 @@
 """Provenance: every results file says what produced it (config, seed, versions, commit, machine, time).
 Files are written by :mod:`igrad.atomic`.
 
-The commit is the one of the code this process runs: read once, when igrad is imported, not when a result
-is written, so the results of a job that outlives a commit (hours of training while the tree moves on) name
-the code that produced them. A job that spans processes (a resumed training) records each process's commit
+The commit is the one of the tree igrad was imported from in this process, read once at import, not when a
+result is written, so the results of a job that outlives a commit (hours of training while the tree moves on)
+name the code that produced them; where the tree differs at write time, that is recorded too
+(``commit_at_write``). A job that spans processes (a resumed training) records each process's commit
 (:class:`igrad.train.RunResult` ``sessions``)."""
 
 from __future__ import annotations
@@ -24,36 +25,57 @@ __all__ = ["PROCESS_COMMIT", "provenance", "git_commit", "file_sha256"]
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
     """The commit (``git describe``, ``+dirty`` when modified) of the checkout holding ``path`` now; without
-    ``path``, of igrad's own source when this process imported it (:data:`PROCESS_COMMIT`). ``None`` outside
-    a git checkout."""
+    ``path``, of igrad's own source when this process imported igrad (:data:`PROCESS_COMMIT`). ``None``
+    outside a git checkout, and for igrad's source when git does not track it (an installed copy inside some
+    other repository is not that repository's code)."""
     return _describe(Path(path)) if path is not None else PROCESS_COMMIT
 
 
-def _describe(where: Path) -> str | None:
+def _git(where: Path, *args: str) -> str | None:
+    """``git args`` run in ``where`` (stdout), ``None`` when git is missing or fails; it takes no optional
+    locks (reading the commit never writes the index of a checkout in use)."""
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=40"],
+            ["git", *args],
             cwd=where,
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout
 
 
-#: The commit of igrad's source when this process imported igrad (``git_commit()``): what its results ran.
-PROCESS_COMMIT: str | None = _describe(Path(__file__).resolve().parent)
+def _describe(where: Path) -> str | None:
+    out = _git(where, "describe", "--always", "--dirty=+dirty", "--abbrev=40")
+    return (out.strip() or None) if out is not None else None
+
+
+def _own_commit() -> str | None:
+    """The commit of igrad's source now, when git tracks this very file there."""
+    here = Path(__file__).resolve()
+    if _git(here.parent, "ls-files", "--error-unmatch", here.name) is None:
+        return None
+    return _describe(here.parent)
+
+
+#: The commit of igrad's source when this process imported igrad (``git_commit()``). Modules igrad imports
+#: later come from the same tree unless it changed in between, which :func:`provenance` then reports.
+PROCESS_COMMIT: str | None = _own_commit()
 
 
 def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
-    """What produced a result: config, seed, versions, commit, machine and time (JSON-ready)."""
+    """What produced a result: config, seed, versions, commit, machine and time (JSON-ready). ``commit`` is
+    :data:`PROCESS_COMMIT`; where igrad's tree has changed since (a commit or an edit during a long job),
+    ``commit_at_write`` says what it is now, so that nothing that ran is hidden either way."""
     import torchvision
 
     from . import __version__
 
+    now = _own_commit()
     return {
         "config": dict(config) if config is not None else None,
         "seed": seed,
@@ -63,7 +85,8 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
             "torchvision": str(torchvision.__version__),
             "python": platform.python_version(),
         },
-        "commit": git_commit(),
+        "commit": PROCESS_COMMIT,
+        **({"commit_at_write": now} if now != PROCESS_COMMIT else {}),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.machine(),

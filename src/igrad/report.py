@@ -219,24 +219,27 @@ def write_comparison(
     *,
     labels: tuple[str, str] = ("baseline", "regularised"),
     name: str = "compare",
+    reports: bool = True,
 ) -> dict[str, Path]:
-    """Write each side's report into ``out_dir/<label>/`` and ``<name>.md`` + ``<name>.json`` (the paired
-    comparison, :func:`igrad.evaluate.compare_results`; keys ``"compare.md"``/``"compare.json"`` in the
-    returned paths whatever ``name`` is)."""
+    """Write ``<name>.md`` + ``<name>.json`` into ``out_dir`` (the paired comparison,
+    :func:`igrad.evaluate.compare_results`, whose keys call the second side ``"regularised"`` whatever its
+    label) and, with ``reports``, each side's report into ``out_dir/<label>/``. Returns the paths written,
+    keyed by file name (``"<label>.<file>"`` for the sides' files)."""
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     for label, res in zip(labels, (baseline, regularised), strict=True):
-        for k, p in write_report(res, out / label).items():
+        for k, p in (write_report(res, out / label) if reports else {}).items():
             paths[f"{label}.{k}"] = p
-    paths["compare.md"] = out / f"{name}.md"
+    md, js = f"{name}.md", f"{name}.json"
+    paths[md] = out / md
     atomic_write_text(
-        paths["compare.md"],
+        paths[md],
         "# igrad evaluate: comparison\n\n"
         + compare_table(baseline, regularised, labels=labels, ci=regularised["settings"]["ci"]),
     )
-    paths["compare.json"] = out / f"{name}.json"
+    paths[js] = out / js
     atomic_write_json(
-        paths["compare.json"],
+        paths[js],
         {
             "kind": "igrad.compare",
             "labels": list(labels),

@@ -454,12 +454,12 @@ def _comparison(
     out: Path,
 ) -> dict[str, Any]:
     """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
-    ``eval/<net>/``), the cells won, the SPEC 5 table, the qualitative figure and the curves' files; with a
-    fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (also written to
-    ``eval/<net>/compare-fine-tuned.{md,json}``; its report in ``eval/<net>/fine-tuned/`` is written by
-    :func:`_network` when evaluated) and a third row per image in the figure."""
+    ``eval/<net>/compare.{md,json}``), the cells won, the SPEC 5 table, the qualitative figure and the curves'
+    files; with a fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (also written to
+    ``eval/<net>/compare-fine-tuned.{md,json}``) and a third row per image in the figure. Each model's own
+    report in ``eval/<net>/<label>/`` is written by :func:`_network`."""
     base, reg, lam = results["baseline"], results["regularised"], settings["lam"]
-    write_comparison(base, reg, out / "eval" / net, labels=LABELS)
+    write_comparison(base, reg, out / "eval" / net, labels=LABELS, reports=False)  # _network wrote the reports
     lam_models = {"baseline (λ = 0)": models["baseline"], f"regularised (λ = {lam:g})": models["regularised"]}
     entry = _versus(base, reg, f"regularised λ={lam:g}", settings)
     if FINETUNED in results:
@@ -467,7 +467,9 @@ def _comparison(
         lam_models[f"fine-tuned (λ = {ft_lam:g})"] = models[FINETUNED]
         entry[FINETUNED] = {"lam": ft_lam, **_versus(base, results[FINETUNED], f"fine-tuned λ={ft_lam:g}", settings)}
         ft_labels = (LABELS[0], FINETUNED)
-        write_comparison(base, results[FINETUNED], out / "eval" / net, labels=ft_labels, name=f"compare-{FINETUNED}")
+        write_comparison(
+            base, results[FINETUNED], out / "eval" / net, labels=ft_labels, name=f"compare-{FINETUNED}", reports=False
+        )
     figure = out / "figures" / f"{net}.png"
     title = f"{net}: baseline (λ = 0) vs regularised{' vs fine-tuned' if FINETUNED in results else ''}; target = label"
     indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
@@ -607,8 +609,9 @@ def _network(
         stored = out / "eval" / net / label / "results.json"
         res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
         res["data"]["split"] = "test"
-        if not reused:  # kept at once: a later model's interruption must not cost this evaluation
-            write_report(res, stored.parent)
+        # written at once (a later model's interruption must not cost this evaluation), a reused one's again;
+        # the comparisons write only their own files
+        write_report(res, stored.parent)
         results[label], models[label] = res, run.model
         entry["trained"][label] = trained
         entry["evaluation_reused"][label] = reused

@@ -222,7 +222,7 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], None]
 
 
-def _check_same_init(init: str, sha256: str | None) -> None:
+def _check_same_init(init: str, sha256: str | None, run_dir: Path) -> None:
     """A resumed fine-tuning run's ``init`` file, where it exists, must still be the file it started from."""
     path = Path(init)
     if sha256 is None or not path.is_file():
@@ -230,8 +230,9 @@ def _check_same_init(init: str, sha256: str | None) -> None:
     now = file_sha256(path)
     if now != sha256:
         raise IgradError(
-            f"cannot resume: this run was fine-tuned from {init} with SHA-256 {sha256[:12]}..., but that file is "
-            f"now {now[:12]}... (retrained or replaced); train the fine-tuning run again in a new folder"
+            f"cannot resume the run in {run_dir}: it was fine-tuned from {init} with SHA-256 {sha256[:12]}..., "
+            f"but that file is now {now[:12]}... (retrained or replaced); train the fine-tuning run again in a "
+            "new folder"
         )
 
 
@@ -349,7 +350,7 @@ class _Trainer:
             return init
         saved = state["config"]
         self.init_sha256 = saved.get("init_sha256")
-        _check_same_init(c.init, self.init_sha256)
+        _check_same_init(c.init, self.init_sha256, self.run_dir)
         if saved.get("classes") is not None and "num_classes" in saved:
             self.data = match_data_classes(
                 self.data, saved["classes"], int(saved["num_classes"]), source=c.data, model="the run being resumed"
@@ -402,8 +403,9 @@ class _Trainer:
             added = sorted(set(self.data.classes) - set(names))
             gone = sorted(set(names) - set(self.data.classes))
             raise IgradError(
-                f"cannot resume: the classes of {self.config.data} changed since the run was trained "
-                f"(new: {added or 'none'}; missing: {gone or 'none'}); restore the class folders or start a new run"
+                f"cannot resume the run in {self.run_dir}: the classes of {self.config.data} changed since the run "
+                f"was trained (new: {added or 'none'}; missing: {gone or 'none'}); restore the class folders or "
+                "start a new run"
             )
         # a field the checkpoint predates was trained with that field's default (e.g. no label smoothing)
         defaults = TrainConfig().to_dict()
@@ -415,9 +417,9 @@ class _Trainer:
         if mismatch:
             k = mismatch[0]
             raise IgradError(
-                f"cannot resume: {k} is {self.config.to_dict()[k]!r} but the run was trained with "
-                f"{saved.get(k, defaults[k])!r} "
-                f"(only {', '.join(sorted(RESUME_OVERRIDES))} may change when resuming)"
+                f"cannot resume the run in {self.run_dir}: {k} is {self.config.to_dict()[k]!r} but the run was "
+                f"trained with {saved.get(k, defaults[k])!r} (only {', '.join(sorted(RESUME_OVERRIDES))} may "
+                f"change when resuming); to train these settings, use another folder or delete {self.run_dir}"
             )
         if saved.get("world_size", 1) != self.dist.world:
             print(
@@ -450,6 +452,13 @@ class _Trainer:
         trained = self.global_step > self.session_from_step or not self.earlier_sessions
         return [*self.earlier_sessions, *([dict(self.session)] if trained else [])]
 
+    def _provenance(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """:func:`igrad.provenance.provenance` with the commit of the session that trained the weights last: a
+        finished run reused by a later process keeps naming the code that trained it."""
+        prov = provenance(cfg, self.config.seed)
+        prov["commit"] = self.sessions()[-1]["commit"]
+        return prov
+
     def _elapsed(self) -> float:
         return self.elapsed + time.perf_counter() - self._since
 
@@ -477,7 +486,7 @@ class _Trainer:
             "best": self.best,
             "elapsed": self._elapsed(),
             "sessions": self.sessions(),
-            "provenance": provenance(cfg, self.config.seed),
+            "provenance": self._provenance(cfg),
         }
 
     def _write_logs(self, status: str) -> None:
@@ -491,7 +500,7 @@ class _Trainer:
             "final": _finite(self.history[-1]) if self.history else None,
             "best": _finite(self.best),
             "sessions": self.sessions(),
-            "provenance": provenance(cfg, self.config.seed),
+            "provenance": self._provenance(cfg),
         }
         atomic_write_json(self.run_dir / "run.json", summary)
 
@@ -717,7 +726,10 @@ def _earlier_sessions(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if "sessions" in state:
         return [dict(s) for s in state["sessions"]]
     commit = state.get("provenance", {}).get("commit")
-    return [{"commit": commit, "recorded": "when the checkpoint was written", "until_step": int(state["step"])}]
+    unknown = dict.fromkeys(("started", "from_epoch", "from_step", "device", "torch_threads", "world_size"))
+    return [
+        {"commit": commit, **unknown, "recorded": "when the checkpoint was written", "until_step": int(state["step"])}
+    ]
 
 
 def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
