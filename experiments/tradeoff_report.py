@@ -145,10 +145,11 @@ def choose(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     floor_count = _correct(control) - math.floor(ACCURACY_SLACK * control["n"] + 1e-9)  # never more lenient
     floor = floor_count / control["n"]
     candidates = [r for r in runs.values() if r["group"] in ("scratch", "warmup")]
-    for r in candidates:
-        if accuracy(r)["n"] != control["n"]:
-            raise SystemExit(f"{r['run']} was validated on {accuracy(r)['n']} images, scratch-lam0 on {control['n']}")
-    eligible = [r for r in candidates if _correct(accuracy(r)) >= floor_count]
+    accs = {r["run"]: accuracy(r) for r in candidates}
+    for name, acc in accs.items():
+        if acc["n"] != control["n"]:
+            raise SystemExit(f"{name} was validated on {acc['n']} images, scratch-lam0 on {control['n']}")
+    eligible = [r for r in candidates if _correct(accs[r["run"]]) >= floor_count]
     best = max(eligible, key=lambda r: r["evaluation"]["model"]["cos"]["mean"])
     return {
         "run": best["run"],

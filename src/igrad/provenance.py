@@ -75,7 +75,8 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
 
     from . import __version__
 
-    now = _own_commit()
+    # whether git tracks igrad's source was settled at import: only the commit can have moved since
+    now = _describe(Path(__file__).resolve().parent) if PROCESS_COMMIT is not None else None
     return {
         "config": dict(config) if config is not None else None,
         "seed": seed,

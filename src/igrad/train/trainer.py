@@ -302,8 +302,6 @@ class _Trainer:
         self.saved = "no checkpoint had been written yet"
         if state is not None:
             self._restore(state)
-        self.earlier_sessions = _earlier_sessions(state)
-        self.session_from_step = self.global_step
         self.session: dict[str, Any] = {
             "commit": git_commit(),
             "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -313,6 +311,7 @@ class _Trainer:
             "torch_threads": torch.get_num_threads(),
             "world_size": self.dist.world,
         }
+        self.earlier_sessions = _earlier_sessions(state, self.session)
         self.ddp: nn.Module = self.model
         if self.dist.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -449,7 +448,7 @@ class _Trainer:
     def sessions(self) -> list[dict[str, Any]]:
         """The processes that trained this run: those of the checkpoint it resumed from, then this one once it
         has trained a step (or started the run): a finished run reused by a later process adds none."""
-        trained = self.global_step > self.session_from_step or not self.earlier_sessions
+        trained = self.global_step > self.session["from_step"] or not self.earlier_sessions
         return [*self.earlier_sessions, *([dict(self.session)] if trained else [])]
 
     def _provenance(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -717,19 +716,17 @@ class _Trainer:
         return out
 
 
-def _earlier_sessions(state: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def _earlier_sessions(state: Mapping[str, Any] | None, session: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The sessions recorded in a checkpoint being resumed; for a checkpoint written before sessions were
-    recorded, one entry with the commit its provenance names (read when it was written, so possibly later
-    than the code that trained it)."""
+    recorded, one entry with ``session``'s fields, ``None`` but for the commit its provenance names (read
+    when it was written, so possibly later than the code that trained it)."""
     if state is None:
         return []
     if "sessions" in state:
         return [dict(s) for s in state["sessions"]]
     commit = state.get("provenance", {}).get("commit")
-    unknown = dict.fromkeys(("started", "from_epoch", "from_step", "device", "torch_threads", "world_size"))
-    return [
-        {"commit": commit, **unknown, "recorded": "when the checkpoint was written", "until_step": int(state["step"])}
-    ]
+    recorded = {"recorded": "when the checkpoint was written", "until_step": int(state["step"])}
+    return [{**dict.fromkeys(session), "commit": commit, **recorded}]
 
 
 def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
