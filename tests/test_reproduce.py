@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -225,30 +226,62 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     settings and data is kept as it was (a reproduction spread over working sessions); other settings drop it."""
     out = tmp_path / "rep"
     kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False)
-    first = reproduce("demo", data, out, networks=[NETWORKS[1]], **kw)
+    first = reproduce("demo", data, out, networks=[NETWORKS[1]], **{**kw, "train": {**TINY_TRAIN, "amp": False}})
     assert list(first["networks"]) == [NETWORKS[1]]
-    # a report written before the fine-tuned model existed has no such setting: the same as none
+    made = first["networks"][NETWORKS[1]]["made_by"]
+    assert made["precision"] == {"training": dict.fromkeys(LABELS, "float32"), "evaluation": "float32"}
+    assert made["command"] == first["command"] and made["commit"] == first["provenance"]["commit"]
+    # a report written before the fine-tuned model existed has no such setting: the same as none; one written
+    # before networks said what made them gets it from the report's own command and provenance
     stored = json.loads((out / "results.json").read_text())
     assert stored["settings"].pop("finetuned") is None
+    del stored["networks"][NETWORKS[1]]["made_by"]
+    stored["command"], stored["provenance"]["commit"] = "igrad reproduce (the first call)", "feedbeef"
     (out / "results.json").write_text(json.dumps(stored))
-    # another session, another thread count (a resource, not a setting), the same data folder named by a
-    # relative path through a link: still one report
+    # another session, another thread count (a resource, not a setting) and bf16 (a precision, not a setting:
+    # a machine with bf16 units), the same data folder named by a relative path through a link: still one report
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "link").symlink_to(data.parent)
     monkeypatch.chdir(tmp_path / "elsewhere")
     relative = os.path.join("..", "link", data.name)
     assert relative != str(data)
-    second = reproduce("demo", relative, out, networks=[NETWORKS[0]], **{**kw, "train": {**TINY_TRAIN, "threads": 1}})
+    bf16 = {**TINY_TRAIN, "threads": 1, "amp": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on a CPU without bf16 units
+        second = reproduce("demo", relative, out, networks=[NETWORKS[0]], **{**kw, "train": bf16})
     assert list(second["networks"]) == list(NETWORKS)  # the paper's order
-    assert second["networks"][NETWORKS[1]] == json.loads(json.dumps(first["networks"][NETWORKS[1]]))
+    kept = dict(second["networks"][NETWORKS[1]])
+    assert kept.pop("made_by") == {
+        **made,
+        "command": "igrad reproduce (the first call)",
+        "commit": "feedbeef",
+        "machine": stored["provenance"]["machine"],
+        "time": stored["provenance"]["time"],
+    }
+    assert kept == {k: v for k, v in json.loads(json.dumps(first["networks"][NETWORKS[1]])).items() if k != "made_by"}
+    new = second["networks"][NETWORKS[0]]["made_by"]
+    assert new["precision"] == {"training": dict.fromkeys((*LABELS,), "bf16"), "evaluation": "bf16"}
     md = (out / "report.md").read_text()
     assert all(f"## {n}" in md for n in NETWORKS)
+    # each network's section says what made it, at which precision
+    sections = {n: md.split(f"## {n}")[1].split("\n## ")[0] for n in NETWORKS}
+    assert "Made by `igrad reproduce (the first call)`: training in **float32**" in sections[NETWORKS[1]]
+    assert "commit feedbeef" in sections[NETWORKS[1]]
+    assert (
+        f"Made by `{second['command']}`: training in **bf16**, saliency maps and metrics in **bf16**"
+        in (sections[NETWORKS[0]])
+    )
+    assert "networks differ in `model`, `amp`" in md
     # other evaluation settings: the earlier network is not carried over into a report it was not made for
-    third = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
+    seed1 = {**TINY_EVAL, "seed": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        third = reproduce("demo", data, out, networks=[NETWORKS[0]], **{**kw, "train": bf16, "evaluation": seed1})
     assert list(third["networks"]) == [NETWORKS[0]]
     # the same settings on another data folder: the earlier network is not carried over either
     other = write_folder(tmp_path / "other", n_train=8, n_test=4, size=12)
-    fourth = reproduce("demo", other, out, networks=[NETWORKS[1]], **{**kw, "evaluation": {**TINY_EVAL, "seed": 1}})
+    fp32 = {**TINY_TRAIN, "amp": False}
+    fourth = reproduce("demo", other, out, networks=[NETWORKS[1]], **{**kw, "train": fp32, "evaluation": seed1})
     assert list(fourth["networks"]) == [NETWORKS[1]]
 
 
@@ -282,8 +315,13 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd):
     printed = capfd.readouterr().out.splitlines()
     for label in LABELS:
         assert sum(line.startswith(f"[{label}] epoch 1/1") for line in printed) == 1, printed
-    # the cpu preset's fine-tuned third model waits for the baseline, then trains in this process
+    # the cpu preset's fine-tuned third model waits for the baseline, then trains in a free process; each
+    # model is evaluated in a free process too (the same tables below), none of it reused from an earlier call
+    assert sum(line.startswith(f"[{FINETUNED}] epoch 1/") for line in printed) == 1, printed
+    for label in (*LABELS, FINETUNED):
+        assert sum(line.startswith(f"[{label}] evaluated in") for line in printed) == 1, printed
     assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in (*LABELS, FINETUNED)}
+    assert b["networks"][NETWORKS[0]]["evaluation_reused"] == {lb: False for lb in (*LABELS, FINETUNED)}
     for label in (*LABELS, FINETUNED):
         wa = torch.load(tmp_path / "a" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         wb = torch.load(tmp_path / "b" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]

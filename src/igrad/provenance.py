@@ -10,6 +10,7 @@ name the code that produced them; where the tree differs at write time, that is 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PROCESS_COMMIT", "provenance", "git_commit", "file_sha256"]
+__all__ = ["PROCESS_COMMIT", "provenance", "machine_info", "cpu_model", "git_commit", "file_sha256"]
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
@@ -88,15 +89,41 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
         },
         "commit": PROCESS_COMMIT,
         **({"commit_at_write": now} if now != PROCESS_COMMIT else {}),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
+        "machine": machine_info(),
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a result was computed on: platform, architecture, CPU count and model, whether the CPU has
+    bf16 units (AVX512-BF16 or AMX: :func:`igrad.precision.native_bf16`; without them bf16 autocast is
+    emulated and the ``cpu`` recipe runs in float32), torch's thread count and the GPU's name (or ``None``)."""
+    from .precision import native_bf16
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_bf16_units": native_bf16("cpu"),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+@functools.cache
+def cpu_model() -> str | None:
+    """The CPU's model name: the first ``model name`` line of ``/proc/cpuinfo`` (Linux), else
+    :func:`platform.processor`; ``None`` when neither says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -325,7 +325,8 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
     """One network of the reproduction: its SPEC 5 table (and the fine-tuned model's, when there is one), the
     cells won, the runs, curves and figure."""
     runs = entry["runs"]
-    lines = [f"## {net}", "", *_versus_lines("regularised", entry, runs["baseline"], runs["regularised"])]
+    lines = [f"## {net}", "", *_made_by_lines(entry.get("made_by"))]
+    lines += _versus_lines("regularised", entry, runs["baseline"], runs["regularised"])
     if FINETUNED in entry:
         ft = entry[FINETUNED]
         lines += [
@@ -354,6 +355,27 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         "",
         f"Qualitative figure: test images {entry['figure']['indices']} (evenly spaced through the evaluated subset); "
         "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image one row per model: " + ", ".join(runs) + ".",
+        "",
+    ]
+
+
+def _made_by_lines(made: Mapping[str, Any] | None) -> list[str]:
+    """The line under a network's heading saying what made its entry: command, precision of training and
+    evaluation, commit, machine and time (a report may hold networks made by different calls and machines)."""
+    if not made:
+        return []
+    p, m = made["precision"], made.get("machine") or {}
+    kinds = sorted(set(p["training"].values()))
+    training = kinds[0] if len(kinds) == 1 else ", ".join(f"{k} {v}" for k, v in p["training"].items())
+    bf16 = m.get("cpu_bf16_units")
+    units = "" if bf16 is None else f", bf16 units: {'yes' if bf16 else 'no'}"
+    cpu = m.get("cpu_model") or m.get("platform") or "?"
+    where = f"{m['cuda']} GPU" if m.get("cuda") else f"{cpu} ({m.get('cpus')} CPUs{units})"
+    return [
+        f"Made by `{made['command']}`: training in **{training}**, saliency maps and metrics in "
+        f"**{p['evaluation']}** (top-1 and cos in float32). That call: commit {made.get('commit')}, {where}, "
+        f"finished {made.get('time')} (it may have reused runs and evaluations; each run's training sessions, "
+        "with their commits and machines, are in results.json).",
         "",
     ]
 
@@ -395,14 +417,21 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
             if report["settings"].get("finetuned")
             else ""
         )
-        + "; networks differ in `model`):",
+        + f"; networks differ in {_differing_fields(report)}):",
         "",
     ]
     if first_net is not None:
         lines += ["```toml", config_to_toml(first_net["runs"]["baseline"]["config"]).rstrip(), "```", ""]
-    lines += ["Evaluation:", "", "```json", json.dumps(ev, indent=2), "```", ""]
+    lines += [
+        "Evaluation (of this call; each network's precision is stated under its heading):",
+        "",
+        "```json",
+        json.dumps(ev, indent=2),
+        "```",
+        "",
+    ]
     return lines + [
-        "## Machine and versions",
+        "## Machine and versions (of this call)",
         "",
         f"- versions: {_versions(prov)}",
         f"- commit: {prov.get('commit')}",
@@ -414,6 +443,15 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
         f"Metrics: {', '.join(METRICS[k].title for k in METRICS)}.",
         "",
     ]
+
+
+def _differing_fields(report: Mapping[str, Any]) -> str:
+    """The config fields in which the networks' baselines differ (``model`` always), besides their paths."""
+    configs = [e["runs"]["baseline"]["config"] for e in report["networks"].values()]
+    keys = sorted(
+        {k for c in configs for k in c if k not in ("out", "init") and len({json.dumps(x.get(k)) for x in configs}) > 1}
+    )
+    return ", ".join(f"`{k}`" for k in ["model", *(k for k in keys if k != "model")])
 
 
 def _summary_lines(

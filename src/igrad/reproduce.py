@@ -35,6 +35,7 @@ validation split, with the setting chosen on it (never on the test subset of the
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN, demo_amp
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .provenance import file_sha256, provenance
+from .provenance import PROCESS_COMMIT, file_sha256, machine_info, provenance
 from .report import (
     FIGURE_METHODS,
     FINETUNED,
@@ -74,6 +75,7 @@ __all__ = [
     "FINETUNED",
     "ABLATION_LAMBDAS",
     "FIGURE_METHODS",
+    "PRECISION_FIELDS",
     "preset_settings",
     "train_config",
     "reproduce",
@@ -84,6 +86,11 @@ __all__ = [
 NETWORKS = ("cifar_resnet18", "cifar_mobilenet_v2")
 #: λ values of the ablation (SPEC 5 / issue 6).
 ABLATION_LAMBDAS = (0.0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75)
+#: Settings that choose the arithmetic, not the experiment: bf16 autocast (``amp``) in training and in evaluation
+#: (the ``cpu`` recipe's bf16 where the CPU has bf16 units, float32 where it would be emulated). A report may
+#: hold networks computed at different precisions (one per working session, on different machines); each
+#: network's ``made_by`` says which, and the report prints it under the network's heading.
+PRECISION_FIELDS = frozenset({"amp"})
 #: Evaluation settings of every experiment preset before its own (:class:`igrad.evaluate.EvalConfig`
 #: defaults otherwise).
 _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
@@ -104,11 +111,14 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: ``cpu`` (issue 14; one network per working session of a 2-core machine, ``--jobs 2 --threads 1
 #: --networks NAME``: the report keeps the other network from an earlier call): the ``cpu`` training recipe as
 #: is (:data:`igrad.train.PRESETS`: 24 epochs, 1/2 width, bf16 + channels-last, ρ = 0.25; ResNet-18 about 52
-#: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side), λ chosen on the validation
-#: split by the trade-off study (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM,
-#: the gradient and guided backpropagation) with all five metrics on 1 000 seeded test images, the same for
-#: every model, in bf16 (``amp``: metric means within 0.05 of float32's on 200 images, results/eval_bf16.json;
-#: 4.6x faster) with accuracy and cos in float32.
+#: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side, with bf16 units; in float32
+#: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2's baseline takes about 12 min an epoch, so
+#: 4-5 hours: several working sessions, resumed), λ chosen on the validation split by the trade-off study
+#: (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM, the gradient and guided
+#: backpropagation) with all five metrics on 1 000 seeded test images, the same for every model, in bf16
+#: (``amp``: metric means within 0.1 points of float32's on 200 images, AI within one or two images,
+#: results/eval_bf16.json; 4.6x faster) with accuracy and cos in float32. Precision (:data:`PRECISION_FIELDS`)
+#: may differ between the networks of one report.
 #:
 #: ``demo`` (`make demo`: 2 min on 2 cores with bf16 units, 7 min in float32 on a 2-core Zen 3): ResNet-18
 #: alone, the baseline 3 epochs at 1/4 width, the regularised model fine-tuning its final weights for 100
@@ -304,6 +314,17 @@ def _evaluate_run(
         return res
 
     return _cached_evaluation(stored, {"evaluate": dict(ev), "sha256": sha, "data": source}, compute)
+
+
+def _evaluate_and_store(
+    run: Any, split: Any, source: str, ev: Mapping[str, Any], stored: Path, progress: bool
+) -> tuple[dict[str, Any], bool]:
+    """:func:`_evaluate_run`, its results written to ``stored``'s folder at once (a later model's interruption
+    must not cost this evaluation; a reused one's again: the comparisons write only their own files)."""
+    res, reused = _evaluate_run(run, split, source, ev, stored, progress)
+    res["data"]["split"] = "test"
+    write_report(res, stored.parent)
+    return res, reused
 
 
 def _figure(
@@ -518,7 +539,7 @@ class _Prefixed:
 
 
 def _train_child(values: dict[str, Any], label: str) -> None:
-    """A child process of :func:`_train_side_by_side`: train one config (reusing or resuming its folder); its
+    """A child process of :func:`_side_by_side`: train one config (reusing or resuming its folder); its
     epoch lines go to stdout prefixed with ``[label]``."""
     import contextlib
 
@@ -531,7 +552,7 @@ def _train_child(values: dict[str, Any], label: str) -> None:
 
 
 def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
-    """Initializer of :func:`_train_side_by_side`'s worker processes: end this process within ``interval_s``
+    """Initializer of :func:`_side_by_side`'s worker processes: end this process within ``interval_s``
     of its parent ``parent``'s end. A parent killed with SIGTERM or SIGKILL runs no cleanup and would leave
     its children training on, unseen, and racing a resumed run for the same run folders (torch's DataLoader
     workers guard against the same with a watchdog on ``os.getppid``). The trainer writes its checkpoints
@@ -547,30 +568,110 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="igrad-parent-watchdog", daemon=True).start()
 
 
-def _train_side_by_side(configs: Mapping[str, TrainConfig], jobs: int, quiet: bool) -> set[str]:
-    """Train the runs that do not depend on another (not fine-tuning) in up to ``jobs`` processes at once,
-    each with ``threads`` torch threads (when unset: the CPU count divided among the processes). With
-    ``threads`` set, the runs are bitwise those trained one after another: each process seeds and trains
-    exactly as :func:`igrad.train.fit` does in this one (float32 sums split differently across other thread
-    counts). The children print their epoch lines prefixed with their label; a child's error is raised here;
-    a child ends soon after this process does, killed or not (:func:`_exit_with_parent`). Returns the labels
-    trained here (a finished run is only reused)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def _evaluate_child(values: dict[str, Any], label: str, ev: dict[str, Any], stored: str, data: str) -> None:
+    """A child process of :func:`_side_by_side`: evaluate the finished run of ``values`` with settings ``ev`` on
+    the test split into ``stored`` (reused there when already made with these settings and weights), for the
+    parent to reuse."""
+    import contextlib
 
-    todo = {label: c for label, c in configs.items() if c.init is None and not _finished(c)}
-    if len(todo) < 2:
-        return set()
-    workers = min(jobs, len(todo))
+    config = TrainConfig.from_dict(values)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    prefixed = _Prefixed(sys.stdout, f"[{label}] ")
+    try:
+        with contextlib.redirect_stdout(prefixed):
+            run = fit_or_resume(config, quiet=True)  # finished: its final weights, nothing trained
+            test = prepare_data(config.replace(val_fraction=0.0)).test
+            started = time.perf_counter()
+            _, reused = _evaluate_and_store(run, test, data, ev, Path(stored), progress=False)
+            if not reused:
+                print(f"evaluated in {(time.perf_counter() - started) / 60:.1f} min")
+    finally:
+        prefixed.flush()
+
+
+def _depends_on(configs: Mapping[str, TrainConfig]) -> dict[str, str | None]:
+    """For each run, the run whose final weights it starts from (``init`` naming that run's ``last.pt``)."""
+    by_checkpoint = {os.path.realpath(Path(c.out) / "last.pt"): label for label, c in configs.items()}
+    return {label: by_checkpoint.get(os.path.realpath(c.init)) if c.init else None for label, c in configs.items()}
+
+
+def _side_by_side(
+    configs: Mapping[str, TrainConfig], jobs: int, quiet: bool, evaluation: Mapping[str, Any] | None = None
+) -> tuple[set[str], set[str]]:
+    """Train a network's runs in up to ``jobs`` processes at once, each as soon as the run it starts from has
+    finished (the fine-tuned model after the baseline, not after every run), and, with ``evaluation``
+    (``{"evaluate": settings, "data": source, "stored": {label: results.json path}}``), evaluate each model in
+    a free process as soon as it is trained: no core idles while another run still trains. Each process runs
+    ``threads`` torch threads (when unset: the CPU count divided among the processes). With ``threads`` set,
+    the runs are bitwise those trained one after another: each process seeds and trains exactly as
+    :func:`igrad.train.fit` does in this one. The children print their lines prefixed with their label; a
+    child's error is raised here once the others have ended; a child ends soon after this process does, killed
+    or not (:func:`_exit_with_parent`). Nothing is started when every run has finished already (the caller
+    reuses them). Returns the labels trained here and those evaluated here."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    to_train = [label for label, c in configs.items() if not _finished(c)]
+    if not to_train or (evaluation is None and len(to_train) < 2):
+        return set(), set()
+    to_evaluate = list(configs) if evaluation is not None else []
+    after = _depends_on(configs)
+    workers = min(jobs, len(to_train) + len(to_evaluate))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    values = {label: c.replace(threads=c.threads or threads).to_dict() for label, c in todo.items()}
+    values = {label: c.replace(threads=c.threads or threads).to_dict() for label, c in configs.items()}
     if not quiet:
-        print(f"[reproduce] training {', '.join(todo)} side by side ({workers} processes)", file=sys.stderr)
+        print(f"[reproduce] training {', '.join(to_train)} side by side ({workers} processes)", file=sys.stderr)
+
+    def ready() -> tuple[str, str] | None:
+        """The next task whose run (or its starting point) has finished: trainings first (the long pole)."""
+        for label in to_train:
+            if label not in busy and after[label] not in to_train:
+                return "train", label
+        for label in to_evaluate:
+            if label not in to_train and label not in busy:
+                return "evaluate", label
+        return None
+
+    busy: set[str] = set()
+    trained, evaluated = set(to_train), set[str]()
+    running: dict[Future[None], tuple[str, str]] = {}
+    errors: list[BaseException] = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, context, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        for future in [pool.submit(_train_child, v, label) for label, v in values.items()]:
-            future.result()  # re-raises a child's error here
-    return set(todo)
+        while not errors and (to_train or to_evaluate or running):
+            while len(running) < workers and (task := ready()) is not None:
+                running[_submit(pool, task, values, evaluation)] = task
+                busy.add(task[1])
+                if task[0] == "evaluate":
+                    to_evaluate.remove(task[1])
+            if not running:  # pragma: no cover (a config cannot start from its own weights)
+                raise IgradError(f"runs that wait on each other: {', '.join(to_train)}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, label = running.pop(future)
+                busy.discard(label)
+                if (error := future.exception()) is not None:
+                    errors.append(error)
+                else:
+                    (to_train.remove if kind == "train" else evaluated.add)(label)
+        # after an error nothing new starts; the pool waits for the running ones, whose errors count too
+        errors += [e for f in running if (e := f.exception()) is not None]
+    if errors:
+        raise errors[0]
+    return trained, evaluated
+
+
+def _submit(
+    pool: Any, task: tuple[str, str], values: Mapping[str, dict[str, Any]], evaluation: Mapping[str, Any] | None
+) -> Any:
+    """Start ``task`` (``("train" | "evaluate", label)``) of :func:`_side_by_side` in ``pool``."""
+    kind, label = task
+    if kind == "train":
+        return pool.submit(_train_child, values[label], label)
+    assert evaluation is not None
+    ev, stored = dict(evaluation["evaluate"]), str(evaluation["stored"][label])
+    return pool.submit(_evaluate_child, values[label], label, ev, stored, evaluation["data"])
 
 
 def _finished(config: TrainConfig) -> bool:
@@ -597,24 +698,22 @@ def _network(
     entry: dict[str, Any] = {"runs": {}, "trained": {}, "evaluation_reused": {}}
     results: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
-    side_by_side = _train_side_by_side(configs, jobs, quiet) if jobs > 1 else set()
+    stored = {label: out / "eval" / net / label / "results.json" for label in configs}
+    evaluation = {"evaluate": settings["evaluate"], "data": data, "stored": stored}
+    side_trained, side_evaluated = _side_by_side(configs, jobs, quiet, evaluation) if jobs > 1 else (set(), set())
     for label, config in configs.items():
-        if not quiet and label not in side_by_side:
+        if not quiet and label not in side_trained:
             print(f"[reproduce] {net} {label} (λ = {config.lam:g}): training", file=sys.stderr)
         run, trained = _train(config, quiet)
-        trained = trained or label in side_by_side
         prepared = _test_data(cache, config)
-        if not quiet:
+        if not quiet and label not in side_evaluated:
             print(f"[reproduce] {net} {label}: evaluating {run.run_dir / 'last.pt'}", file=sys.stderr)
-        stored = out / "eval" / net / label / "results.json"
-        res, reused = _evaluate_run(run, prepared.test, data, settings["evaluate"], stored, progress and not quiet)
-        res["data"]["split"] = "test"
-        # written at once (a later model's interruption must not cost this evaluation), a reused one's again;
-        # the comparisons write only their own files
-        write_report(res, stored.parent)
+        res, reused = _evaluate_and_store(
+            run, prepared.test, data, settings["evaluate"], stored[label], progress and not quiet
+        )
         results[label], models[label] = res, run.model
-        entry["trained"][label] = trained
-        entry["evaluation_reused"][label] = reused
+        entry["trained"][label] = trained or label in side_trained
+        entry["evaluation_reused"][label] = reused and label not in side_evaluated
         entry["runs"][label] = _run_row(run, config, res)
     entry.update(_comparison(net, results, models, cache["data"], settings, out))
     return entry
@@ -670,7 +769,9 @@ def reproduce(
     paper_order = {n: i for i, n in enumerate(NETWORKS)}  # then the others as given
     for net in sorted(dict.fromkeys([*nets, *earlier]), key=lambda n: paper_order.get(n, len(NETWORKS))):
         if net in nets:
-            report["networks"][net] = _network(net, configs[net], settings, data, out, cache, quiet, progress, jobs)
+            entry = _network(net, configs[net], settings, data, out, cache, quiet, progress, jobs)
+            report["networks"][net] = entry
+            entry["made_by"] = _made_by(report["command"], entry, settings, _this_call())
         else:
             report["networks"][net] = earlier[net]
             if not quiet:
@@ -679,6 +780,29 @@ def reproduce(
                     file=sys.stderr,
                 )
     return _write(report, out, started, lambda r: reproduce_markdown(r, out))
+
+
+def _this_call() -> dict[str, Any]:
+    """The commit, machine and time of this process, as :func:`igrad.provenance.provenance` records them."""
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {"commit": PROCESS_COMMIT, "machine": machine_info(), "time": now}
+
+
+def _made_by(
+    command: str, entry: Mapping[str, Any], settings: Mapping[str, Any], call: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What made a network's entry of a reproduction: the command, the precision of its training (its runs'
+    ``amp``) and of its evaluation's saliency maps and metrics (``settings["evaluate"]["amp"]``; accuracy and
+    cos are float32 either way), and the commit, machine and time of the call (``call``)."""
+    amp = {label: bool(run["config"].get("amp")) for label, run in entry["runs"].items()}
+    return {
+        "command": command,
+        "precision": {
+            "training": {label: "bf16" if on else "float32" for label, on in amp.items()},
+            "evaluation": "bf16" if settings["evaluate"].get("amp") else "float32",
+        },
+        **{k: call.get(k) for k in ("commit", "machine", "time")},
+    }
 
 
 def _earlier_networks(
@@ -702,7 +826,7 @@ def _earlier_networks(
         and _same_folder(old.get("data"), data)
         and _comparable(old.get("settings", {})) == _comparable(json.loads(json.dumps(settings)))
     )
-    kept = {net: entry for net, entry in old.get("networks", {}).items() if net not in nets}
+    kept = {net: dict(entry) for net, entry in old.get("networks", {}).items() if net not in nets}
     if not same:
         if kept:
             print(
@@ -711,6 +835,9 @@ def _earlier_networks(
                 file=sys.stderr,
             )
         return {}
+    for entry in kept.values():  # a report written before networks said what made them: its own call did
+        if "made_by" not in entry:
+            entry["made_by"] = _made_by(old.get("command", "?"), entry, old["settings"], old.get("provenance", {}))
     return kept
 
 
@@ -723,15 +850,17 @@ def _same_folder(a: object, b: object) -> bool:
 
 def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` without the resource fields (:data:`igrad.train.RESOURCE_FIELDS`) of its training overrides
-    (shared and per network): a later session may run on another machine. A report made before the
-    fine-tuned model existed had no ``finetuned`` setting."""
+    (shared and per network) and without the precision (:data:`PRECISION_FIELDS`) of training and evaluation:
+    a later session may run on another machine, with or without bf16 units (each network's ``made_by`` records
+    its precision). A report made before the fine-tuned model existed had no ``finetuned`` setting."""
     out = dict(settings)
     out.setdefault("finetuned", None)
-    out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in RESOURCE_FIELDS}
+    skip = RESOURCE_FIELDS | PRECISION_FIELDS
+    out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in skip}
     out["networks"] = {
-        net: {k: v for k, v in values.items() if k not in RESOURCE_FIELDS}
-        for net, values in out.get("networks", {}).items()
+        net: {k: v for k, v in values.items() if k not in skip} for net, values in out.get("networks", {}).items()
     }
+    out["evaluate"] = {k: v for k, v in out.get("evaluate", {}).items() if k not in PRECISION_FIELDS}
     return out
 
 

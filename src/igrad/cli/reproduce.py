@@ -5,7 +5,8 @@ machine, wall time), OUT/results.json, the insertion/deletion curves and the qua
 A second call reuses finished runs and evaluations; an interrupted run resumes.
 
 presets: paper (SPEC 2 recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
-hours on 2 cores with native bf16, AVX512-BF16 or AMX; a third model fine-tunes the baseline with L_R),
+hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, several sessions
+for MobileNet-V2: an interrupted call resumes; a third model fine-tunes the baseline with L_R),
 demo (a few minutes). --ablation
 trains λ in {0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75} × the error functions at the preset's small budget and
 reports validation accuracy, cos and Grad-CAM's metrics (OUT/ablation/).
@@ -56,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="train each network's two models side by side in this many processes (2 on a 2-core CPU, with "
-        "--threads 1; a fine-tuned model waits for its baseline)",
+        help="train each network's models side by side in this many processes (2 on a 2-core CPU, with "
+        "--threads 1): a fine-tuned model starts when its baseline has finished, and each model is evaluated "
+        "in a free process as soon as it is trained",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument(
@@ -65,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="bf16 autocast in training and evaluation (default: the preset's; cpu: on, demo: where the device "
-        "has native bf16). --no-amp on a CPU without AVX512-BF16/AMX, where bf16 is emulated and far slower",
+        "has native bf16). --no-amp on a CPU without AVX512-BF16/AMX, where bf16 is emulated and far slower; "
+        "a report may hold networks made at different precisions (each network's section says which)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 

@@ -22,8 +22,8 @@ subset of ``cos_samples`` test images. Files of a run folder (only rank 0 writes
 * ``config.toml``: the effective config (reload with ``igrad train --config``);
 * ``metrics.jsonl``: one JSON object per epoch (keys in :data:`METRIC_KEYS`);
 * ``run.json``: summary, status, provenance and ``sessions``: each process that trained the run (a resumed
-  run has several), with the commit of the code it ran, when it started, from which epoch and step, its device
-  and threads;
+  run has several), with the commit of the code it ran, when it started, from which epoch and step, its device,
+  CPU model and threads;
 * ``last.pt`` (every epoch, and every ``checkpoint_every`` steps) and ``best.pt`` (highest validation
   accuracy, or test accuracy without a validation split), in the format of :mod:`igrad.checkpoint`.
 
@@ -71,7 +71,7 @@ from ..measure import correct_count, gradient_cosine_sum
 from ..models import create_model
 from ..output import model_logits
 from ..precision import autocast, to_channels_last
-from ..provenance import file_sha256, git_commit, provenance
+from ..provenance import cpu_model, file_sha256, git_commit, provenance
 from ..torch_utils import eval_mode
 from .augment import augment
 from .config import RESUME_OVERRIDES, TrainConfig, config_to_toml, prepare_data, saved_config
@@ -158,7 +158,7 @@ class RunResult:
     model: nn.Module
     best: dict[str, Any]
     #: the processes that trained the run, in order (:meth:`_Trainer.sessions`): each one's commit, start
-    #: time, the epoch and step it started from, its device and threads
+    #: time, the epoch and step it started from, its device, CPU model and threads
     sessions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -308,6 +308,7 @@ class _Trainer:
             "from_epoch": self.epoch,
             "from_step": self.global_step,
             "device": str(self.device),
+            "cpu_model": cpu_model(),
             "torch_threads": torch.get_num_threads(),
             "world_size": self.dist.world,
         }
