@@ -252,6 +252,7 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     assert list(second["networks"]) == list(NETWORKS)  # the paper's order
     kept = dict(second["networks"][NETWORKS[1]])
     assert kept.pop("made_by") == {
+        "from_report": True,
         **made,
         "command": "igrad reproduce (the first call)",
         "commit": "feedbeef",
@@ -265,13 +266,14 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     assert all(f"## {n}" in md for n in NETWORKS)
     # each network's section says what made it, at which precision
     sections = {n: md.split(f"## {n}")[1].split("\n## ")[0] for n in NETWORKS}
-    assert "Made by `igrad reproduce (the first call)`: training in **float32**" in sections[NETWORKS[1]]
+    first_call = "Carried from an earlier report written by `igrad reproduce (the first call)`: training in **float32**"
+    assert first_call in sections[NETWORKS[1]]
     assert "commit feedbeef" in sections[NETWORKS[1]]
     assert (
         f"Made by `{second['command']}`: training in **bf16**, saliency maps and metrics in **bf16**"
         in (sections[NETWORKS[0]])
     )
-    assert "networks differ in `model`, `amp`" in md
+    assert "networks differ in `model`, `amp`):" in md  # not the data folder, named otherwise, nor threads
     # other evaluation settings: the earlier network is not carried over into a report it was not made for
     seed1 = {**TINY_EVAL, "seed": 1}
     with warnings.catch_warnings():
@@ -303,13 +305,18 @@ def test_cli_prints_a_short_summary(tmp_path, data, capsys):
     assert list(stored["networks"]) == [NETWORKS[0]]
 
 
-def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd):
+def _no_evaluation_here(*args, **kwargs):
+    raise AssertionError("evaluated in the parent process: with --jobs the children evaluate")
+
+
+def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd, monkeypatch):
     """jobs=2 trains the two models in two processes at once; their weights are exactly those of the
     sequential run (same seeds, one thread each), and the report says they were trained."""
     kw = dict(train={**TINY_TRAIN, "threads": 1}, evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True)
     kw["progress"] = False
     a = reproduce("cpu", data, tmp_path / "a", networks=[NETWORKS[0]], **kw)
     capfd.readouterr()
+    monkeypatch.setattr("igrad.reproduce.evaluate_model", _no_evaluation_here)  # the spawned children keep theirs
     b = reproduce("cpu", data, tmp_path / "b", networks=[NETWORKS[0]], jobs=2, **kw)
     # each child's epoch line says which model it is about
     printed = capfd.readouterr().out.splitlines()
@@ -327,6 +334,37 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd):
         wb = torch.load(tmp_path / "b" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["networks"][NETWORKS[0]]["table"] == b["networks"][NETWORKS[0]]["table"]
+
+
+def test_side_by_side_runs_only_what_is_missing(tmp_path, data, capfd, monkeypatch):
+    """With --jobs on a folder where some work is done, the children run only the missing evaluations (the
+    others are reused, and said to be); a run whose budget was raised resumes in a child, and only then is it
+    evaluated (an evaluation process never trains)."""
+    out = tmp_path / "rep"
+    kw = dict(evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False, networks=[NETWORKS[0]])
+    one_thread = {**TINY_TRAIN, "threads": 1}
+    reproduce("cpu", data, out, train=one_thread, **kw)
+    for label in (LABELS[1], FINETUNED):
+        (out / "eval" / NETWORKS[0] / label / "results.json").unlink()
+    capfd.readouterr()
+    monkeypatch.setattr("igrad.reproduce.evaluate_model", _no_evaluation_here)
+    entry = reproduce("cpu", data, out, train=one_thread, jobs=2, **kw)["networks"][NETWORKS[0]]
+    assert entry["trained"] == dict.fromkeys((*LABELS, FINETUNED), False)
+    assert entry["evaluation_reused"] == {LABELS[0]: True, LABELS[1]: False, FINETUNED: False}
+    printed = capfd.readouterr().out.splitlines()
+    assert sorted(line.split("]")[0][1:] for line in printed if " evaluated in " in line) == sorted(
+        [LABELS[1], FINETUNED]
+    )
+    # one more epoch for both (the fine-tuned model left out: its starting weights would change, which is refused)
+    more = {**one_thread, "epochs": 2}
+    entry = reproduce("cpu", data, out, train=more, finetuned={}, jobs=2, **kw)["networks"][NETWORKS[0]]
+    assert entry["trained"] == dict.fromkeys(LABELS, True)
+    assert entry["evaluation_reused"] == dict.fromkeys(LABELS, False)
+    printed = capfd.readouterr().out.splitlines()
+    for label in LABELS:
+        assert json.loads((out / "runs" / NETWORKS[0] / label / "run.json").read_text())["epochs_done"] == 2
+        assert sum(line.startswith(f"[{label}] epoch 2/2") for line in printed) == 1, printed
+        assert sum(line.startswith(f"[{label}] evaluated in") for line in printed) == 1, printed
 
 
 def _children(pid: int) -> list[int]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from PIL import Image
 import igrad
 from igrad.checkpoint import load_checkpoint, load_model, save_checkpoint
 from igrad.cli import main
-from igrad.provenance import git_commit
+from igrad.provenance import git_commit, machine_info
 from igrad.train import METRIC_KEYS, TrainConfig, fit, fit_or_resume, lr_factor
 from references import CLASSES, kill_when_stalled, write_folder
 
@@ -466,6 +468,20 @@ def test_git_commit_of_a_checkout_reads_it_now(tmp_path):
     assert git_commit(tmp_path) == head
     (tmp_path / "f.txt").write_text("b")
     assert git_commit(tmp_path) == head + "+dirty"
+
+
+def test_machine_info_names_the_cpu_and_its_bf16_units():
+    """Results name the CPU (``model name`` of /proc/cpuinfo, read here independently) and whether it has bf16
+    units (torch's own CPU feature checks), so a report can say which machine made each part of it."""
+    info = machine_info()
+    units = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert info["cpu_bf16_units"] is bool(units) and info["cpus"] == os.cpu_count()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [] if not cpuinfo.is_file() else re.findall(r"^model name\s*:\s*(.+?)\s*$", cpuinfo.read_text(), re.M)
+    if names:
+        assert info["cpu_model"] == names[0]
+    else:
+        assert info["cpu_model"] == (platform.processor() or None)
 
 
 def test_resume_refuses_changed_training_fields(finished_run, tmp_path, capsys):

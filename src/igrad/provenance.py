@@ -97,7 +97,8 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
 def machine_info() -> dict[str, Any]:
     """The machine a result was computed on: platform, architecture, CPU count and model, whether the CPU has
     bf16 units (AVX512-BF16 or AMX: :func:`igrad.precision.native_bf16`; without them bf16 autocast is
-    emulated and the ``cpu`` recipe runs in float32), torch's thread count and the GPU's name (or ``None``)."""
+    emulated, an order of magnitude slower: ``--no-amp``), torch's thread count and the GPU's name (or
+    ``None``)."""
     from .precision import native_bf16
 
     return {

@@ -18,7 +18,7 @@ from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .evaluate import compare_results
 from .metrics import METRICS
 from .provenance import provenance
-from .train import config_to_toml
+from .train import RESOURCE_FIELDS, config_to_toml
 
 __all__ = [
     "LABELS",
@@ -370,12 +370,17 @@ def _made_by_lines(made: Mapping[str, Any] | None) -> list[str]:
     bf16 = m.get("cpu_bf16_units")
     units = "" if bf16 is None else f", bf16 units: {'yes' if bf16 else 'no'}"
     cpu = m.get("cpu_model") or m.get("platform") or "?"
-    where = f"{m['cuda']} GPU" if m.get("cuda") else f"{cpu} ({m.get('cpus')} CPUs{units})"
+    where = f"{cpu} ({m.get('cpus')} CPUs{units})" + (f", GPU {m['cuda']}" if m.get("cuda") else "")
+    who = (
+        f"Carried from an earlier report written by `{made['command']}`"
+        if made.get("from_report")
+        else f"Made by `{made['command']}`"
+    )
     return [
-        f"Made by `{made['command']}`: training in **{training}**, saliency maps and metrics in "
-        f"**{p['evaluation']}** (top-1 and cos in float32). That call: commit {made.get('commit')}, {where}, "
-        f"finished {made.get('time')} (it may have reused runs and evaluations; each run's training sessions, "
-        "with their commits and machines, are in results.json).",
+        f"{who}: training in **{training}**, saliency maps and metrics in **{p['evaluation']}** (top-1 and cos "
+        f"in float32). That call: commit {made.get('commit')}, {where}, finished {made.get('time')} (it may "
+        "have reused runs and evaluations, or carried this network from an earlier call; each run's training "
+        "sessions, with their commits and machines, are in results.json where recorded).",
         "",
     ]
 
@@ -446,12 +451,12 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
 
 
 def _differing_fields(report: Mapping[str, Any]) -> str:
-    """The config fields in which the networks' baselines differ (``model`` always), besides their paths."""
+    """The config fields in which the networks' baselines differ (``model`` always), besides their paths and
+    resources (:data:`igrad.train.RESOURCE_FIELDS`; the report's networks share their data folder)."""
     configs = [e["runs"]["baseline"]["config"] for e in report["networks"].values()]
-    keys = sorted(
-        {k for c in configs for k in c if k not in ("out", "init") and len({json.dumps(x.get(k)) for x in configs}) > 1}
-    )
-    return ", ".join(f"`{k}`" for k in ["model", *(k for k in keys if k != "model")])
+    skip = RESOURCE_FIELDS | {"model", "data", "out", "init"}
+    keys = sorted({k for c in configs for k in c if k not in skip and len({json.dumps(x.get(k)) for x in configs}) > 1})
+    return ", ".join(f"`{k}`" for k in ["model", *keys])
 
 
 def _summary_lines(

@@ -87,7 +87,7 @@ NETWORKS = ("cifar_resnet18", "cifar_mobilenet_v2")
 #: λ values of the ablation (SPEC 5 / issue 6).
 ABLATION_LAMBDAS = (0.0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75)
 #: Settings that choose the arithmetic, not the experiment: bf16 autocast (``amp``) in training and in evaluation
-#: (the ``cpu`` recipe's bf16 where the CPU has bf16 units, float32 where it would be emulated). A report may
+#: (the ``cpu`` recipe's bf16, or float32 with ``--no-amp`` where bf16 would be emulated). A report may
 #: hold networks computed at different precisions (one per working session, on different machines); each
 #: network's ``made_by`` says which, and the report prints it under the network's heading.
 PRECISION_FIELDS = frozenset({"amp"})
@@ -112,8 +112,9 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: --networks NAME``: the report keeps the other network from an earlier call): the ``cpu`` training recipe as
 #: is (:data:`igrad.train.PRESETS`: 24 epochs, 1/2 width, bf16 + channels-last, ρ = 0.25; ResNet-18 about 52
 #: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side, with bf16 units; in float32
-#: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2's baseline takes about 12 min an epoch, so
-#: 4-5 hours: several working sessions, resumed), λ chosen on the validation split by the trade-off study
+#: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2 takes about 11.5 (baseline) and 14
+#: (regularised) min an epoch side by side, 4.6 and 5.6 hours, and about 45 min to evaluate a model: three
+#: working sessions, resumed), λ chosen on the validation split by the trade-off study
 #: (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM, the gradient and guided
 #: backpropagation) with all five metrics on 1 000 seeded test images, the same for every model, in bf16
 #: (``amp``: metric means within 0.1 points of float32's on 200 images, AI within one or two images,
@@ -279,16 +280,29 @@ def _cached_evaluation(
     SHA-256, data), else ``compute()`` with ``key`` recorded as ``results["reproduce"]``; returns
     ``(results, reused)``. Storing is the caller's (the main table writes full reports)."""
     key = json.loads(json.dumps(dict(key), sort_keys=True))
-    if stored.is_file():
-        try:
-            old = json.loads(stored.read_text(encoding="utf-8"))
-            if old.get("reproduce") == key and "per_sample" in old:
-                return old, True
-        except (OSError, ValueError):
-            pass  # unreadable: evaluate again
+    old = _stored_evaluation(stored, key)
+    if old is not None:
+        return old, True
     results = compute()
     results["reproduce"] = key
     return results, False
+
+
+def _stored_evaluation(stored: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The results in ``stored`` when they are complete and were made with ``key``, else ``None``."""
+    if not stored.is_file():
+        return None
+    try:
+        old = json.loads(stored.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # unreadable: evaluate again
+    same = old.get("reproduce") == json.loads(json.dumps(dict(key), sort_keys=True)) and "per_sample" in old
+    return old if same else None
+
+
+def _evaluation_key(checkpoint: Path, ev: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """What a stored evaluation must have been made with to be reused: settings, weights (SHA-256), data."""
+    return {"evaluate": dict(ev), "sha256": file_sha256(checkpoint), "data": source}
 
 
 def _evaluate_run(
@@ -297,7 +311,7 @@ def _evaluate_run(
     """Evaluate the model ``run`` holds (its final weights, ``last.pt``) on ``split`` with settings
     ``ev``, or reuse ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
     checkpoint = Path(run.run_dir) / "last.pt"
-    sha = file_sha256(checkpoint)
+    key = _evaluation_key(checkpoint, ev, source)
 
     def compute() -> dict[str, Any]:
         res = evaluate_model(
@@ -310,10 +324,10 @@ def _evaluate_run(
             progress=progress,
             resume_dir=stored.parent / ".partial",
         )
-        res["checkpoint"] = {"path": str(checkpoint), "sha256": sha}
+        res["checkpoint"] = {"path": str(checkpoint), "sha256": key["sha256"]}
         return res
 
-    return _cached_evaluation(stored, {"evaluate": dict(ev), "sha256": sha, "data": source}, compute)
+    return _cached_evaluation(stored, key, compute)
 
 
 def _evaluate_and_store(
@@ -575,6 +589,8 @@ def _evaluate_child(values: dict[str, Any], label: str, ev: dict[str, Any], stor
     import contextlib
 
     config = TrainConfig.from_dict(values)
+    if not _finished(config):  # an evaluation process trains nothing (its run would race its dependants)
+        raise IgradError(f"cannot evaluate {config.out}: its training has not finished")
     if config.threads:
         torch.set_num_threads(config.threads)
     prefixed = _Prefixed(sys.stdout, f"[{label}] ")
@@ -602,20 +618,25 @@ def _side_by_side(
     """Train a network's runs in up to ``jobs`` processes at once, each as soon as the run it starts from has
     finished (the fine-tuned model after the baseline, not after every run), and, with ``evaluation``
     (``{"evaluate": settings, "data": source, "stored": {label: results.json path}}``), evaluate each model in
-    a free process as soon as it is trained: no core idles while another run still trains. Each process runs
-    ``threads`` torch threads (when unset: the CPU count divided among the processes). With ``threads`` set,
+    a free process as soon as it is trained (only those not stored already with the same settings and
+    weights): a freed process takes the next task that can start. Each process runs ``threads`` torch threads
+    (when unset: the CPU count divided among the processes). With ``threads`` set,
     the runs are bitwise those trained one after another: each process seeds and trains exactly as
     :func:`igrad.train.fit` does in this one. The children print their lines prefixed with their label; a
     child's error is raised here once the others have ended; a child ends soon after this process does, killed
-    or not (:func:`_exit_with_parent`). Nothing is started when every run has finished already (the caller
-    reuses them). Returns the labels trained here and those evaluated here."""
+    or not (:func:`_exit_with_parent`). Nothing is started when fewer than two tasks are needed (the caller
+    runs that one, and reuses the rest). Returns the labels trained here and those evaluated here."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     to_train = [label for label, c in configs.items() if not _finished(c)]
-    if not to_train or (evaluation is None and len(to_train) < 2):
+    to_evaluate = [
+        label
+        for label in configs
+        if evaluation is not None and (label in to_train or _needs_evaluation(configs[label], label, evaluation))
+    ]
+    if len(to_train) + len(to_evaluate) < 2:  # nothing to run side by side: the caller does it
         return set(), set()
-    to_evaluate = list(configs) if evaluation is not None else []
     after = _depends_on(configs)
     workers = min(jobs, len(to_train) + len(to_evaluate))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -675,12 +696,23 @@ def _submit(
 
 
 def _finished(config: TrainConfig) -> bool:
-    """Whether ``config.out`` holds a finished run (its ``run.json`` says so)."""
+    """Whether ``config.out`` holds a run that needs no more training: its ``run.json`` says it finished, with at
+    least ``config.epochs`` epochs (a later call may raise ``epochs``: that run resumes)."""
     path = Path(config.out) / "run.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("status") == "finished"
-    except (OSError, ValueError):
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info.get("status") == "finished" and int(info.get("epochs_done") or 0) >= config.epochs
+    except (OSError, ValueError, TypeError):
         return False
+
+
+def _needs_evaluation(config: TrainConfig, label: str, evaluation: Mapping[str, Any]) -> bool:
+    """Whether the finished run of ``config`` has no stored evaluation made with these settings and weights."""
+    checkpoint = Path(config.out) / "last.pt"
+    if not checkpoint.is_file():
+        return True
+    key = _evaluation_key(checkpoint, evaluation["evaluate"], evaluation["data"])
+    return _stored_evaluation(Path(evaluation["stored"][label]), key) is None
 
 
 def _network(
@@ -740,9 +772,9 @@ def reproduce(
     docstring), and the fine-tuned model where the preset has one. ``train``/``evaluation``/``lam``/
     ``figure_images``/``finetuned`` override the preset (:func:`preset_settings`); ``device`` is used for
     training (``TrainConfig.device``) and evaluation;
-    ``command`` is the command line recorded in the report; ``jobs`` > 1 trains a network's two models
-    side by side in that many processes (on a CPU: one thread each on two cores; a fine-tuned model
-    waits for its baseline). Returns the content of ``results.json``."""
+    ``command`` is the command line recorded in the report; ``jobs`` > 1 runs a network's trainings and
+    evaluations in that many processes (on a CPU: one thread each on two cores), each as soon as what it needs
+    is there (:func:`_side_by_side`). Returns the content of ``results.json``."""
     started = time.perf_counter()
     data = os.fspath(data)
     out = Path(out)
@@ -835,9 +867,10 @@ def _earlier_networks(
                 file=sys.stderr,
             )
         return {}
-    for entry in kept.values():  # a report written before networks said what made them: its own call did
+    for entry in kept.values():  # a report written before networks said what made them: its call wrote them
         if "made_by" not in entry:
-            entry["made_by"] = _made_by(old.get("command", "?"), entry, old["settings"], old.get("provenance", {}))
+            made = _made_by(old.get("command", "?"), entry, old["settings"], old.get("provenance", {}))
+            entry["made_by"] = {**made, "from_report": True}
     return kept
 
 

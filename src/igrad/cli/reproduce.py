@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         train["epochs"] = args.epochs
     if args.threads is not None:
         train["threads"] = positive_int("--threads", args.threads)
-        torch.set_num_threads(args.threads)  # evaluation runs in this process
+        torch.set_num_threads(args.threads)  # evaluation runs in this process (with --jobs 1)
     evaluation: dict[str, object] = {"limit": args.limit} if args.limit is not None else {}
     if args.amp is not None:
         train["amp"] = evaluation["amp"] = args.amp
