@@ -112,9 +112,9 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: --networks NAME``: the report keeps the other network from an earlier call): the ``cpu`` training recipe as
 #: is (:data:`igrad.train.PRESETS`: 24 epochs, 1/2 width, bf16 + channels-last, ρ = 0.25; ResNet-18 about 52
 #: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side, with bf16 units; in float32
-#: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2 takes about 11.5 (baseline) and 14
-#: (regularised) min an epoch side by side, 4.6 and 5.6 hours, and about 45 min to evaluate a model: three
-#: working sessions, resumed), λ chosen on the validation split by the trade-off study
+#: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2 takes about 9 (baseline) and 10.5
+#: (regularised) min an epoch side by side with nothing else running, 3.6 and 4.2 hours, and about 45 min to
+#: evaluate a model: two or three working sessions, resumed), λ chosen on the validation split by the trade-off study
 #: (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM, the gradient and guided
 #: backpropagation) with all five metrics on 1 000 seeded test images, the same for every model, in bf16
 #: (``amp``: metric means within 0.1 points of float32's on 200 images, AI within one or two images,
@@ -279,7 +279,6 @@ def _cached_evaluation(
     """The results stored in ``stored`` when they were made with ``key`` (evaluation settings, checkpoint
     SHA-256, data), else ``compute()`` with ``key`` recorded as ``results["reproduce"]``; returns
     ``(results, reused)``. Storing is the caller's (the main table writes full reports)."""
-    key = json.loads(json.dumps(dict(key), sort_keys=True))
     old = _stored_evaluation(stored, key)
     if old is not None:
         return old, True
@@ -296,13 +295,14 @@ def _stored_evaluation(stored: Path, key: Mapping[str, Any]) -> dict[str, Any] |
         old = json.loads(stored.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable: evaluate again
-    same = old.get("reproduce") == json.loads(json.dumps(dict(key), sort_keys=True)) and "per_sample" in old
-    return old if same else None
+    return old if old.get("reproduce") == key and "per_sample" in old else None
 
 
 def _evaluation_key(checkpoint: Path, ev: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """What a stored evaluation must have been made with to be reused: settings, weights (SHA-256), data."""
-    return {"evaluate": dict(ev), "sha256": file_sha256(checkpoint), "data": source}
+    """What a stored evaluation must have been made with to be reused: settings, weights (SHA-256), data; in
+    its JSON form (as stored)."""
+    key = {"evaluate": dict(ev), "sha256": file_sha256(checkpoint), "data": source}
+    return json.loads(json.dumps(key, sort_keys=True))
 
 
 def _evaluate_run(
@@ -613,10 +613,10 @@ def _depends_on(configs: Mapping[str, TrainConfig]) -> dict[str, str | None]:
 
 
 def _side_by_side(
-    configs: Mapping[str, TrainConfig], jobs: int, quiet: bool, evaluation: Mapping[str, Any] | None = None
+    configs: Mapping[str, TrainConfig], jobs: int, quiet: bool, evaluation: Mapping[str, Any]
 ) -> tuple[set[str], set[str]]:
     """Train a network's runs in up to ``jobs`` processes at once, each as soon as the run it starts from has
-    finished (the fine-tuned model after the baseline, not after every run), and, with ``evaluation``
+    finished (the fine-tuned model after the baseline, not after every run), and, per ``evaluation``
     (``{"evaluate": settings, "data": source, "stored": {label: results.json path}}``), evaluate each model in
     a free process as soon as it is trained (only those not stored already with the same settings and
     weights): a freed process takes the next task that can start. Each process runs ``threads`` torch threads
@@ -631,9 +631,7 @@ def _side_by_side(
 
     to_train = [label for label, c in configs.items() if not _finished(c)]
     to_evaluate = [
-        label
-        for label in configs
-        if evaluation is not None and (label in to_train or _needs_evaluation(configs[label], label, evaluation))
+        label for label in configs if label in to_train or _needs_evaluation(configs[label], label, evaluation)
     ]
     if len(to_train) + len(to_evaluate) < 2:  # nothing to run side by side: the caller does it
         return set(), set()
@@ -684,13 +682,12 @@ def _side_by_side(
 
 
 def _submit(
-    pool: Any, task: tuple[str, str], values: Mapping[str, dict[str, Any]], evaluation: Mapping[str, Any] | None
+    pool: Any, task: tuple[str, str], values: Mapping[str, dict[str, Any]], evaluation: Mapping[str, Any]
 ) -> Any:
     """Start ``task`` (``("train" | "evaluate", label)``) of :func:`_side_by_side` in ``pool``."""
     kind, label = task
     if kind == "train":
         return pool.submit(_train_child, values[label], label)
-    assert evaluation is not None
     ev, stored = dict(evaluation["evaluate"]), str(evaluation["stored"][label])
     return pool.submit(_evaluate_child, values[label], label, ev, stored, evaluation["data"])
 
