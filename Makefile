@@ -10,13 +10,18 @@ export IGRAD_DATA
 
 .PHONY: demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+# The demo needs the package alone (torch, torchvision, ...); the tests add pytest, grad-cam, ruff and mypy.
+$(BIN)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.runtime
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.runtime
 	$(BIN)/igrad reproduce --preset demo $(if $(IGRAD_DATA),--data $(IGRAD_DATA),--data cifar100 --download) \
 		--out runs/reproduce-demo
 

@@ -114,7 +114,8 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side, with bf16 units; in float32
 #: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2 takes about 9 (baseline) and 10.5
 #: (regularised) min an epoch side by side with nothing else running, 3.6 and 4.2 hours, and about 45 min to
-#: evaluate a model: two or three working sessions, resumed), λ chosen on the validation split by the trade-off study
+#: evaluate a model: more than one working session, so it resumes only where the run folders survive), λ chosen
+#: on the validation split by the trade-off study
 #: (results/tradeoff/), and eight methods (the CAM family but the slow Ablation-CAM, the gradient and guided
 #: backpropagation) with all five metrics on 1 000 seeded test images, the same for every model, in bf16
 #: (``amp``: metric means within 0.1 points of float32's on 200 images, AI within one or two images,

@@ -5,8 +5,9 @@ machine, wall time), OUT/results.json, the insertion/deletion curves and the qua
 A second call reuses finished runs and evaluations; an interrupted run resumes.
 
 presets: paper (SPEC 2 recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
-hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, several sessions
-for MobileNet-V2: an interrupted call resumes; a third model fine-tunes the baseline with L_R),
+hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, about 5.5 hours
+for MobileNet-V2: an interrupted call resumes from the run folders under OUT; a third model fine-tunes the
+baseline with L_R),
 demo (a few minutes). --ablation
 trains λ in {0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75} × the error functions at the preset's small budget and
 reports validation accuracy, cos and Grad-CAM's metrics (OUT/ablation/).
