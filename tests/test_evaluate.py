@@ -222,6 +222,8 @@ def test_cli_errors(tmp_path, data_dir, capsys):
     assert "limit 13 is larger than the data (12 images)" in capsys.readouterr().err
     assert main([*base, "--metrics", "ad,insertion"]) == 2
     assert "unknown metric 'insertion'" in capsys.readouterr().err
+    assert main([*base, "--metrics", "AD,deletion,insertion"]) == 2  # every wrong name at once; case folded
+    assert "2 unknown metric names: 'deletion' (did you mean 'del'?); 'insertion'" in capsys.readouterr().err
     assert main([*base, "--methods", "gradcam,gradcamm"]) == 2
     assert "unknown saliency method 'gradcamm'" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")]) == 2

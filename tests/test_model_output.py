@@ -409,6 +409,20 @@ def test_modes_restored_when_the_forward_raises():
         handle.remove()
 
 
+def test_a_forward_on_channels_last_images_hints_at_the_layout():
+    # the model's own error is kept; the note adds the likely cause where the images look like [B, H, W, C]
+    model = igrad.create_model("cifar_resnet18", num_classes=10, width=0.125)
+    x = torch.rand(2, 32, 32, 3)
+    for fn in (igrad.gradient, lambda m, x, y: igrad.saliency.create_method("gradcam", m)(x, y)):
+        with pytest.raises(RuntimeError, match="expected input") as info:
+            fn(model, x, 0)
+        (note,) = [n for n in info.value.__notes__ if n.startswith("igrad: raised by")]
+        assert note.endswith("it looks like [B, H, W, C] images: the models take [B, C, H, W], x.permute(0, 3, 1, 2)")
+    with pytest.raises(RuntimeError) as info:  # a wrong channel count in [B, C, H, W] order: no such hint
+        igrad.gradient(model, torch.rand(2, 5, 32, 32), 0)
+    assert not any("looks like" in n for n in info.value.__notes__)
+
+
 # --- item 9: the image goes where the model sends it ------------------------------------------------------------------
 
 

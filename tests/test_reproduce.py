@@ -26,7 +26,9 @@ from igrad.reproduce import (
     FINETUNED,
     LABELS,
     NETWORKS,
+    SCOPES,
     ablation,
+    figure_methods,
     preset_settings,
     reproduce,
 )
@@ -119,6 +121,9 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
     for heading in [f"## {n}" for n in NETWORKS] + ["## Configuration", "## Machine and versions"]:
         assert heading in md
     assert "igrad reproduce --preset demo" in md and "wall time" in md
+    # what the demo can and cannot show, under the claim (not in the settings: they decide carry-over)
+    assert f"Scope: {SCOPES['demo']}" in md and "far too small to test the claim" in md
+    assert stored["scope"] == SCOPES["demo"] and "scope" not in stored["settings"]
     for method in EXPERIMENTS["demo"]["evaluate"]["methods"]:
         rows = [line for line in md.splitlines() if line.startswith(f"| {method} |")]
         assert len(rows) == len(NETWORKS)
@@ -132,6 +137,13 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
             assert all(math.isfinite(float(c.strip().strip("*\\"))) for c in row.strip("|").split("|")[1:])
     assert not re.search(r"\bnan\b|\binf\b", md, re.IGNORECASE)
     assert FIGURE_METHODS == ("gradient", "guided", "gradcam", "scorecam")
+    # the figure draws the maps the tables score: the demo evaluates Grad-CAM++, not Score-CAM
+    for net in NETWORKS:
+        assert stored["networks"][net]["figure"]["methods"] == ["gradient", "guided", "gradcam", "gradcam++"]
+    assert "columns image, gradient, guided, gradcam, gradcam++;" in md
+    assert figure_methods(["cam", "gradcam", "scorecam", "gradient", "guided"]) == list(FIGURE_METHODS)
+    assert figure_methods(["gradcam", "layercam", "cam"]) == ["layercam", "cam", "gradcam"]
+    assert figure_methods(["gradient"]) == ["gradient"]
 
     # a second call trains nothing and reuses the evaluations; the numbers are the same
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")}

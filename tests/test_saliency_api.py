@@ -84,6 +84,13 @@ def test_default_layer_torchvision_densenet_by_index():
 def test_unknown_method_names_close_matches(model):
     with pytest.raises(IgradError, match=r"unknown saliency method 'gradcm'.*'gradcam'"):
         create_method("gradcm", model)
+    # every unknown name of a list at once, each with its own closest matches; known names are not listed as wrong
+    with pytest.raises(IgradError) as err:
+        igrad.saliency.resolve_methods("gradcm, cam,lyercam,nonsense")
+    text = str(err.value)
+    assert text.startswith("3 unknown saliency method names: 'gradcm' (did you mean 'gradcam'")
+    assert "'lyercam' (did you mean 'layercam'" in text and "; 'nonsense'." in text
+    assert "'cam' (" not in text and "Known: ablationcam, cam," in text
 
 
 def test_missing_target_layer_names_closest(model):

@@ -14,7 +14,15 @@ from igrad.checkpoint import save_checkpoint
 from igrad.cli import main
 from igrad.errors import IgradError
 from igrad.saliency import signed_map
-from igrad.visualize import cam_overlay, denormalize, qualitative_figure, save_image, signed_image
+from igrad.visualize import (
+    cam_overlay,
+    denormalize,
+    explain,
+    explanation_figure,
+    qualitative_figure,
+    save_image,
+    signed_image,
+)
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 CLASSES = [f"class{i}" for i in range(10)]
@@ -80,6 +88,11 @@ def test_explain_compare_writes_overlays_grid_and_summary(setup, capsys):
         raw.append(resize(pixels, [32, 32], antialias=True).float() / 255)
     raw = torch.stack(raw)
     x = (raw - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    with torch.no_grad():  # each checkpoint's own prediction, named (a plain eval-mode forward)
+        for label, model in (("base", base), ("reg", _reg)):
+            pred = model.eval()(x).argmax(1).tolist()
+            assert summary["predicted"][label] == pred
+            assert summary["predicted_names"][label] == [CLASSES[c] for c in pred]
     cam = igrad.saliency.create_method("gradcam", base)(x, 3)
     expected = cam_overlay(raw[0], cam[0]).repeat(7, 0).repeat(7, 1)
     diff = np.abs(imread(out / "base" / "cat_gradcam.png")[..., :3] - expected)
@@ -173,6 +186,24 @@ def test_qualitative_figure_layout(setup):
     assert not any("true:" in a.get_ylabel() for a in axes)
     with pytest.raises(IgradError, match="labels must be"):
         qualitative_figure(models, x, labels, methods, MEAN, STD, labels=labels[:2])
+
+
+def test_explanation_figure_says_what_each_row_label_is(setup):
+    # a class under a model's name reads as that model's prediction: every row says "explains:", and with
+    # the models' predictions given, "pred:" too (igrad explain --compare explains the first model's class)
+    _, base, reg, _ = setup
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    norm = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    rows = [(k, explain(m, norm, [4, 7], ["gradcam"])) for k, m in (("base", base), ("reg", reg))]
+    axes = explanation_figure(x, rows, class_names=CLASSES).get_axes()
+    assert [axes[i].get_ylabel() for i in (0, 2, 4, 6)] == [
+        f"base\nexplains: {CLASSES[4]}", f"reg\nexplains: {CLASSES[4]}",
+        f"base\nexplains: {CLASSES[7]}", f"reg\nexplains: {CLASSES[7]}",
+    ]  # fmt: skip
+    predictions = {"base": torch.tensor([1, 2]), "reg": torch.tensor([3, 5])}
+    axes = explanation_figure(x, rows, class_names=CLASSES, predictions=predictions).get_axes()
+    assert axes[2].get_ylabel() == f"reg\nexplains: {CLASSES[4]}\npred: {CLASSES[3]}"
+    assert axes[4].get_ylabel() == f"base\nexplains: {CLASSES[7]}\npred: {CLASSES[2]}"
 
 
 def test_overlay_and_signed_pictures_hand_computed():

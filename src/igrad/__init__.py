@@ -4,10 +4,12 @@ VISAPP 2024). See SPEC sections 1-5 for the exact definitions."""
 
 from __future__ import annotations
 
+from .checkpoint import load_model
 from .errors import IgradError, UnsupportedActivationError
 from .gradients import gradient, gradient_cosine, input_gradients
 from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss, register_error
 from .models import create_model, default_target_layer, list_models, register_model
+from .normalization import Normalization
 from .output import LogitsOutput
 from .provenance import PROCESS_COMMIT as _PROCESS_COMMIT  # noqa: F401  (the commit of the code now loaded)
 from .rules import STATS_MODES, BackwardRules, Phase
@@ -22,6 +24,7 @@ __all__ = [
     "GradientAlignmentLoss",
     "IgradError",
     "LogitsOutput",
+    "Normalization",
     "Phase",
     "STATS_MODES",
     "UnsupportedActivationError",
@@ -31,6 +34,7 @@ __all__ = [
     "gradient_cosine",
     "input_gradients",
     "list_models",
+    "load_model",
     "register_error",
     "register_model",
     "__version__",

@@ -15,9 +15,22 @@ class UnsupportedActivationError(IgradError):
     """A non-linearity without a guided-backprop rule was met on the gradient path."""
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str]) -> IgradError:
-    """An error for an unknown registry name, listing the known names and the closest matches."""
+def unknown_name(kind: str, name: str | Iterable[str], known: Iterable[str]) -> IgradError:
+    """An error for unknown registry names (one ``name`` or several, all named at once), listing the known
+    names and, for each unknown one, the closest matches."""
     known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return IgradError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)}.")
+    names = [name] if isinstance(name, str) else list(name)
+
+    def hint(n: str) -> str:
+        close = difflib.get_close_matches(n, known, n=3, cutoff=0.5)
+        return f"Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+    if len(names) == 1:
+        text = f"unknown {kind} {names[0]!r}." + (f" {hint(names[0])}" if hint(names[0]) else "")
+    else:
+        text = (
+            f"{len(names)} unknown {kind} names: "
+            + "; ".join(f"{n!r}" + (f" ({hint(n)[0].lower()}{hint(n)[1:]})" if hint(n) else "") for n in names)
+            + "."
+        )
+    return IgradError(f"{text} Known: {', '.join(known)}.")

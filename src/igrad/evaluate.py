@@ -200,7 +200,7 @@ def _evaluate_chunk(
         "seconds": {},
     }
     for name in cfg.methods:
-        bar.set_postfix_str(name, refresh=False)
+        bar.set_postfix_str(name)  # shown now: the method running, not the last one of the chunk
         t0 = time.perf_counter()
         with autocast(clean.x.device, cfg.amp):
             maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))

@@ -52,6 +52,14 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def _layout_hint(x: object) -> str:
+    """For a forward that raised: a hint where ``x`` looks like images in ``[B, H, W, C]`` order (its last
+    dimension 1, 3 or 4 channels, its second not), which the models expect as ``[B, C, H, W]``."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return "; it looks like [B, H, W, C] images: the models take [B, C, H, W], x.permute(0, 3, 1, 2)"
+    return ""
+
+
 def _select_hint(value: object, batch: int) -> str:
     """``LogitsOutput(model, select=...)`` for the first element/key that looks like logits ``[batch, K]``."""
 
@@ -132,7 +140,7 @@ def model_logits(model: nn.Module, x: torch.Tensor, *, probabilities: bool = Tru
         output = model(x)
     except Exception as exc:
         if not any(str(n).startswith(_NOTE) for n in getattr(exc, "__notes__", ())):
-            exc.add_note(f"{_NOTE} {_name(model)} on input of shape {tuple(x.shape)} ({x.dtype})")
+            exc.add_note(f"{_NOTE} {_name(model)} on input of shape {tuple(x.shape)} ({x.dtype}){_layout_hint(x)}")
         raise
     logits = check_logits(output, x.shape[0], model)
     return refuse_probabilities(logits, model) if probabilities else logits

@@ -280,6 +280,7 @@ def _reproduce_header(report: Mapping[str, Any]) -> list[str]:
             if report["settings"].get("finetuned")
             else "."
         ),
+        *(["", f"Scope: {report['scope']}"] if report.get("scope") else []),
         "",
         f"- command: `{report['command']}`",
         f"- data: `{report['data']}`; λ of the regularised model: {report['lam']:g}",
@@ -354,7 +355,11 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         f"![qualitative figure, {net}]({entry['figure']['path']})",
         "",
         f"Qualitative figure: test images {entry['figure']['indices']} (evenly spaced through the evaluated subset); "
-        "columns image, " + ", ".join(FIGURE_METHODS) + "; for each image one row per model: " + ", ".join(runs) + ".",
+        "columns image, "
+        + ", ".join(entry["figure"].get("methods", FIGURE_METHODS))
+        + "; for each image one row per model: "
+        + ", ".join(runs)
+        + ".",
         "",
     ]
 

@@ -71,10 +71,12 @@ from .train import RESOURCE_FIELDS, TrainConfig, TrainData, fit_or_resume, prepa
 __all__ = [
     "NETWORKS",
     "EXPERIMENTS",
+    "SCOPES",
     "LABELS",
     "FINETUNED",
     "ABLATION_LAMBDAS",
     "FIGURE_METHODS",
+    "figure_methods",
     "PRECISION_FIELDS",
     "preset_settings",
     "train_config",
@@ -192,6 +194,21 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
             "evaluate": {"limit": 32},
         },
     },
+}
+
+#: What each preset's report can and cannot show, printed under the paper's claim (:func:`igrad.report.
+#: reproduce_markdown`); kept out of the settings, which decide whether an earlier report's networks carry over.
+SCOPES: dict[str, str] = {
+    "paper": "SPEC 2's budget: 200 epochs at full width, the scale of the paper's own table.",
+    "cpu": (
+        "A reduced budget that fits a 2-core CPU (24 epochs at 1/2 width, λ chosen on a validation split); "
+        "the paper's own budget (200 epochs, full width) is `--preset paper`, on a GPU."
+    ),
+    "demo": (
+        "The demonstration: a 1/4-width ResNet-18 trained 3 epochs, then fine-tuned 100 steps with a strong λ. "
+        "It shows what the loss does to the gradients (cos(δx, δᴳx) rises) and what that costs at this budget; "
+        "it is far too small to test the claim (the README's Results hold the `cpu` preset's test)."
+    ),
 }
 
 
@@ -342,11 +359,32 @@ def _evaluate_and_store(
     return res, reused
 
 
+def figure_methods(evaluated: Sequence[str]) -> list[str]:
+    """The qualitative figure's columns: :data:`~igrad.report.FIGURE_METHODS` (the paper's figure) where they
+    were evaluated; each one that was not is replaced by the next evaluated method not yet shown, so that the
+    figure draws the maps the tables score (the demo evaluates Grad-CAM++ instead of Score-CAM)."""
+    spare = [m for m in evaluated if m not in FIGURE_METHODS]
+    columns = []
+    for m in FIGURE_METHODS:
+        if m in evaluated:
+            columns.append(m)
+        elif spare:
+            columns.append(spare.pop(0))
+    return columns
+
+
 def _figure(
-    models: Mapping[str, torch.nn.Module], data: TrainData, title: str, ev: Mapping[str, Any], n: int, path: Path
+    models: Mapping[str, torch.nn.Module],
+    data: TrainData,
+    title: str,
+    ev: Mapping[str, Any],
+    n: int,
+    methods: Sequence[str],
+    path: Path,
 ) -> list[int]:
-    """The qualitative figure on ``n`` images of the evaluated test subset, evenly spaced through it: an
-    image-folder test split is ordered by class, so its first images would all be of one class."""
+    """The qualitative figure (columns: the image, then ``methods``) on ``n`` images of the evaluated test
+    subset, evenly spaced through it: an image-folder test split is ordered by class, so its first images would
+    all be of one class."""
     from .visualize import qualitative_figure
 
     subset = select_indices(len(data.test), ev["limit"], ev["seed"])
@@ -357,7 +395,7 @@ def _figure(
     y = data.test.labels[indices].to(device)
     norm = data.normalization
     qualitative_figure(
-        models, x, y, list(FIGURE_METHODS), norm.mean, norm.std, path, class_names=data.classes, title=title, labels=y
+        models, x, y, list(methods), norm.mean, norm.std, path, class_names=data.classes, title=title, labels=y
     )
     return indices.tolist()
 
@@ -508,8 +546,9 @@ def _comparison(
         )
     figure = out / "figures" / f"{net}.png"
     title = f"{net}: baseline (λ = 0) vs regularised{' vs fine-tuned' if FINETUNED in results else ''}; target = label"
-    indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], figure)
-    entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices}
+    methods = figure_methods(settings["evaluate"]["methods"])
+    indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], methods, figure)
+    entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices, "methods": methods}
     entry["curves"] = {label: str(Path("eval") / net / label / "curves.png") for label in results}
     return entry
 
@@ -791,6 +830,7 @@ def reproduce(
         "command": _command_line(command, preset, data, out),
         "data": data,
         "lam": settings["lam"],
+        "scope": SCOPES.get(preset),
         "settings": settings,
         "networks": {},
     }

@@ -104,7 +104,7 @@ def positive_int(name: str, value: object, *, optional: bool = False) -> int | N
 
 def parse_names(spec: str | Iterable[str], known: Iterable[str], kind: str, *, fold_case: bool = False) -> list[str]:
     """Names of ``known`` (a registry, in its order) from ``"all"``, a comma-separated string or a sequence:
-    stripped, repeats dropped (first kept). An unknown name raises :func:`~igrad.errors.unknown_name` for
+    stripped, repeats dropped (first kept). Unknown names raise :func:`~igrad.errors.unknown_name` (all of them) for
     ``kind``; nothing given raises too. ``fold_case``: names are matched in lower case."""
     registry = list(known)
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
@@ -113,11 +113,8 @@ def parse_names(spec: str | Iterable[str], known: Iterable[str], kind: str, *, f
         return registry
     if not names:
         raise IgradError(f"no {kind} given; choose from {', '.join(registry)} or 'all'")
-    out: list[str] = []
-    for n in names:
-        key = n.lower() if fold_case else n
-        if key not in registry:
-            raise unknown_name(kind, n, registry)
-        if key not in out:
-            out.append(key)
-    return out
+    keys = [n.lower() if fold_case else n for n in names]
+    unknown = [n for n, key in zip(names, keys, strict=True) if key not in registry]
+    if unknown:
+        raise unknown_name(kind, unknown, registry)
+    return list(dict.fromkeys(keys))

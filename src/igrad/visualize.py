@@ -153,9 +153,9 @@ def explanation_figure(
     adjacent), columns = the input image, then the methods in the order of the first entry.
 
     ``images`` holds raw pixels ``[B, C, H, W]`` in [0, 1]. Each row is labelled with its ``label`` and the
-    class its maps explain; with ``predictions`` (per row label, the model's predicted classes ``[B]``) also
-    with that model's prediction ("pred: ..."), and with ``true_labels`` ``[B]`` the true class ("true: ...")
-    in place of the explained one (the caller explains the true class, or says so in the title).
+    class its maps explain ("explains: ..."); with ``predictions`` (per row label, the model's predicted classes
+    ``[B]``) also with that model's prediction ("pred: ..."), and with ``true_labels`` ``[B]`` the true class
+    ("true: ...") in place of the explained one (the caller explains the true class, or says so in the title).
     """
     if not rows:
         raise IgradError("nothing to draw: no rows")
@@ -170,13 +170,12 @@ def explanation_figure(
             ax = axes[row, 0]
             ax.imshow(_rgb(images[i]), interpolation="nearest")
             c = int(next(iter(exps.values())).target[i]) if exps else None
-            text = label if c is None else f"{label}\n{_class_label(c, class_names)}"
+            if true_labels is not None and predictions is not None and label in predictions:
+                text = f"{label}\ntrue: {_class_label(int(true_labels[i]), class_names)}"
+            else:
+                text = label if c is None else f"{label}\nexplains: {_class_label(c, class_names)}"
             if predictions is not None and label in predictions:
-                if true_labels is not None:
-                    first = f"true: {_class_label(int(true_labels[i]), class_names)}\n"
-                else:
-                    first = "" if c is None else f"explains: {_class_label(c, class_names)}\n"
-                text = f"{label}\n{first}pred: {_class_label(int(predictions[label][i]), class_names)}"
+                text += f"\npred: {_class_label(int(predictions[label][i]), class_names)}"
             ax.set_ylabel(text, fontsize=8)
             for j, name in enumerate(methods, start=1):
                 ax = axes[row, j]

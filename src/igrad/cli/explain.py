@@ -236,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     out = Path(args.out)
     files = _write_maps(out, rows, raw, args.images, size)
-    save_figure(explanation_figure(raw.cpu(), rows, class_names=classes), out / "grid.png")
+    predictions = {label: torch.tensor(p) for label, p in zip(labels, predicted, strict=True)}
+    figure = explanation_figure(raw.cpu(), rows, class_names=classes, predictions=predictions)
+    save_figure(figure, out / "grid.png")
     files.append(str(out / "grid.png"))
     summary = {
         "checkpoints": dict(zip(labels, paths, strict=True)),
@@ -247,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         "target": target,
         "predicted": dict(zip(labels, predicted, strict=True)),
         "class_names": [classes[t] for t in target] if classes else None,
+        "predicted_names": {k: [classes[c] for c in v] for k, v in predictions.items()} if classes else None,
         "files": files,
         "provenance": provenance({"command": "explain", **vars(args)}),
     }
