@@ -415,7 +415,8 @@ def _configuration_section(report: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Configuration",
         "",
-        "Training (the baseline's config; the regularised run differs only in `lam` and `out`"
+        "Training (the baseline's config, whose `preset` is the training recipe of `igrad.train.PRESETS` that "
+        f"the experiment preset `{report['preset']}` builds on; the regularised run differs only in `lam` and `out`"
         + (
             f", and fine-tunes the baseline: `{json.dumps(report['settings']['finetune'])}`, `init`"
             if report["settings"].get("finetune")
