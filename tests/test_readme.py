@@ -80,9 +80,13 @@ def test_readme_end_to_end_example_runs_and_its_numbers_follow_spec4(trained):
         p = m64((raw - mean) / std).softmax(1).gather(1, y[:, None])[:, 0]
         o = m64((raw * maps.double()[:, None] - mean) / std).softmax(1).gather(1, y[:, None])[:, 0]
     ad = (100 * (p - o).clamp(min=0) / p).mean()
-    ai = (100 * (o > p).double()).mean()
+    ag = (100 * (o - p).clamp(min=0) / (1 - p)).mean()
     # float32 forwards (the example) against float64 ones: probabilities differ by ~1e-6 relative
     assert printed["ad"] == pytest.approx(float(ad), rel=1e-4, abs=1e-4)
-    # AI: a count (the float32 mean of 0/100 values); a near-tie o ≈ p could flip an image between precisions
-    assert printed["ai"] == pytest.approx(float(ai), rel=1e-6) or (o - p).abs().min() < 1e-5
+    assert printed["ag"] == pytest.approx(float(ag), rel=1e-4, abs=1e-4)
+    # AI counts images with o > p (the float32 mean of 0/100 values); an image whose o and p are within float32
+    # noise of each other may count either way, so it bounds the count from both sides
+    tied = (o - p).abs() < 1e-5
+    low, high = 100 * ((o > p) & ~tied).double().mean(), 100 * ((o > p) | tied).double().mean()
+    assert float(low) - 1e-4 <= printed["ai"] <= float(high) + 1e-4
     assert 0 <= printed["del"] <= 100 and 0 <= printed["ins"] <= 100

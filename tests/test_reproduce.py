@@ -141,9 +141,6 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
     for net in NETWORKS:
         assert stored["networks"][net]["figure"]["methods"] == ["gradient", "guided", "gradcam", "gradcam++"]
     assert "columns image, gradient, guided, gradcam, gradcam++;" in md
-    assert figure_methods(["cam", "gradcam", "scorecam", "gradient", "guided"]) == list(FIGURE_METHODS)
-    assert figure_methods(["gradcam", "layercam", "cam"]) == ["layercam", "cam", "gradcam"]
-    assert figure_methods(["gradient"]) == ["gradient"]
 
     # a second call trains nothing and reuses the evaluations; the numbers are the same
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/last.pt")}
@@ -200,6 +197,14 @@ def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
     assert main(["reproduce", "--preset", "demo", "--data", str(data), "--out", str(out), "--networks", "resnet9"]) == 2
     err = capsys.readouterr().err
     assert "resnet9" in err and "Traceback" not in err
+
+
+def test_figure_methods_are_the_papers_where_evaluated_else_evaluated_ones():
+    assert figure_methods(["cam", "gradcam", "scorecam", "gradient", "guided"]) == list(FIGURE_METHODS)
+    demo = ["gradient", "guided", "gradcam", "gradcam++"]  # the demo's methods: Grad-CAM++ in Score-CAM's place
+    assert figure_methods(demo) == demo
+    assert figure_methods(["gradcam", "layercam", "cam"]) == ["layercam", "cam", "gradcam"]
+    assert figure_methods(["gradient"]) == ["gradient"]
 
 
 def test_preset_settings_are_data_and_checked():

@@ -91,6 +91,8 @@ def test_unknown_method_names_close_matches(model):
     assert text.startswith("3 unknown saliency method names: 'gradcm' (did you mean 'gradcam'")
     assert "'lyercam' (did you mean 'layercam'" in text and "; 'nonsense'." in text
     assert "'cam' (" not in text and "Known: ablationcam, cam," in text
+    with pytest.raises(IgradError, match=r"^unknown saliency method 'gradcm'\. Did you mean"):  # a repeat: once
+        igrad.saliency.resolve_methods(["gradcm", "gradcm"])
 
 
 def test_missing_target_layer_names_closest(model):

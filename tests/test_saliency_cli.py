@@ -204,6 +204,14 @@ def test_explanation_figure_says_what_each_row_label_is(setup):
     axes = explanation_figure(x, rows, class_names=CLASSES, predictions=predictions).get_axes()
     assert axes[2].get_ylabel() == f"reg\nexplains: {CLASSES[4]}\npred: {CLASSES[3]}"
     assert axes[4].get_ylabel() == f"base\nexplains: {CLASSES[7]}\npred: {CLASSES[2]}"
+    # no class names: the index; the true classes alone replace "explains:"
+    axes = explanation_figure(x, rows, true_labels=torch.tensor([0, 9])).get_axes()
+    assert axes[2].get_ylabel() == "reg\ntrue: class 0" and axes[4].get_ylabel() == "base\ntrue: class 9"
+    assert explanation_figure(x, rows).get_axes()[0].get_ylabel() == "base\nexplains: class 4"
+    with pytest.raises(IgradError, match=r"predictions\['reg'\] must hold one class per image \[2\], got shape \(1,\)"):
+        explanation_figure(x, rows, predictions={"base": torch.tensor([1, 2]), "reg": torch.tensor([3])})
+    with pytest.raises(IgradError, match=r"true_labels must hold one class per image"):
+        explanation_figure(x, rows, true_labels=torch.tensor([[0, 1]]))
 
 
 def test_overlay_and_signed_pictures_hand_computed():

@@ -15,22 +15,19 @@ class UnsupportedActivationError(IgradError):
     """A non-linearity without a guided-backprop rule was met on the gradient path."""
 
 
-def unknown_name(kind: str, name: str | Iterable[str], known: Iterable[str]) -> IgradError:
-    """An error for unknown registry names (one ``name`` or several, all named at once), listing the known
+def unknown_name(kind: str, name: object, known: Iterable[str]) -> IgradError:
+    """An error for an unknown registry name, or for several at once (a ``list`` of names), listing the known
     names and, for each unknown one, the closest matches."""
     known = sorted(known)
-    names = [name] if isinstance(name, str) else list(name)
+    names = list(dict.fromkeys(name)) if isinstance(name, list) else [name]
 
-    def hint(n: str) -> str:
-        close = difflib.get_close_matches(n, known, n=3, cutoff=0.5)
-        return f"Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    def hint(n: object) -> str:
+        close = difflib.get_close_matches(n, known, n=3, cutoff=0.5) if isinstance(n, str) else []
+        return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
     if len(names) == 1:
-        text = f"unknown {kind} {names[0]!r}." + (f" {hint(names[0])}" if hint(names[0]) else "")
+        text = f"unknown {kind} {names[0]!r}." + (f" D{hint(names[0])[1:]}" if hint(names[0]) else "")
     else:
-        text = (
-            f"{len(names)} unknown {kind} names: "
-            + "; ".join(f"{n!r}" + (f" ({hint(n)[0].lower()}{hint(n)[1:]})" if hint(n) else "") for n in names)
-            + "."
-        )
+        parts = [f"{n!r}" + (f" ({hint(n)})" if hint(n) else "") for n in names]
+        text = f"{len(names)} unknown {kind} names: " + "; ".join(parts) + "."
     return IgradError(f"{text} Known: {', '.join(known)}.")

@@ -124,7 +124,7 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: results/eval_bf16.json; 4.6x faster) with accuracy and cos in float32. Precision (:data:`PRECISION_FIELDS`)
 #: may differ between the networks of one report.
 #:
-#: ``demo`` (`make demo`: 2 min on 2 cores with bf16 units, 7 min in float32 on a 2-core Zen 3): ResNet-18
+#: ``demo`` (`make demo`: 2 min on 2 cores with bf16 units, 7-8.5 min in float32 on a 2-core Zen 3): ResNet-18
 #: alone, the baseline 3 epochs at 1/4 width, the regularised model fine-tuning its final weights for 100
 #: steps at rate 0.005 with λ = 2.5 (:mod:`igrad.demo`), four methods on 200 test images (bf16 where native).
 #: It shows the effect on models that have learned something (Zen 3: 30.2 % and 26.2 % top-1, cos 0.05 →
@@ -201,11 +201,13 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 SCOPES: dict[str, str] = {
     "paper": "SPEC 2's budget: 200 epochs at full width, the scale of the paper's own table.",
     "cpu": (
-        "A reduced budget that fits a 2-core CPU (24 epochs at 1/2 width, λ chosen on a validation split); "
+        "A reduced budget that fits a 2-core CPU (by its defaults 24 epochs at 1/2 width, λ chosen on a validation "
+        "split); "
         "the paper's own budget (200 epochs, full width) is `--preset paper`, on a GPU."
     ),
     "demo": (
-        "The demonstration: a 1/4-width ResNet-18 trained 3 epochs, then fine-tuned 100 steps with a strong λ. "
+        "The demonstration (by its defaults a 1/4-width ResNet-18 trained 3 epochs, then fine-tuned 100 steps with a "
+        "strong λ). "
         "It shows what the loss does to the gradients (cos(δx, δᴳx) rises) and what that costs at this budget; "
         "it is far too small to test the claim (the README's Results hold the `cpu` preset's test)."
     ),

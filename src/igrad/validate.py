@@ -114,7 +114,7 @@ def parse_names(spec: str | Iterable[str], known: Iterable[str], kind: str, *, f
     if not names:
         raise IgradError(f"no {kind} given; choose from {', '.join(registry)} or 'all'")
     keys = [n.lower() if fold_case else n for n in names]
-    unknown = [n for n, key in zip(names, keys, strict=True) if key not in registry]
+    unknown = [key for key in keys if key not in registry]  # as matched (folded), so the hints match too
     if unknown:
         raise unknown_name(kind, unknown, registry)
     return list(dict.fromkeys(keys))

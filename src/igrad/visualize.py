@@ -37,6 +37,7 @@ from .validate import TargetLike, check_images, resolve_target
 
 __all__ = [
     "Explanation",
+    "class_label",
     "denormalize",
     "cam_overlay",
     "signed_image",
@@ -135,7 +136,9 @@ def explain(
     return out
 
 
-def _class_label(c: int, class_names: Sequence[str] | None) -> str:
+def class_label(c: int, class_names: Sequence[str] | None) -> str:
+    """The name of class ``c`` in ``class_names``, or ``"class c"`` where there is none (no names, or ``c`` out
+    of their range)."""
     return class_names[c] if class_names is not None and 0 <= c < len(class_names) else f"class {c}"
 
 
@@ -156,11 +159,16 @@ def explanation_figure(
     class its maps explain ("explains: ..."); with ``predictions`` (per row label, the model's predicted classes
     ``[B]``) also with that model's prediction ("pred: ..."), and with ``true_labels`` ``[B]`` the true class
     ("true: ...") in place of the explained one (the caller explains the true class, or says so in the title).
+    Raises :class:`IgradError` when ``rows`` is empty or a class tensor is not ``[B]``.
     """
     if not rows:
         raise IgradError("nothing to draw: no rows")
     methods = list(rows[0][1])
     n_img = images.shape[0]
+    given = [("true_labels", true_labels), *((f"predictions[{k!r}]", v) for k, v in (predictions or {}).items())]
+    for what, t in given:
+        if t is not None and tuple(t.shape) != (n_img,):
+            raise IgradError(f"{what} must hold one class per image [{n_img}], got shape {tuple(t.shape)}")
     nrows, ncols = n_img * len(rows), 1 + len(methods)
     fig = Figure(figsize=(cell * ncols + 0.8, cell * nrows + (0.5 if title else 0.2)), layout="constrained")
     axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
@@ -170,12 +178,12 @@ def explanation_figure(
             ax = axes[row, 0]
             ax.imshow(_rgb(images[i]), interpolation="nearest")
             c = int(next(iter(exps.values())).target[i]) if exps else None
-            if true_labels is not None and predictions is not None and label in predictions:
-                text = f"{label}\ntrue: {_class_label(int(true_labels[i]), class_names)}"
+            if true_labels is not None:
+                text = f"{label}\ntrue: {class_label(int(true_labels[i]), class_names)}"
             else:
-                text = label if c is None else f"{label}\nexplains: {_class_label(c, class_names)}"
+                text = label if c is None else f"{label}\nexplains: {class_label(c, class_names)}"
             if predictions is not None and label in predictions:
-                text += f"\npred: {_class_label(int(predictions[label][i]), class_names)}"
+                text += f"\npred: {class_label(int(predictions[label][i]), class_names)}"
             ax.set_ylabel(text, fontsize=8)
             for j, name in enumerate(methods, start=1):
                 ax = axes[row, j]

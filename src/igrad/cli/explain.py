@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     from ..output import model_logits
     from ..provenance import provenance
     from ..saliency import METHODS, resolve_methods
-    from ..visualize import explain, explanation_figure, method_options, save_figure
+    from ..visualize import class_label, explain, explanation_figure, method_options, save_figure
 
     methods = resolve_methods(args.methods)
     options = {} if args.batch_size is None else {"batch_size": positive_int("--batch-size", args.batch_size)}
@@ -248,8 +248,10 @@ def run(args: argparse.Namespace) -> int:
         "signed": {n: METHODS[n].signed for n in methods},
         "target": target,
         "predicted": dict(zip(labels, predicted, strict=True)),
-        "class_names": [classes[t] for t in target] if classes else None,
-        "predicted_names": {k: [classes[c] for c in v] for k, v in predictions.items()} if classes else None,
+        "class_names": [class_label(t, classes) for t in target] if classes else None,
+        "predicted_names": {k: [class_label(c, classes) for c in v] for k, v in zip(labels, predicted, strict=True)}
+        if classes
+        else None,
         "files": files,
         "provenance": provenance({"command": "explain", **vars(args)}),
     }

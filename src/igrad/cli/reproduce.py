@@ -5,7 +5,7 @@ machine, wall time), OUT/results.json, the insertion/deletion curves and the qua
 A second call reuses finished runs and evaluations; an interrupted run resumes.
 
 presets: paper (SPEC 2 recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
-hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, about 5.5 hours
+hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, about 5.5-6 hours
 for MobileNet-V2: an interrupted call resumes from the run folders under OUT; a third model fine-tunes the
 baseline with L_R),
 demo (a few minutes). --ablation
