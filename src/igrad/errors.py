@@ -20,14 +20,12 @@ def unknown_name(kind: str, name: object, known: Iterable[str]) -> IgradError:
     names and, for each unknown one, the closest matches."""
     known = sorted(known)
     names = list(dict.fromkeys(name)) if isinstance(name, list) else [name]
-
-    def hint(n: object) -> str:
-        close = difflib.get_close_matches(n, known, n=3, cutoff=0.5) if isinstance(n, str) else []
-        return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
+    close = {n: difflib.get_close_matches(n, known, n=3, cutoff=0.5) if isinstance(n, str) else [] for n in names}
+    hints = {n: f"did you mean {', '.join(repr(c) for c in close[n])}?" if close[n] else "" for n in names}
     if len(names) == 1:
-        text = f"unknown {kind} {names[0]!r}." + (f" D{hint(names[0])[1:]}" if hint(names[0]) else "")
+        (n,) = names
+        text = f"unknown {kind} {n!r}." + (f" D{hints[n][1:]}" if hints[n] else "")  # "Did ...": a sentence
     else:
-        parts = [f"{n!r}" + (f" ({hint(n)})" if hint(n) else "") for n in names]
+        parts = [f"{n!r}" + (f" ({hints[n]})" if hints[n] else "") for n in names]
         text = f"{len(names)} unknown {kind} names: " + "; ".join(parts) + "."
     return IgradError(f"{text} Known: {', '.join(known)}.")
