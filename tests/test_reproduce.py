@@ -3,10 +3,12 @@ number finite, reuse on a second call), the ablation's grid and choice, and bad 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from igrad.cli import main
 from igrad.errors import IgradError
 from igrad.provenance import file_sha256
 from igrad.reproduce import (
+    CONTROL,
     EXPERIMENTS,
     FIGURE_METHODS,
     FINETUNED,
@@ -36,6 +39,8 @@ from references import write_folder
 
 TINY_TRAIN = {"width": 0.125, "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "cos_samples": 8}
 TINY_EVAL = {"limit": 6, "batch_size": 6}
+#: The cpu preset's models: baseline, regularised, and each seed's fine-tuned model and its λ = 0 control.
+CPU_MODELS = (*LABELS, FINETUNED, CONTROL, f"{FINETUNED}-seed1", f"{CONTROL}-seed1")
 
 
 def _numbers(obj, path=""):
@@ -339,14 +344,15 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd, m
     printed = capfd.readouterr().out.splitlines()
     for label in LABELS:
         assert sum(line.startswith(f"[{label}] epoch 1/1") for line in printed) == 1, printed
-    # the cpu preset's fine-tuned third model waits for the baseline, then trains in a free process; each
-    # model is evaluated in a free process too (the same tables below), none of it reused from an earlier call
-    assert sum(line.startswith(f"[{FINETUNED}] epoch 1/") for line in printed) == 1, printed
-    for label in (*LABELS, FINETUNED):
+    # the cpu preset's fine-tuned models (each seed's, and its control) wait for the baseline, then train in a
+    # free process; each model is evaluated in a free process too (the same tables below), none of it reused
+    for label in CPU_MODELS[2:]:
+        assert sum(line.startswith(f"[{label}] epoch 1/") for line in printed) == 1, printed
+    for label in CPU_MODELS:
         assert sum(line.startswith(f"[{label}] evaluated in") for line in printed) == 1, printed
-    assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in (*LABELS, FINETUNED)}
-    assert b["networks"][NETWORKS[0]]["evaluation_reused"] == {lb: False for lb in (*LABELS, FINETUNED)}
-    for label in (*LABELS, FINETUNED):
+    assert b["networks"][NETWORKS[0]]["trained"] == {lb: True for lb in CPU_MODELS}
+    assert b["networks"][NETWORKS[0]]["evaluation_reused"] == {lb: False for lb in CPU_MODELS}
+    for label in CPU_MODELS:
         wa = torch.load(tmp_path / "a" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         wb = torch.load(tmp_path / "b" / "runs" / NETWORKS[0] / label / "last.pt", weights_only=True)["model"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -361,13 +367,13 @@ def test_side_by_side_runs_only_what_is_missing(tmp_path, data, capfd, monkeypat
     kw = dict(evaluation=TINY_EVAL, figure_images=1, lam=0.5, quiet=True, progress=False, networks=[NETWORKS[0]])
     one_thread = {**TINY_TRAIN, "threads": 1}
     reproduce("cpu", data, out, train=one_thread, **kw)
-    for label in (LABELS[1], FINETUNED):
+    for label in (LABELS[1], FINETUNED):  # the others' evaluations are kept
         (out / "eval" / NETWORKS[0] / label / "results.json").unlink()
     capfd.readouterr()
     monkeypatch.setattr("igrad.reproduce.evaluate_model", _no_evaluation_here)
     entry = reproduce("cpu", data, out, train=one_thread, jobs=2, **kw)["networks"][NETWORKS[0]]
-    assert entry["trained"] == dict.fromkeys((*LABELS, FINETUNED), False)
-    assert entry["evaluation_reused"] == {LABELS[0]: True, LABELS[1]: False, FINETUNED: False}
+    assert entry["trained"] == dict.fromkeys(CPU_MODELS, False)
+    assert entry["evaluation_reused"] == {lb: lb not in (LABELS[1], FINETUNED) for lb in CPU_MODELS}
     printed = capfd.readouterr().out.splitlines()
     assert sorted(line.split("]")[0][1:] for line in printed if " evaluated in " in line) == sorted(
         [LABELS[1], FINETUNED]
@@ -494,7 +500,7 @@ def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(
 
     summary = terminal_summary(report, out)
     acc = versus["accuracy"]
-    assert f"{net}, fine-tuned λ = 0.5: top-1 {100 * acc['baseline']['top1']:.1f}% → " in summary
+    assert f"{net}, fine-tuned λ = 0.5 vs the baseline: top-1 {100 * acc['baseline']['top1']:.1f}% → " in summary
     assert "fine-tuned better in" in summary
 
     again = reproduce("demo", data, out, networks=[NETWORKS[0]], finetuned=ft, **kw)
@@ -504,13 +510,19 @@ def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(
 
 
 def test_finetuned_settings_are_checked_and_the_cli_can_skip_them(tmp_path, data, monkeypatch):
-    assert preset_settings("cpu")["finetuned"] == {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}}
+    cpu = {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}, "control": True, "seeds": [0, 1]}
+    assert preset_settings("cpu")["finetuned"] == cpu
     assert preset_settings("cpu", finetuned={})["finetuned"] is None
     assert preset_settings("demo")["finetuned"] is None
     with pytest.raises(IgradError, match="λ > 0"):
         preset_settings("demo", finetuned={"lam": 0})
-    with pytest.raises(IgradError, match="'lam' and 'train'"):
+    with pytest.raises(IgradError, match="'lam', 'train', 'control' and 'seeds'"):
         preset_settings("demo", finetuned={"lam": 0.5, "epochs": 3})
+    for seeds in ([], [0, 0], [0, 1.5], [True], 3):
+        with pytest.raises(IgradError, match="distinct integers"):
+            preset_settings("demo", finetuned={"lam": 0.5, "seeds": seeds})
+    with pytest.raises(IgradError, match="'control' must be true or false"):
+        preset_settings("demo", finetuned={"lam": 0.5, "control": "yes"})
     seen = {}
 
     def fake(preset, data, out, **kw):
@@ -520,7 +532,8 @@ def test_finetuned_settings_are_checked_and_the_cli_can_skip_them(tmp_path, data
     monkeypatch.setattr("igrad.reproduce.reproduce", fake)
     args = ["reproduce", "--preset", "cpu", "--data", str(data), "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*args, "--no-finetuned"]) != 0 and seen["finetuned"] == {}
-    assert main(args) != 0 and seen["finetuned"] is None
+    assert main(args) != 0 and seen["finetuned"] is None and seen["runs"] is None
+    assert main([*args, "--runs", str(tmp_path / "runs")]) != 0 and seen["runs"] == str(tmp_path / "runs")
     assert "amp" not in seen["train"] and "amp" not in seen["evaluation"]  # the preset's
     for flag, amp in (("--no-amp", False), ("--amp", True)):
         assert main([*args, flag]) != 0
@@ -540,3 +553,163 @@ def test_prefixed_stream_prefixes_every_line_and_keeps_an_unfinished_one():
     stream.flush()
     assert sink.getvalue().endswith("[baseline] last words")
     assert stream.getvalue() == sink.getvalue()  # anything else is the stream's own (isatty, encoding, ...)
+
+
+def _per_image(res, method, metric):
+    return torch.tensor(res["per_sample"]["methods"][method][metric], dtype=torch.float64)
+
+
+def test_fine_tuned_controls_and_seeds_isolate_L_R_and_the_weights_re_evaluate(tmp_path, data, capsys):
+    """With ``control`` and two ``seeds``: each fine-tuned model has a λ = 0 control that differs from it in λ
+    alone, trained in a run folder outside ``out`` (``runs``); each pair's cells are the per-image differences
+    (checked by hand against the stored per-image values), and the seed table's counts are recomputed from them;
+    every model's weights are written beside the report, and the report's own command re-evaluates one to the
+    same cells; a second call trains, evaluates and writes nothing."""
+    out, runs = tmp_path / "rep", tmp_path / "elsewhere" / "runs"
+    ft = {"lam": 0.5, "train": {"epochs": 1, "lr": 0.01}, "control": True, "seeds": [0, 1]}
+    kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=2, lam=0.25, quiet=True, progress=False)
+    net = NETWORKS[0]
+    report = reproduce("demo", data, out, networks=[net], finetuned=ft, runs=runs, **kw)
+    labels = [
+        "baseline",
+        "regularised",
+        "fine-tuned",
+        "fine-tuned-control",
+        "fine-tuned-seed1",
+        "fine-tuned-control-seed1",
+    ]
+    entry = report["networks"][net]
+    assert list(entry["runs"]) == labels
+    assert not (out / "runs").exists() and all((runs / net / lb / "last.pt").is_file() for lb in labels)
+
+    # a control differs from its fine-tuned model in λ alone (and its folder); both start from the baseline
+    configs = {lb: entry["runs"][lb]["config"] for lb in labels}
+    for model, control, seed in (
+        ("fine-tuned", "fine-tuned-control", 0),
+        ("fine-tuned-seed1", "fine-tuned-control-seed1", 1),
+    ):
+        a, b = dict(configs[model]), dict(configs[control])
+        assert (a.pop("lam"), b.pop("lam")) == (0.5, 0.0) and a.pop("out") != b.pop("out")
+        assert a == b and a["seed"] == seed and a["init"] == str(runs / net / "baseline" / "last.pt")
+    assert configs["fine-tuned"]["seed"] == configs["baseline"]["seed"] == 0
+
+    stored = {lb: json.loads((out / "eval" / net / lb / "results.json").read_text()) for lb in labels}
+    pairs = entry["fine-tuning"]["pairs"]
+    assert [(p["model"], p["control"], p["seed"]) for p in pairs] == [
+        ("fine-tuned", "fine-tuned-control", 0),
+        ("fine-tuned-seed1", "fine-tuned-control-seed1", 1),
+    ]
+    cells = [(m, k) for m in stored["baseline"]["results"] for k in stored["baseline"]["results"][m]]
+    effects = []
+    for pair in pairs:
+        per = []
+        for m, k in cells:
+            by_hand = (_per_image(stored[pair["model"]], m, k) - _per_image(stored[pair["control"]], m, k)).mean()
+            assert pair["comparison"]["methods"][m][k]["difference"]["mean"] == pytest.approx(float(by_hand), abs=1e-12)
+            per.append(float(by_hand))
+        effects.append(per)
+        files = json.loads((out / "eval" / net / f"compare-{pair['model']}-vs-control.json").read_text())
+        assert files["labels"] == [pair["control"], pair["model"]]
+    noise = entry["fine-tuning"]["seed_noise"]
+    assert len(noise) == 1 and noise[0]["seeds"] == [0, 1]
+    control_diff = [
+        float(
+            (
+                _per_image(stored["fine-tuned-control-seed1"], m, k) - _per_image(stored["fine-tuned-control"], m, k)
+            ).mean()
+        )
+        for m, k in cells
+    ]
+    summary = noise[0]["summary"]
+    same = [a * b > 0 for a, b in zip(*effects, strict=True)]
+    assert summary["cells"] == len(cells) and summary["same_sign"] == sum(same)
+    assert summary["noise_max"] == pytest.approx(max(abs(d) for d in control_diff), abs=1e-12)
+    beyond = sum(s and min(abs(a), abs(b)) > abs(d) for s, a, b, d in zip(same, *effects, control_diff, strict=True))
+    assert summary["beyond_noise"] == beyond
+
+    md = (out / "report.md").read_text()
+    for heading in (
+        f"### {net}: fine-tuned with λ = 0.5 against its λ = 0 control (seed 0)",
+        f"### {net}: fine-tuned with λ = 0.5 against its λ = 0 control (seed 1)",
+        f"### {net}: L_R's effect at two seeds, beside the training's own noise",
+        f"### {net}: the baseline fine-tuned with λ = 0.5, against the baseline",
+    ):
+        assert heading in md
+    assert md.index("against its λ = 0 control (seed 0)") < md.index("against the baseline")
+    assert "one row per model: baseline, regularised, fine-tuned, fine-tuned-control" in md
+    assert "control better in" in md
+
+    # the weights: model state and config alone, the same tensors as the run's final checkpoint
+    for lb in labels:
+        w = entry["runs"][lb]["weights"]
+        path = out / w["path"]
+        assert w["path"] == f"weights/{net}/{lb}.pt" and w["sha256"] == file_sha256(path) in md
+        state = torch.load(path, weights_only=True)
+        assert set(state) == {"model", "config", "provenance", "format"}
+        last = torch.load(runs / net / lb / "last.pt", weights_only=True)
+        assert state["config"] == last["config"] and state["model"].keys() == last["model"].keys()
+        assert all(
+            torch.equal(v, last["model"][k]) and v.dtype == torch.float32
+            for k, v in state["model"].items()
+            if v.is_floating_point()
+        )
+    # the report's re-evaluation command, run from the report's folder, gives the stored cells
+    command = re.search(r"Re-evaluating one gives its cells above \(run from this report's folder\): `([^`]+)`", md)
+    args = shlex.split(command.group(1))
+    assert args[:2] == ["igrad", "evaluate"] and f"weights/{net}/baseline.pt" in args
+    cwd = os.getcwd()
+    try:
+        os.chdir(out)
+        assert main(args[1:] + ["--no-progress"]) == 0
+    finally:
+        os.chdir(cwd)
+    capsys.readouterr()
+    again = json.loads((out / "recheck" / "baseline" / "results.json").read_text())
+    assert again["data"]["indices"] == stored["baseline"]["data"]["indices"]
+    for m, k in cells:
+        assert again["results"][m][k]["mean"] == stored["baseline"]["results"][m][k]["mean"]
+    assert again["model"]["accuracy"] == stored["baseline"]["model"]["accuracy"]
+
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("weights/*/*.pt"), *runs.glob("*/*/last.pt")]}
+    second = reproduce("demo", data, out, networks=[net], finetuned=ft, runs=runs, **kw)
+    assert second["networks"][net]["trained"] == dict.fromkeys(labels, False)
+    assert second["networks"][net]["evaluation_reused"] == dict.fromkeys(labels, True)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_seed_summary_counts_by_hand():
+    from igrad.reproduce import seed_summary
+
+    def cmp(*cells):
+        return {
+            "methods": {"m": {f"k{i}": {"difference": {"mean": d}, "significant": s} for i, (d, s) in enumerate(cells)}}
+        }
+
+    a = cmp((0.10, True), (-0.02, False), (0.03, True), (0.0, False))
+    b = cmp((0.05, True), (0.01, False), (0.04, False), (0.02, False))
+    noise = cmp((0.01, False), (0.03, True), (-0.05, True), (0.0, False))
+    assert seed_summary(a, b, noise) == {
+        "cells": 4,
+        "same_sign": 2,  # k0 and k2; k1 differs, k3 has no sign
+        "replicated": 1,  # k0 significant at both
+        "noise_max": 0.05,
+        "noise_median": 0.02,
+        "noise_significant": 2,
+        "beyond_noise": 1,  # k0: 0.05 > 0.01; k2: 0.03 < 0.05
+    }
+    with pytest.raises(IgradError, match="paired"):
+        seed_summary({"methods": {"m": {f"k{i}": {} for i in range(4)}}}, b, noise)  # unpaired: no differences
+
+
+def test_an_earlier_network_without_controls_is_carried_and_says_so():
+    """A report made before the fine-tuned models had controls and seeds is the same experiment: its networks
+    are carried (compared on λ and the fine-tuning's budget), and a changed λ or budget still drops them."""
+    from igrad.reproduce import _comparable
+
+    new = preset_settings("cpu")
+    old = copy.deepcopy(new)
+    old["finetuned"] = {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}}
+    assert _comparable(old) == _comparable(new)
+    other = copy.deepcopy(old)
+    other["finetuned"]["train"]["lr"] = 0.02
+    assert _comparable(other) != _comparable(new)

@@ -134,6 +134,21 @@ class EvalConfig:
         out["methods"], out["metrics"] = list(self.methods), list(self.metrics)
         return out
 
+    def flags(self) -> list[str]:
+        """The ``igrad evaluate`` flags that give these settings: one per field that differs from its default
+        (``--name value``, ``--x``/``--no-x`` for booleans, lists comma-joined), the device left out (where
+        the command runs is the reader's)."""
+        default, flags = EvalConfig().to_dict(), []
+        for name, value in self.to_dict().items():
+            if name == "device" or value == default[name] or value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else flag.replace("--", "--no-", 1))
+            else:
+                flags += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+        return flags
+
 
 def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
     """The evaluated subset: all ``n_total`` indices, or the first ``limit`` of a permutation seeded

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .evaluate import compare_results
+from .evaluate import EvalConfig, compare_results
 from .metrics import METRICS
 from .provenance import provenance
 from .train import RESOURCE_FIELDS, config_to_toml
@@ -23,6 +24,8 @@ from .train import RESOURCE_FIELDS, config_to_toml
 __all__ = [
     "LABELS",
     "FINETUNED",
+    "CONTROL",
+    "finetuned_label",
     "FIGURE_METHODS",
     "results_table",
     "write_report",
@@ -37,6 +40,19 @@ LABELS = ("baseline", "regularised")
 #: The optional third model of a reproduction: the baseline fine-tuned with ``L_R`` (its comparison with the
 #: baseline reuses the two labels above, "regularised" being the fine-tuned model).
 FINETUNED = "fine-tuned"
+#: Its control: the same fine-tuning (same weights, steps, rate and seed) with λ = 0, so that the comparison
+#: isolates ``L_R`` from the effect of training a few more epochs at a new rate.
+CONTROL = "fine-tuned-control"
+
+
+def finetuned_label(seed_index: int, seed: int, *, control: bool) -> str:
+    """The label of a fine-tuned model (``control``: its λ = 0 control) trained with the ``seed_index``-th of
+    the preset's fine-tuning seeds, ``seed``: the first seed's models are ``fine-tuned`` and
+    ``fine-tuned-control``, a later seed's add ``-seed<seed>`` (``fine-tuned-seed1``)."""
+    name = CONTROL if control else FINETUNED
+    return name if seed_index == 0 else f"{name}-seed{seed}"
+
+
 #: Columns of the qualitative figure after the image.
 FIGURE_METHODS = ("gradient", "guided", "gradcam", "scorecam")
 
@@ -306,50 +322,160 @@ def _accuracy_sentence(stats: Mapping[str, Any] | None, acc_b: float | None, acc
     )
 
 
-def _versus_lines(name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
-    """The SPEC 5 table of one regularised model (``name``) against the baseline and the sentence under it:
-    cells won (raw, paired interval, Holm), accuracy with intervals, mean cos."""
+def _versus_lines(
+    name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any], base_name: str = "baseline"
+) -> list[str]:
+    """The SPEC 5 table of one model (``name``) against its reference (``base_name``: the baseline, or a
+    fine-tuned model's control) and the sentence under it: cells won (raw, paired interval, Holm), accuracy
+    with intervals, mean cos."""
     w = versus["wins"]
     return [
         versus["table"],
-        f"{name.capitalize()} better in **{w['regularised']} of {w['cells']}** method × metric cells "
+        f"{name[0].upper() + name[1:]} better in **{w['regularised']} of {w['cells']}** method × metric cells "
         f"({w['regularised_significant']} with a paired 95% interval excluding 0, **{w.get('regularised_holm', 0)} "
-        f"after Holm's correction**); baseline better in {w['baseline']} ({w['baseline_significant']} significant, "
-        f"{w.get('baseline_holm', 0)} after Holm); ties {w['tie']}. "
+        f"after Holm's correction**); {base_name} better in {w['baseline']} ({w['baseline_significant']} "
+        f"significant, {w.get('baseline_holm', 0)} after Holm); ties {w['tie']}. "
         + _accuracy_sentence(versus.get("accuracy"), base["accuracy"], other["accuracy"])
         + f" Mean cos(δx, δᴳx) {base['cos']['mean']:.4f} → {other['cos']['mean']:.4f}.",
         "",
     ]
 
 
-def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]:
-    """One network of the reproduction: its SPEC 5 table (and the fine-tuned model's, when there is one), the
-    cells won, the runs, curves and figure."""
-    runs = entry["runs"]
-    lines = [f"## {net}", "", *_made_by_lines(entry.get("made_by"))]
-    lines += _versus_lines("regularised", entry, runs["baseline"], runs["regularised"])
-    if FINETUNED in entry:
-        ft = entry[FINETUNED]
+def _fine_tuning_lines(net: str, entry: Mapping[str, Any]) -> list[str]:
+    """The fine-tuned models of ``net``: each against its λ = 0 control (the first seed's first: the comparison
+    that isolates ``L_R``), the seeds' agreement and noise, then the first against the baseline it started
+    from. A network made before the controls existed gets the baseline comparison alone, and says so."""
+    runs, ft = entry["runs"], entry.get(FINETUNED)
+    tuning = entry.get("fine-tuning")
+    lines: list[str] = []
+    if tuning:
+        for pair in tuning["pairs"]:
+            seed = "" if pair["seed"] is None else f" (seed {pair['seed']})"
+            lines += [
+                f"### {net}: fine-tuned with λ = {tuning['lam']:g} against its λ = 0 control{seed}",
+                "",
+                "Both start from the baseline's final weights and train the same steps at the same rate with the "
+                "same seed; they differ in λ alone, so this table is the effect of L_R.",
+                "",
+                *_versus_lines("fine-tuned", pair, runs[pair["control"]], runs[pair["model"]], "control"),
+            ]
+        for noise in tuning.get("seed_noise", []):
+            lines += _seed_noise_lines(net, tuning, noise)
+    if ft:
         lines += [
-            f"### {net}: the baseline fine-tuned with λ = {ft['lam']:g}",
+            f"### {net}: the baseline fine-tuned with λ = {ft['lam']:g}, against the baseline",
+            "",
+            (
+                "A second view: this table mixes L_R's effect with that of training a few more epochs at a new "
+                "rate (its control above separates them)."
+                if tuning
+                else "No λ = 0 control for this network (made before the controls existed): this table mixes "
+                "L_R's effect with that of training a few more epochs at a new rate."
+            ),
             "",
             *_versus_lines("fine-tuned", ft, runs["baseline"], runs[FINETUNED]),
         ]
+    return lines
+
+
+def _seed_noise_lines(net: str, tuning: Mapping[str, Any], noise: Mapping[str, Any]) -> list[str]:
+    """The per-cell table of L_R's effect at two seeds beside the training's own noise (the two seeds' λ = 0
+    controls, and fine-tuned models, compared), and the sentence that sums it up."""
+    s0, s1 = noise["seeds"]
+    first = next(p for p in tuning["pairs"] if p["seed"] == s0)
+    later = next(p for p in tuning["pairs"] if p["seed"] == s1)
+
+    def cell(e: Mapping[str, Any]) -> str:
+        d = e["difference"]
+        text = f"{100 * d['mean']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+        return f"**{text}**" if e.get("significant") else text
+
+    lines = [
+        f"### {net}: L_R's effect at two seeds, beside the training's own noise",
+        "",
+        f"| method | metric | effect, seed {s0} (fine-tuned − control) | effect, seed {s1} | "
+        f"control: seed {s1} − seed {s0} | fine-tuned: seed {s1} − seed {s0} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for method, per in first["comparison"]["methods"].items():
+        for k, e in per.items():
+            cells = [e, later["comparison"]["methods"][method][k]]
+            cells += [noise["control"]["methods"][method][k], noise["fine-tuned"]["methods"][method][k]]
+            lines.append(f"| {method} | {METRICS[k].title} {_arrow(k)} | " + " | ".join(map(cell, cells)) + " |")
+    sm = noise["summary"]
+    return lines + [
+        "",
+        f"Mean per-image differences ×100 with paired 95% intervals; bold: the interval excludes 0. L_R's effect "
+        f"has the same sign at both seeds in **{sm['same_sign']} of {sm['cells']}** cells, is significant at both "
+        f"with the same sign in **{sm['replicated']}**, and exceeds, at both seeds, that cell's difference between "
+        f"the two λ = 0 controls in **{sm['beyond_noise']}**. The controls, which differ in their seed alone, "
+        f"differ by up to {100 * sm['noise_max']:.2f} (median {100 * sm['noise_median']:.2f}) and significantly in "
+        f"{sm['noise_significant']} cells: a difference of that size between two models is the training's own "
+        "noise, not an effect.",
+        "",
+    ]
+
+
+def _weights_lines(entry: Mapping[str, Any], report: Mapping[str, Any]) -> list[str]:
+    """The committed weights of a network's models (file, SHA-256) and the command that re-evaluates one."""
+    runs = {label: r for label, r in entry["runs"].items() if r.get("weights")}
+    if not runs:
+        return [
+            "No weights were kept for this network's models: its cells cannot be re-checked without retraining.",
+            "",
+        ]
+    ev = EvalConfig.from_dict({k: v for k, v in report["settings"]["evaluate"].items() if k != "device"})
+    label, first = next(iter(runs.items()))
+    path = first["weights"]["path"]
+    command = shlex.join(
+        [
+            "igrad",
+            "evaluate",
+            "--checkpoint",
+            path,
+            "--data",
+            str(report["data"]),
+            *ev.flags(),
+            "--out",
+            f"recheck/{label}",
+        ]
+    )
+    missing = [label for label in entry["runs"] if label not in runs]
+    weights = {label: r["weights"] for label, r in runs.items()}
+    return [
+        "| model | weights (model state, float32) | bytes | SHA-256 |",
+        "|---|---|---:|---|",
+        *(f"| {lb} | `{w['path']}` | {w['bytes']} | `{w['sha256']}` |" for lb, w in weights.items()),
+        "",
+        f"Re-evaluating one gives its cells above (run from this report's folder): `{command}`"
+        + (f". Without weights (their cells stand as measured): {', '.join(missing)}." if missing else "."),
+        "",
+    ]
+
+
+def _network_section(net: str, entry: Mapping[str, Any], out: Path, report: Mapping[str, Any]) -> list[str]:
+    """One network of the reproduction: its SPEC 5 table, the fine-tuned models' (:func:`_fine_tuning_lines`),
+    the runs, the weights, curves and figure."""
+    runs = entry["runs"]
+    lines = [f"## {net}", "", *_made_by_lines(entry.get("made_by"))]
+    lines += _versus_lines("regularised", entry, runs["baseline"], runs["regularised"])
+    lines += _fine_tuning_lines(net, entry)
     lines += [
-        "| model | λ | starts from | epochs | steps | training time (with per-epoch tests) | evaluation time | "
+        "| model | λ | starts from | seed | epochs | steps | training time (with per-epoch tests) | evaluation time | "
         "run folder |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for label in runs:
         r = runs[label]
         start = "the baseline's final weights (fine-tuning)" if r["config"].get("init") else "scratch"
         lines.append(
-            f"| {label} | {r['lam']:g} | {start} | {r['epochs']} | {r['steps']} | {_fmt_s(r['train_s'])} | "
-            f"{_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
+            f"| {label} | {r['lam']:g} | {start} | {r['config'].get('seed', 0)} | {r['epochs']} | {r['steps']} | "
+            f"{_fmt_s(r['train_s'])} | {_fmt_s(r['evaluation_s'])} | `{_rel(r['run_dir'], out)}` |"
         )
     curves = ", ".join(f"[{label}]({path})" for label, path in entry["curves"].items())
     return lines + [
         "",
+        *_weights_lines(entry, report),
         f"Insertion/deletion curves: {curves}.",
         "",
         f"![qualitative figure, {net}]({entry['figure']['path']})",
@@ -358,7 +484,7 @@ def _network_section(net: str, entry: Mapping[str, Any], out: Path) -> list[str]
         "columns image, "
         + ", ".join(entry["figure"].get("methods", FIGURE_METHODS))
         + "; for each image one row per model: "
-        + ", ".join(runs)
+        + ", ".join(label for label in runs if label in (*LABELS, FINETUNED, CONTROL))
         + ".",
         "",
     ]
@@ -466,9 +592,14 @@ def _differing_fields(report: Mapping[str, Any]) -> str:
 
 
 def _summary_lines(
-    title: str, name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any]
+    title: str,
+    name: str,
+    versus: Mapping[str, Any],
+    base: Mapping[str, Any],
+    other: Mapping[str, Any],
+    base_name: str = "baseline",
 ) -> list[str]:
-    """:func:`terminal_summary`'s lines for one regularised model (``name``) against the baseline."""
+    """:func:`terminal_summary`'s lines for one model (``name``) against its reference (``base_name``)."""
     w, acc = versus["wins"], versus.get("accuracy")
     if acc:
         d = acc["difference"]
@@ -481,7 +612,7 @@ def _summary_lines(
     lines = [
         f"{title}: {acc_text}; cos(δx, δᴳx) {base['cos']['mean']:.3f} → {other['cos']['mean']:.3f}",
         f"  {name} better in {w['regularised']} of {w['cells']} cells ({w.get('regularised_holm', 0)} after "
-        f"Holm), baseline in {w['baseline']} ({w.get('baseline_holm', 0)} after Holm)",
+        f"Holm), {base_name} in {w['baseline']} ({w.get('baseline_holm', 0)} after Holm)",
     ]
     methods = versus["comparison"]["methods"]
     metrics = list(next(iter(methods.values()))) if methods else []
@@ -504,9 +635,13 @@ def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
     for net, entry in report["networks"].items():
         runs = entry["runs"]
         lines += _summary_lines(net, "regularised", entry, runs["baseline"], runs["regularised"])
+        for pair in entry.get("fine-tuning", {}).get("pairs", []):
+            seed = "" if pair["seed"] is None else f", seed {pair['seed']}"
+            name = f"{net}, fine-tuned λ = {entry['fine-tuning']['lam']:g} vs its λ = 0 control{seed}"
+            lines += _summary_lines(name, "fine-tuned", pair, runs[pair["control"]], runs[pair["model"]], "control")
         if FINETUNED in entry:
             ft = entry[FINETUNED]
-            name = f"{net}, fine-tuned λ = {ft['lam']:g}"
+            name = f"{net}, fine-tuned λ = {ft['lam']:g} vs the baseline"
             lines += _summary_lines(name, "fine-tuned", ft, runs["baseline"], runs[FINETUNED])
         lines.append(f"  figure: {out / entry['figure']['path']}")
     lines += [
@@ -521,7 +656,7 @@ def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
     figure, the ablation's choice (when run), the configuration, machine and versions."""
     lines = _reproduce_header(report)
     for net, entry in report["networks"].items():
-        lines += _network_section(net, entry, out)
+        lines += _network_section(net, entry, out, report)
     lines += _ablation_link(out)
     lines += _configuration_section(report)
     return "\n".join(lines)

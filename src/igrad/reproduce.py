@@ -15,12 +15,19 @@ on the final weights ``last.pt``: no checkpoint is chosen on the test split), an
   gradient, guided gradient, Grad-CAM, Score-CAM; baseline row, then regularised row);
 * ``runs/<network>/{baseline,regularised}/``: the run folders of :func:`igrad.train.fit`.
 
-Where the preset (or the caller) gives a ``finetuned`` model, each network gets a third one: the baseline's
-final weights fine-tuned a few epochs with ``L_R`` (``runs/<network>/fine-tuned/``, its evaluation in
-``eval/<network>/fine-tuned/``, a third row per image in the figure), compared with the baseline exactly like the
-regularised model (``eval/<network>/compare-fine-tuned.{md,json}``): ``results.json``'s network entry holds it
-under ``"fine-tuned"`` (``comparison``, ``wins``, ``accuracy``, ``table``), where the side labelled
-``"regularised"`` is the fine-tuned model.
+Where the preset (or the caller) gives ``finetuned`` settings, each network gets fine-tuned models: the
+baseline's final weights trained a few epochs with ``L_R`` (``fine-tuned``), with ``control`` its λ = 0 control
+(``fine-tuned-control``: the same fine-tuning, steps, rate and seed, without ``L_R``), and with ``seeds`` both again
+per later seed (``fine-tuned-seed1``, ...). Each fine-tuned model is compared with its control (the effect of
+``L_R`` alone; ``eval/<network>/compare-<model>-vs-control.{md,json}``), the first also with the baseline it
+started from (``compare-fine-tuned.{md,json}``; it mixes ``L_R`` with the extra epochs), and two seeds' pairs
+are set beside the difference between their controls (the training's own noise): ``results.json``'s network
+entry holds them under ``"fine-tuning"`` and ``"fine-tuned"``.
+
+Every model's final weights are also written alone (model state and config, float32) to
+``weights/<network>/<label>.pt``, with their SHA-256 in the report: ``igrad evaluate --checkpoint`` on one gives
+its cells again (the evaluation loads each model from its checkpoint exactly as that command does). Run
+folders may live outside ``out`` (``runs``), where a replaced checkout cannot take them.
 
 A second call with the same settings trains nothing (finished runs are reused; an interrupted run
 resumes exactly) and reuses each finished evaluation whose checkpoint (SHA-256) and settings are
@@ -39,6 +46,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,11 +63,13 @@ from .evaluate import EvalConfig, compare_results, evaluate_model, select_indice
 from .normalization import Normalization
 from .provenance import PROCESS_COMMIT, file_sha256, machine_info, provenance
 from .report import (
+    CONTROL,
     FIGURE_METHODS,
     FINETUNED,
     LABELS,
     ablation_markdown,
     compare_table,
+    finetuned_label,
     reproduce_markdown,
     write_comparison,
     write_report,
@@ -74,6 +84,9 @@ __all__ = [
     "SCOPES",
     "LABELS",
     "FINETUNED",
+    "CONTROL",
+    "finetuned_models",
+    "export_weights",
     "ABLATION_LAMBDAS",
     "FIGURE_METHODS",
     "figure_methods",
@@ -156,7 +169,9 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         # control's 69.0 %, cos 0.23 vs 0.00). Chosen on the validation split after the fine-tuning runs had
         # finished (the pre-stated rule covers the runs from scratch; applied to fine-tuning it would take
         # λ = 0.25, cos 0.03, which barely moves the gradients); never on the test set.
-        "finetuned": {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}},
+        # each fine-tuned model is compared with its control (the same fine-tuning at λ = 0), once per seed: the
+        # second seed's pair says how much of a cell's difference is the training's own noise
+        "finetuned": {"lam": 0.75, "train": {"epochs": 3, "lr": 0.01}, "control": True, "seeds": [0, 1]},
         "evaluate": {
             "limit": 1000,
             "methods": ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "gradient", "guided"],
@@ -247,17 +262,50 @@ def preset_settings(
 
 
 def _finetuned_settings(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The fine-tuned model's settings, checked: ``{"lam": λ > 0, "train": TrainConfig overrides}``; ``None``
-    when there is none."""
+    """The fine-tuned models' settings, checked: ``{"lam": λ > 0, "train": TrainConfig overrides}``, with
+    optionally ``"control": True`` (each fine-tuned model gets its λ = 0 control: the same fine-tuning, same
+    seed) and ``"seeds": [s0, s1, ...]`` (the fine-tuning, and its control, once per seed; default: the
+    training seed once); ``None`` when there is none."""
     if not values:
         return None
-    unknown = set(values) - {"lam", "train"}
+    unknown = set(values) - {"lam", "train", "control", "seeds"}
     if unknown or "lam" not in values:
-        raise IgradError(f"the fine-tuned model's settings take 'lam' and 'train', got {sorted(values)}")
+        raise IgradError(
+            f"the fine-tuned model's settings take 'lam', 'train', 'control' and 'seeds', got {sorted(values)}"
+        )
     lam = float(values["lam"])
     if not (math.isfinite(lam) and lam > 0):
         raise IgradError(f"the fine-tuned model needs λ > 0, got {values['lam']}")
-    return {"lam": lam, "train": dict(values.get("train") or {})}
+    out: dict[str, Any] = {"lam": lam, "train": dict(values.get("train") or {})}
+    if values.get("control") not in (None, False, True):
+        raise IgradError(f"the fine-tuned model's 'control' must be true or false, got {values['control']!r}")
+    if values.get("control"):
+        out["control"] = True
+    if values.get("seeds") is not None:
+        seeds = values["seeds"]
+        if (
+            not isinstance(seeds, list | tuple)
+            or not seeds
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds)
+            or len(set(seeds)) != len(seeds)
+        ):
+            raise IgradError(f"the fine-tuned model's 'seeds' must be distinct integers, got {seeds!r}")
+        out["seeds"] = [int(x) for x in seeds]
+    return out
+
+
+def finetuned_models(finetuned: Mapping[str, Any] | None) -> list[tuple[str, float, int | None]]:
+    """The fine-tuned models of ``settings["finetuned"]``: ``(label, λ, seed)`` for each seed (``None``: the
+    training seed), the model (``λ``) then, with ``control``, its λ = 0 control
+    (:func:`igrad.report.finetuned_label`)."""
+    if not finetuned:
+        return []
+    models = []
+    for i, seed in enumerate(finetuned.get("seeds") or [None]):
+        models.append((finetuned_label(i, seed, control=False), float(finetuned["lam"]), seed))
+        if finetuned.get("control"):
+            models.append((finetuned_label(i, seed, control=True), 0.0, seed))
+    return models
 
 
 def train_config(settings: Mapping[str, Any], network: str, data: str, lam: float, out: Path) -> TrainConfig:
@@ -319,27 +367,32 @@ def _stored_evaluation(stored: Path, key: Mapping[str, Any]) -> dict[str, Any] |
 
 
 def _evaluation_key(checkpoint: Path, ev: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """What a stored evaluation must have been made with to be reused: settings, weights (SHA-256), data; in
-    its JSON form (as stored)."""
-    key = {"evaluate": dict(ev), "sha256": file_sha256(checkpoint), "data": source}
+    """What a stored evaluation must have been made with to be reused: settings, weights (SHA-256), data, and
+    the model as loaded from its checkpoint (``"loaded"``); in its JSON form (as stored)."""
+    key = {"evaluate": dict(ev), "sha256": file_sha256(checkpoint), "data": source, "loaded": True}
     return json.loads(json.dumps(key, sort_keys=True))
 
 
 def _evaluate_run(
     run: Any, split: Any, source: str, ev: Mapping[str, Any], stored: Path, progress: bool
 ) -> tuple[dict[str, Any], bool]:
-    """Evaluate the model ``run`` holds (its final weights, ``last.pt``) on ``split`` with settings
-    ``ev``, or reuse ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
+    """Evaluate the model of ``run``'s final weights (``last.pt``), as :func:`igrad.checkpoint.load_model` loads
+    it (the trainer's model may sit in another memory layout, which changes bf16 arithmetic: loaded, it is the
+    model that ``igrad evaluate --checkpoint`` evaluates), on ``split`` with settings ``ev``, or reuse
+    ``stored``; unfinished work is kept in ``stored``'s folder (``.partial/``)."""
+    from .checkpoint import load_model
+
     checkpoint = Path(run.run_dir) / "last.pt"
     key = _evaluation_key(checkpoint, ev, source)
 
     def compute() -> dict[str, Any]:
+        model, config = load_model(checkpoint, map_location=device_of(run.model))
         res = evaluate_model(
-            run.model,
+            model,
             split,
             EvalConfig.from_dict(ev),
-            normalization=Normalization.from_config(run.config, f"run {run.run_dir}"),
-            config=run.config,
+            normalization=Normalization.from_config(config, f"run {run.run_dir}"),
+            config=config,
             source=source,
             progress=progress,
             resume_dir=stored.parent / ".partial",
@@ -471,26 +524,27 @@ def _write(
 
 
 def _run_configs(
-    settings: Mapping[str, Any], nets: Sequence[str], data: str, out: Path
+    settings: Mapping[str, Any], nets: Sequence[str], data: str, runs_root: Path
 ) -> dict[str, dict[str, TrainConfig]]:
     """The baseline's and the regularised model's :class:`TrainConfig` of each network (and the fine-tuned
-    model's, when the settings have one), all validated before anything is trained. With the preset's
-    ``finetune`` overrides the regularised model starts from the baseline's final weights (``init``: fresh
-    optimiser and schedule) instead of from scratch; the fine-tuned model always does."""
+    models', :func:`finetuned_models`, when the settings have them), run folders ``runs_root/<network>/<label>``,
+    all validated before anything is trained. With the preset's ``finetune`` overrides the regularised model
+    starts from the baseline's final weights (``init``: fresh optimiser and schedule) instead of from scratch;
+    the fine-tuned models always do (a control too: it differs from its model in ``lam`` alone)."""
     configs = {}
-    ft = settings.get("finetuned")
     for net in nets:
-        runs = out / "runs" / net
+        runs = runs_root / net
         init = str(runs / LABELS[0] / "last.pt")
         base = train_config(settings, net, data, 0.0, runs / LABELS[0])
         reg = train_config(settings, net, data, settings["lam"], runs / LABELS[1])
         if settings.get("finetune"):
             reg = reg.replace(init=init, **settings["finetune"])
         configs[net] = {LABELS[0]: base, LABELS[1]: reg}
-        if ft:
-            configs[net][FINETUNED] = train_config(settings, net, data, ft["lam"], runs / FINETUNED).replace(
-                init=init, **ft["train"]
+        for label, lam, seed in finetuned_models(settings.get("finetuned")):
+            c = train_config(settings, net, data, lam, runs / label).replace(
+                init=init, **settings["finetuned"]["train"]
             )
+            configs[net][label] = c if seed is None else c.replace(seed=seed)
     for per_net in configs.values():
         for c in per_net.values():
             c.validate()
@@ -531,23 +585,28 @@ def _comparison(
 ) -> dict[str, Any]:
     """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
     ``eval/<net>/compare.{md,json}``), the cells won, the SPEC 5 table, the qualitative figure and the curves'
-    files; with a fine-tuned model, its own comparison with the baseline under ``FINETUNED`` (also written to
-    ``eval/<net>/compare-fine-tuned.{md,json}``) and a third row per image in the figure. Each model's own
-    report in ``eval/<net>/<label>/`` is written by :func:`_network`."""
+    files; with fine-tuned models, the first seed's against the baseline under ``FINETUNED`` (also written to
+    ``eval/<net>/compare-fine-tuned.{md,json}``) and, with their controls, each against its control under
+    ``"fine-tuning"`` (:func:`_fine_tuning`); the figure gets a row per image for the fine-tuned model and its
+    control. Each model's own report in ``eval/<net>/<label>/`` is written by :func:`_network`."""
     base, reg, lam = results["baseline"], results["regularised"], settings["lam"]
     write_comparison(base, reg, out / "eval" / net, labels=LABELS, reports=False)  # _network wrote the reports
     lam_models = {"baseline (λ = 0)": models["baseline"], f"regularised (λ = {lam:g})": models["regularised"]}
-    entry = _versus(base, reg, f"regularised λ={lam:g}", settings)
+    entry = _versus(base, reg, ("baseline λ=0", f"regularised λ={lam:g}"), settings)
     if FINETUNED in results:
         ft_lam = settings["finetuned"]["lam"]
         lam_models[f"fine-tuned (λ = {ft_lam:g})"] = models[FINETUNED]
-        entry[FINETUNED] = {"lam": ft_lam, **_versus(base, results[FINETUNED], f"fine-tuned λ={ft_lam:g}", settings)}
+        versus = _versus(base, results[FINETUNED], ("baseline λ=0", f"fine-tuned λ={ft_lam:g}"), settings)
+        entry[FINETUNED] = {"lam": ft_lam, **versus}
         ft_labels = (LABELS[0], FINETUNED)
         write_comparison(
             base, results[FINETUNED], out / "eval" / net, labels=ft_labels, name=f"compare-{FINETUNED}", reports=False
         )
+    if CONTROL in results:
+        lam_models["fine-tuned control (λ = 0)"] = models[CONTROL]
+        entry["fine-tuning"] = _fine_tuning(net, results, settings, out)
     figure = out / "figures" / f"{net}.png"
-    title = f"{net}: baseline (λ = 0) vs regularised{' vs fine-tuned' if FINETUNED in results else ''}; target = label"
+    title = f"{net}: " + " vs ".join(name.split(" (")[0] for name in lam_models) + "; target = label"
     methods = figure_methods(settings["evaluate"]["methods"])
     indices = _figure(lam_models, prepared, title, settings["evaluate"], settings["figure_images"], methods, figure)
     entry["figure"] = {"path": str(figure.relative_to(out)), "indices": indices, "methods": methods}
@@ -555,17 +614,98 @@ def _comparison(
     return entry
 
 
-def _versus(
-    base: Mapping[str, Any], other: Mapping[str, Any], label: str, settings: Mapping[str, Any]
+def _fine_tuning(
+    net: str, results: Mapping[str, dict[str, Any]], settings: Mapping[str, Any], out: Path
 ) -> dict[str, Any]:
-    """One regularised model against the baseline: the comparison, the cells won, the accuracies' statistics
-    and the SPEC 5 table (the other model's column headed ``label``)."""
+    """Each fine-tuned model against its λ = 0 control (same weights, steps, rate and seed: the difference is
+    ``L_R``'s alone), also written to ``eval/<net>/compare-<model>-vs-control.{md,json}``, and, with a second
+    seed, the training's own noise: the first seed's control against each later seed's control (and the
+    fine-tuned models likewise), per cell (:func:`seed_summary`)."""
+    ft = settings["finetuned"]
+    pairs = []
+    for label, lam, seed in finetuned_models(ft):
+        if lam == 0:
+            continue
+        control = label.replace(FINETUNED, CONTROL, 1)
+        labels = (f"control λ=0{_seed_text(seed)}", f"fine-tuned λ={lam:g}{_seed_text(seed)}")
+        pair = {
+            "seed": seed,
+            "model": label,
+            "control": control,
+            **_versus(results[control], results[label], labels, settings),
+        }
+        write_comparison(
+            results[control],
+            results[label],
+            out / "eval" / net,
+            labels=(control, label),
+            name=f"compare-{label}-vs-control",
+            reports=False,
+        )
+        pairs.append(pair)
+    entry: dict[str, Any] = {"lam": ft["lam"], "pairs": pairs, "seed_noise": []}
+    ci = settings["evaluate"]["ci"]
+    for later in pairs[1:]:
+        first = pairs[0]
+        noise: dict[str, Any] = {
+            "seeds": [first["seed"], later["seed"]],
+            "control": compare_results(results[first["control"]], results[later["control"]], ci=ci),
+            "fine-tuned": compare_results(results[first["model"]], results[later["model"]], ci=ci),
+        }
+        noise["summary"] = seed_summary(first["comparison"], later["comparison"], noise["control"])
+        entry["seed_noise"].append(noise)
+    return entry
+
+
+def _seed_text(seed: int | None) -> str:
+    return "" if seed is None else f", seed {seed}"
+
+
+def seed_summary(
+    effect_a: Mapping[str, Any], effect_b: Mapping[str, Any], control_noise: Mapping[str, Any]
+) -> dict[str, Any]:
+    """How well ``L_R``'s effect on each cell replicates across two fine-tuning seeds, against the training's
+    own noise. ``effect_a``/``effect_b``: each seed's comparison of its fine-tuned model with its control
+    (:func:`igrad.evaluate.compare_results`, paired); ``control_noise``: the two seeds' controls compared (λ = 0
+    both: any difference is the seed's). Returns, over the cells: ``cells``; ``same_sign`` (the two effects'
+    mean per-image differences have the same non-zero sign); ``replicated`` (both significant, same sign);
+    ``noise_max``/``noise_median`` (|control difference|, metric units); ``noise_significant`` (control cells
+    whose paired interval excludes 0); ``beyond_noise`` (cells where both effects are larger in magnitude than
+    that cell's control difference, with the same sign)."""
+    rows = []
+    for method, per in effect_a["methods"].items():
+        for k, cell in per.items():
+            other = effect_b["methods"][method][k]
+            noise = control_noise["methods"][method][k]
+            rows.append((cell, other, noise))
+    if not rows or any("difference" not in c for row in rows for c in row):
+        raise IgradError("the seed summary needs paired comparisons (the same images for every model)")
+    a = [r[0]["difference"]["mean"] for r in rows]
+    b = [r[1]["difference"]["mean"] for r in rows]
+    n = [abs(r[2]["difference"]["mean"]) for r in rows]
+    same = [x * y > 0 for x, y in zip(a, b, strict=True)]
+    return {
+        "cells": len(rows),
+        "same_sign": sum(same),
+        "replicated": sum(s and r[0]["significant"] and r[1]["significant"] for s, r in zip(same, rows, strict=True)),
+        "noise_max": max(n),
+        "noise_median": statistics.median(n),
+        "noise_significant": sum(bool(r[2]["significant"]) for r in rows),
+        "beyond_noise": sum(s and min(abs(x), abs(y)) > m for s, x, y, m in zip(same, a, b, n, strict=True)),
+    }
+
+
+def _versus(
+    base: Mapping[str, Any], other: Mapping[str, Any], labels: tuple[str, str], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One model (``other``) against a reference (``base``: the baseline, or a fine-tuned model's control): the
+    comparison, the cells won, the accuracies' statistics and the SPEC 5 table (columns headed ``labels``)."""
     comparison = compare_results(base, other, ci=settings["evaluate"]["ci"])
     return {
         "comparison": comparison,
         "wins": _wins(comparison),
         "accuracy": accuracy_statistics(_model_row(base), _model_row(other)),
-        "table": compare_table(base, other, labels=("baseline λ=0", label), ci=settings["evaluate"]["ci"]),
+        "table": compare_table(base, other, labels=labels, ci=settings["evaluate"]["ci"]),
     }
 
 
@@ -754,6 +894,46 @@ def _needs_evaluation(config: TrainConfig, label: str, evaluation: Mapping[str, 
     return _stored_evaluation(Path(evaluation["stored"][label]), key) is None
 
 
+def export_weights(checkpoint: str | os.PathLike[str], dest: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the model of a training checkpoint alone to ``dest``: its ``state_dict`` as trained (float32),
+    its ``config`` and ``provenance``, no optimiser or resume state, so that ``igrad evaluate --checkpoint
+    dest`` evaluates exactly the model the checkpoint holds (:func:`igrad.checkpoint.load_model`). The file's
+    bytes depend on the weights and config alone: an unchanged model is not written again. Returns
+    ``{"path", "sha256", "bytes"}``."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    dest = Path(dest)
+    weights = {"model": state["model"], "config": state["config"], "provenance": state.get("provenance")}
+    if dest.is_file():
+        if not _same_weights(dest, weights):
+            dest.unlink()
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(dest, weights)
+    return {"path": str(dest), "sha256": file_sha256(dest), "bytes": dest.stat().st_size}
+
+
+def _loaded_model(run: Any) -> torch.nn.Module:
+    """The model of ``run``'s final weights as :func:`igrad.checkpoint.load_model` loads it (what is evaluated)."""
+    from .checkpoint import load_model
+
+    return load_model(Path(run.run_dir) / "last.pt", map_location=device_of(run.model))[0]
+
+
+def _same_weights(path: Path, weights: Mapping[str, Any]) -> bool:
+    """Whether the weights file ``path`` holds ``weights``' config and tensors (unreadable: no)."""
+    from .checkpoint import load_checkpoint
+
+    try:
+        old = load_checkpoint(path)
+    except IgradError:
+        return False
+    if old["config"] != weights["config"] or old["model"].keys() != weights["model"].keys():
+        return False
+    return all(torch.equal(old["model"][k], v) for k, v in weights["model"].items())
+
+
 def _network(
     net: str,
     configs: Mapping[str, TrainConfig],
@@ -782,10 +962,12 @@ def _network(
         res, reused = _evaluate_and_store(
             run, prepared.test, data, settings["evaluate"], stored[label], progress and not quiet
         )
-        results[label], models[label] = res, run.model
+        results[label], models[label] = res, _loaded_model(run)
         entry["trained"][label] = trained or label in side_trained
         entry["evaluation_reused"][label] = reused and label not in side_evaluated
         entry["runs"][label] = _run_row(run, config, res)
+        weights = export_weights(Path(run.run_dir) / "last.pt", out / "weights" / net / f"{label}.pt")
+        entry["runs"][label]["weights"] = {**weights, "path": str(Path(weights["path"]).relative_to(out))}
     entry.update(_comparison(net, results, models, cache["data"], settings, out))
     return entry
 
@@ -806,9 +988,12 @@ def reproduce(
     progress: bool = True,
     command: str | None = None,
     jobs: int = 1,
+    runs: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and report the baseline and the regularised model of each network (module
-    docstring), and the fine-tuned model where the preset has one. ``train``/``evaluation``/``lam``/
+    docstring), and the fine-tuned models where the preset has them. ``runs``: the root of the run folders
+    (``runs/<network>/<label>``; default ``out/runs``): put long runs outside a checkout that may be replaced,
+    and give the same ``runs`` to resume them. ``train``/``evaluation``/``lam``/
     ``figure_images``/``finetuned`` override the preset (:func:`preset_settings`); ``device`` is used for
     training (``TrainConfig.device``) and evaluation;
     ``command`` is the command line recorded in the report; ``jobs`` > 1 runs a network's trainings and
@@ -824,7 +1009,7 @@ def reproduce(
         preset, train=train, evaluation=evaluation, lam=lam, figure_images=figure_images, finetuned=finetuned
     )
     nets = _check_networks(networks, settings.get("default_networks") or NETWORKS)
-    configs = _run_configs(settings, nets, data, out)
+    configs = _run_configs(settings, nets, data, Path(runs) if runs is not None else out / "runs")
     report: dict[str, Any] = {
         "kind": "igrad.reproduce",
         "format": 1,
@@ -925,9 +1110,13 @@ def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` without the resource fields (:data:`igrad.train.RESOURCE_FIELDS`) of its training overrides
     (shared and per network) and without the precision (:data:`PRECISION_FIELDS`) of training and evaluation:
     a later session may run on another machine, with or without bf16 units (each network's ``made_by`` records
-    its precision). A report made before the fine-tuned model existed had no ``finetuned`` setting."""
+    its precision). A report made before the fine-tuned model existed had no ``finetuned`` setting; one made
+    before the fine-tuned models had λ = 0 controls and seeds is compared on ``lam`` and ``train`` alone (its
+    networks are carried without them, and their sections say so)."""
     out = dict(settings)
-    out.setdefault("finetuned", None)
+    ft = out.get("finetuned")
+    # a network made before the fine-tuned models had controls and seeds is the same experiment, without them
+    out["finetuned"] = {"lam": ft["lam"], "train": ft.get("train", {})} if ft else None
     skip = RESOURCE_FIELDS | PRECISION_FIELDS
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in skip}
     out["networks"] = {

@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="image folder or cifar100 (default: $IGRAD_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-100")
     p.add_argument("--out", required=True, help="report folder (runs, evaluations, report.md, results.json)")
+    p.add_argument(
+        "--runs",
+        help="root of the run folders, RUNS/<network>/<model> (default OUT/runs): keep long runs outside a "
+        "checkout that may be replaced (e.g. ~/igrad-work/runs), and give the same RUNS to resume them",
+    )
     p.add_argument("--networks", nargs="+", metavar="NAME", help=f"networks (default: {' '.join(NETWORKS)})")
     p.add_argument("--lam", type=float, help="λ of the regularised model (default: the preset's, igrad.DEFAULT_LAMBDA)")
     p.add_argument(
@@ -113,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     jobs = positive_int("--jobs", args.jobs)
     finetuned: dict[str, object] | None = {} if args.no_finetuned else None
-    report = reproduce(args.preset, data, args.out, lam=args.lam, finetuned=finetuned, jobs=jobs, **common)
+    report = reproduce(
+        args.preset, data, args.out, lam=args.lam, finetuned=finetuned, jobs=jobs, runs=args.runs, **common
+    )
     print(terminal_summary(report, Path(args.out)))
     print(f"wrote {args.out}/report.md and results.json ({report['wall_time_s'] / 60:.1f} min)")
     return 0
