@@ -413,10 +413,10 @@ def test_checkpoint_with_pickled_code_is_refused(finished_run, tmp_path, capsys)
 
 
 def test_results_name_the_commit_of_the_code_the_process_loaded(folder, tmp_path, monkeypatch):
-    """The commit in a run's files is the one read when igrad was imported (the code that ran), not the tree's
+    """The commit in a run's files is the one the process read first (the code that ran), not the tree's
     at write time; a checkpoint from before sessions were recorded gives its provenance's commit as the
     first session when resumed."""
-    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", "feedbeef+loaded")
+    monkeypatch.setattr(igrad.provenance, "_process_commit", "feedbeef+loaded")
     out = tmp_path / "run"
     result = fit(tiny(folder, out, epochs=1, cos_samples=0))
     run = json.loads((out / "run.json").read_text())
@@ -425,17 +425,17 @@ def test_results_name_the_commit_of_the_code_the_process_loaded(folder, tmp_path
     # the tree igrad was imported from differs from the one now: both are recorded
     now = igrad.provenance._own_commit()
     assert run["provenance"]["commit_at_write"] == now != "feedbeef+loaded"
-    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", now)
+    monkeypatch.setattr(igrad.provenance, "_process_commit", now)
     assert "commit_at_write" not in igrad.provenance.provenance()
     # reused, finished, by a process of another commit: the files still name the code that trained it
-    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", "0ther")
+    monkeypatch.setattr(igrad.provenance, "_process_commit", "0ther")
     assert fit_or_resume(tiny(folder, out, epochs=1, cos_samples=0), quiet=True).sessions == result.sessions
     assert json.loads((out / "run.json").read_text())["provenance"]["commit"] == "feedbeef+loaded"
 
     old = load_checkpoint(out / "last.pt")
     del old["sessions"]
     save_checkpoint(out / "last.pt", old)
-    monkeypatch.setattr(igrad.provenance, "PROCESS_COMMIT", "cafe0000")
+    monkeypatch.setattr(igrad.provenance, "_process_commit", "cafe0000")
     resumed = fit(tiny(folder, out, epochs=2, cos_samples=0), resume=out)
     first, second = resumed.sessions
     assert first["commit"] == "feedbeef+loaded" and first["from_step"] is None and first["until_step"] == 4
@@ -592,3 +592,22 @@ def test_normalization_rule_names_or_computes_never_guesses_from_shape(tmp_path)
         TrainConfig(normalization="cifar1000").validate()
     with pytest.raises(igrad.IgradError, match="has 1 channels but the images .* have 3"):
         prepare_data(TrainConfig(data=str(tmp_path / "d"), mean=[0.5], std=[0.25]))
+
+
+def test_import_starts_no_subprocess_and_the_commit_is_read_when_first_asked():
+    """``import igrad`` (and its CLI) runs no subprocess, seen by an audit hook on ``subprocess.Popen`` set after
+    torch's own import (which may ask ``ldconfig`` for CUDA libraries); the commit is read with git the first time
+    a job asks (:func:`igrad.provenance.process_commit`), then kept."""
+    code = (
+        "import sys, torch, torchvision\n"
+        "seen = []\n"
+        "sys.addaudithook(lambda event, args: seen.append(event) if event == 'subprocess.Popen' else None)\n"
+        "import igrad, igrad.cli, igrad.reproduce\n"
+        "print(len(seen))\n"
+        "from igrad.provenance import process_commit\n"
+        "first = process_commit(); after_first = len(seen)\n"
+        "assert process_commit() == first and len(seen) == after_first\n"
+        "print(after_first)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "0" and int(out[1]) >= 1  # git ran only when asked, and once

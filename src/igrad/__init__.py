@@ -4,6 +4,7 @@ VISAPP 2024). See SPEC sections 1-5 for the exact definitions."""
 
 from __future__ import annotations
 
+from ._version import __version__
 from .checkpoint import load_model
 from .errors import IgradError, UnsupportedActivationError
 from .gradients import gradient, gradient_cosine, input_gradients
@@ -11,10 +12,7 @@ from .loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS, GradientAlignmentLoss, 
 from .models import create_model, default_target_layer, list_models, register_model
 from .normalization import Normalization
 from .output import LogitsOutput
-from .provenance import PROCESS_COMMIT as _PROCESS_COMMIT  # noqa: F401  (the commit of the code now loaded)
 from .rules import STATS_MODES, BackwardRules, Phase
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackwardRules",

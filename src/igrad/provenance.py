@@ -1,9 +1,10 @@
 """Provenance: every results file says what produced it (config, seed, versions, commit, machine, time).
 Files are written by :mod:`igrad.atomic`.
 
-The commit is the one of the tree igrad was imported from in this process, read once at import, not when a
-result is written, so the results of a job that outlives a commit (hours of training while the tree moves on)
-name the code that produced them; where the tree differs at write time, that is recorded too
+The commit is the one of the tree igrad was loaded from in this process, read once, when a job first asks for
+it (a training session at its start, a result when it is written: :func:`process_commit`), never at import,
+and kept for the process, so that the results of a job that outlives a commit (hours of training while the tree
+moves on) name the code that produced them; where the tree differs at write time, that is recorded too
 (``commit_at_write``). A job that spans processes (a resumed training) records each process's commit
 (:class:`igrad.train.RunResult` ``sessions``)."""
 
@@ -21,15 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PROCESS_COMMIT", "provenance", "machine_info", "cpu_model", "git_commit", "file_sha256"]
+__all__ = ["process_commit", "provenance", "machine_info", "cpu_model", "git_commit", "file_sha256"]
 
 
 def git_commit(path: str | os.PathLike[str] | None = None) -> str | None:
     """The commit (``git describe``, ``+dirty`` when modified) of the checkout holding ``path`` now; without
-    ``path``, of igrad's own source when this process imported igrad (:data:`PROCESS_COMMIT`). ``None``
+    ``path``, of igrad's own source as this process first read it (:func:`process_commit`). ``None``
     outside a git checkout, and for igrad's source when git does not track it (an installed copy inside some
     other repository is not that repository's code)."""
-    return _describe(Path(path)) if path is not None else PROCESS_COMMIT
+    return _describe(Path(path)) if path is not None else process_commit()
 
 
 def _git(where: Path, *args: str) -> str | None:
@@ -63,21 +64,33 @@ def _own_commit() -> str | None:
     return _describe(here.parent)
 
 
-#: The commit of igrad's source when this process imported igrad (``git_commit()``). Modules igrad imports
-#: later come from the same tree unless it changed in between, which :func:`provenance` then reports.
-PROCESS_COMMIT: str | None = _own_commit()
+_UNREAD = "<unread>"
+#: The commit of igrad's source as this process first read it (:func:`process_commit`); ``_UNREAD`` until then.
+_process_commit: str | None = _UNREAD
+
+
+def process_commit() -> str | None:
+    """The commit of igrad's source for this process: read with git the first time it is asked for (a job asks
+    when it starts), then kept, so that everything the process writes names the same code. ``None`` where git
+    does not track igrad's source. Modules igrad imports later come from the same tree unless it changed in
+    between, which :func:`provenance` then reports."""
+    global _process_commit
+    if _process_commit == _UNREAD:
+        _process_commit = _own_commit()
+    return _process_commit
 
 
 def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
     """What produced a result: config, seed, versions, commit, machine and time (JSON-ready). ``commit`` is
-    :data:`PROCESS_COMMIT`; where igrad's tree has changed since (a commit or an edit during a long job),
+    :func:`process_commit`; where igrad's tree has changed since (a commit or an edit during a long job),
     ``commit_at_write`` says what it is now, so that nothing that ran is hidden either way."""
     import torchvision
 
-    from . import __version__
+    from ._version import __version__
 
-    # whether git tracks igrad's source was settled at import: only the commit can have moved since
-    now = _describe(Path(__file__).resolve().parent) if PROCESS_COMMIT is not None else None
+    commit = process_commit()
+    # whether git tracks igrad's source was settled when the commit was first read: only the commit can move
+    now = _describe(Path(__file__).resolve().parent) if commit is not None else None
     return {
         "config": dict(config) if config is not None else None,
         "seed": seed,
@@ -87,8 +100,8 @@ def provenance(config: Mapping[str, Any] | None = None, seed: int | None = None)
             "torchvision": str(torchvision.__version__),
             "python": platform.python_version(),
         },
-        "commit": PROCESS_COMMIT,
-        **({"commit_at_write": now} if now != PROCESS_COMMIT else {}),
+        "commit": commit,
+        **({"commit_at_write": now} if now != commit else {}),
         "machine": machine_info(),
         "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -61,7 +61,7 @@ from .demo import DEMO_FINETUNE, DEMO_LAMBDA, DEMO_TRAIN, demo_amp
 from .errors import IgradError, unknown_name
 from .evaluate import EvalConfig, compare_results, evaluate_model, select_indices
 from .normalization import Normalization
-from .provenance import PROCESS_COMMIT, file_sha256, machine_info, provenance
+from .provenance import file_sha256, machine_info, process_commit, provenance
 from .report import (
     CONTROL,
     FIGURE_METHODS,
@@ -1042,7 +1042,7 @@ def reproduce(
 def _this_call() -> dict[str, Any]:
     """The commit, machine and time of this process, as :func:`igrad.provenance.provenance` records them."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return {"commit": PROCESS_COMMIT, "machine": machine_info(), "time": now}
+    return {"commit": process_commit(), "machine": machine_info(), "time": now}
 
 
 def _made_by(
