@@ -9,7 +9,10 @@ Every method is called the same way::
 (``None``: each sample's arg-max class; an ``int``; one class per sample). A method computes a raw map
 per sample (at the target layer's resolution for the CAM family), which the base class then
 upsamples bilinearly to ``H×W`` (``align_corners=False``, as OpenCV's ``INTER_LINEAR``) and min-max
-normalises per image, ``S ← (S − min S) / (max S − min S)`` (a constant map, e.g. all zero, gives 0).
+normalises per image, ``S ← (S − min S) / (max S − min S)``. A constant map (e.g. all zero, or any map of a
+1×1 layer) gives 0: constancy is decided on the raw map, before upsampling (:func:`constant_maps`), since
+bilinear upsampling of a constant is not exactly constant and normalising its rounding would stretch it
+into speckle.
 
 While a call runs the model is in eval mode (maps describe the model as it is used); every module's
 ``training`` flag is restored afterwards, also when the call raises. The model must return logits
@@ -48,6 +51,8 @@ __all__ = [
     "register_method",
     "resolve_methods",
     "normalize_maps",
+    "constant_maps",
+    "CONSTANT_ULPS",
     "upsample",
     "finish_maps",
     "resolve_layer",
@@ -122,10 +127,31 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...], align_corners: bool = Fa
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
 
 
-def finish_maps(raw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+#: A raw map counts as constant when its span is at most this many units of rounding of its magnitude.
+CONSTANT_ULPS = 4
+
+
+def constant_maps(raw: torch.Tensor) -> torch.Tensor:
+    """Which of the raw maps ``[B, ...]`` are constant, ``[B]`` bool: ``max S − min S ≤ CONSTANT_ULPS · eps ·
+    max |S|`` per map, ``eps`` the machine epsilon of ``raw``'s dtype (float32: 1.2e-7). A span within a few
+    roundings of the map's magnitude is arithmetic noise of a map that is constant in exact arithmetic
+    (a weighted sum of constant channels, say); an all-zero map has span 0 and is constant."""
+    flat = raw.detach().flatten(1)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    magnitude = torch.maximum(hi.abs(), lo.abs())
+    eps = torch.finfo(raw.dtype).eps if raw.is_floating_point() else 0.0
+    return (hi - lo) <= CONSTANT_ULPS * eps * magnitude
+
+
+def finish_maps(raw: torch.Tensor, size: tuple[int, ...], *, align_corners: bool = False) -> torch.Tensor:
     r"""Raw maps ``[B, h, w]`` as every method returns them: :func:`upsample`\ d to ``size``, then
-    :func:`normalize_maps` (per-image min-max to [0, 1])."""
-    return normalize_maps(upsample(raw, size))
+    :func:`normalize_maps` (per-image min-max to [0, 1]), ``[B, *size]`` in float32 (float64 for float64
+    maps). A map that is constant
+    *before* upsampling (:func:`constant_maps`, in ``raw``'s own dtype) gives 0, so that the rounding of
+    the interpolation (a relative ~1e-7) is never stretched to [0, 1]."""
+    constant = constant_maps(raw)
+    out = normalize_maps(upsample(raw.to(torch.promote_types(raw.dtype, torch.float32)), size, align_corners))
+    return torch.where(constant[:, None, None], torch.zeros_like(out), out)
 
 
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
@@ -231,8 +257,9 @@ class SaliencyMethod:
 
     # -- calls ---------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
-        """Saliency maps ``[B, H, W]`` in [0, 1]: the raw maps, upsampled and min-max normalised."""
-        return finish_maps(self._run(self._raw_maps, x, target).detach().float(), tuple(x.shape[-2:]))
+        """Saliency maps ``[B, H, W]`` in [0, 1] (float32): the raw maps, upsampled and min-max normalised
+        (:func:`finish_maps`; a constant raw map gives 0)."""
+        return finish_maps(self._run(self._raw_maps, x, target).detach(), tuple(x.shape[-2:])).float()
 
     def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """The signed attribution ``[B, C, H, W]`` (only for ``signed`` methods)."""

@@ -52,7 +52,7 @@ from ..models import layer_layout
 from ..output import model_logits
 from ..precision import autocast_enabled, full_precision
 from ..validate import TargetLike, positive_int, resolve_target
-from .base import SaliencyMethod, normalize_maps, progress_bar, register_method, upsample
+from .base import SaliencyMethod, constant_maps, finish_maps, progress_bar, register_method
 from .layout import channel_dim, check_layout, output_dims, to_bchw
 from .tracing import LayerTail, TracingError, fold_batchnorm
 
@@ -147,6 +147,7 @@ class CAMMethod(SaliencyMethod):
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording = False
         self._recorded: list[torch.Tensor] = []
+        self._warned_single_pixel = False
 
     def _attach(self) -> None:
         self._handle = self.layer.register_forward_hook(self._hook)
@@ -210,7 +211,21 @@ class CAMMethod(SaliencyMethod):
         # the weights and maps are computed in float32 (or the model's float64) also under bf16 autocast
         a = _widened(to_bchw(act.detach(), layout, size, what))
         g = None if grad is None else _widened(to_bchw(grad, layout, size, what))
+        self._warn_single_pixel(a, size)
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
+
+    def _warn_single_pixel(self, activation: torch.Tensor, size: tuple[int, ...]) -> None:
+        """Warn (once per method object) when the target layer's maps are 1×1: every map ``Σ_k w_k A_k`` is
+        then constant, and constant maps are 0 (SPEC 3), whatever the image."""
+        if self._warned_single_pixel or activation.shape[-2:].numel() != 1:
+            return
+        self._warned_single_pixel = True
+        warnings.warn(
+            f"{self.name}: target layer {self.layer_name!r} outputs 1×1 maps for {size[0]}×{size[1]} inputs, so "
+            "every map is constant and given as 0 (blank); choose an earlier layer with a spatial output "
+            "(target_layer=...) or give larger images",
+            stacklevel=6,  # the caller of the method
+        )
 
     def _reference(self, ctx: CAMContext) -> CAMContext:
         """``ctx`` with float32 logits and activation, for the checks that a stand-in network (the linear head
@@ -328,7 +343,8 @@ class LayerCAM(CAMMethod):
 
 @register_method("scorecam")
 class ScoreCAM(CAMMethod):
-    """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if constant),
+    """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if ``A_k`` is constant
+    before upsampling, :func:`~igrad.saliency.base.constant_maps`),
     ``s_k = y_c(x ⊙ M_k)`` (the logit, on the model's normalised input), ``w = softmax_k(s)``,
     ``S = ReLU(Σ_k w_k A_k)``.
 
@@ -400,15 +416,15 @@ class ScoreCAM(CAMMethod):
         self._folded = None  # the copy's weights are released with the hooks
 
     def masks(self, activation: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
-        return normalize_maps(upsample(activation, size, align_corners=self.mask_align_corners))
+        """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask; 0 for a
+        channel that is constant before upsampling (:func:`~igrad.saliency.base.finish_maps`)."""
+        return finish_maps(activation, size, align_corners=self.mask_align_corners)
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         x, a, t = ctx.x, ctx.activation, ctx.target
         b, k = a.shape[:2]
         size = tuple(x.shape[-2:])
-        flat = a.flatten(2)
-        constant = flat.amax(2) == flat.amin(2)
+        constant = constant_maps(a.flatten(0, 1)).view(b, k)  # the channels whose masks are 0
         scores = torch.empty(b, k, dtype=torch.float32, device=x.device)
         rows = (~constant).flatten().nonzero()[:, 0]
         batches = (len(rows) + self.batch_size - 1) // self.batch_size
