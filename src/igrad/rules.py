@@ -64,6 +64,7 @@ from .calls import (
     rectifier_upper,
 )
 from .errors import IgradError, UnsupportedActivationError
+from .models import refuse_scripted
 
 __all__ = [
     "STATS_MODES",
@@ -127,7 +128,8 @@ class BackwardRules(TorchFunctionMode):
         error refusing them names them (``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"softmax"``, ``"pow"``,
         ``"clamp"``, ...; see :func:`igrad.calls.allow_name`).
     model:
-        optional, only used to name the offending module in error messages.
+        optional: names the offending module in error messages, and is checked to run no TorchScript
+        (:func:`igrad.models.refuse_scripted`: the rules cannot see inside a TorchScript graph).
     double_backward:
         the standard pass will be taken with ``create_graph=True``: use the cheaper exact convolution
         double backward and route eval-mode BatchNorm through the constant-statistics rule.
@@ -163,6 +165,8 @@ class BackwardRules(TorchFunctionMode):
             raise IgradError(f"unknown statistics mode {stats!r}; choose one of {', '.join(STATS_MODES)}")
         if statistics is not None and stats != "batch-frozen":
             raise IgradError(f"recorded statistics are replayed in 'batch-frozen' mode only, not {stats!r}")
+        if model is not None:
+            refuse_scripted(model, "igrad's backward rules (gradients, the regulariser)")
         self.stats = stats
         self.update_stats = update_stats
         self.model = model

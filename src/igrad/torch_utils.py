@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["eval_mode", "preserve_batchnorm_counters", "has_training_batchnorm", "device_of"]
+__all__ = [
+    "eval_mode",
+    "preserve_batchnorm_counters",
+    "has_training_batchnorm",
+    "device_of",
+    "autograd_mode",
+    "autograd_ready",
+]
 
 
 @contextlib.contextmanager
@@ -55,3 +62,19 @@ def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def autograd_mode(grad: bool = True) -> Iterator[None]:
+    """Autograd usable in the block also inside a caller's ``torch.inference_mode()`` (a Lightning validation
+    step, say), which ``torch.enable_grad()`` alone does not leave: inference mode off, and gradient
+    recording on (``grad=True``) or as the caller had it (``grad=False``)."""
+    with torch.inference_mode(False), torch.enable_grad() if grad else contextlib.nullcontext():
+        yield
+
+
+def autograd_ready(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor autograd may record: a copy where it was made under ``torch.inference_mode()``
+    (an inference tensor can be neither saved for backward nor made to require grad), else ``x`` itself.
+    Call it inside :func:`autograd_mode`, where the copy is a normal tensor."""
+    return x.clone() if x.is_inference() else x

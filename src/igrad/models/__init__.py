@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -41,6 +42,8 @@ __all__ = [
     "default_target_layer",
     "unwrap_model",
     "uncompiled",
+    "scripted_parts",
+    "refuse_scripted",
     "wrapper_prefix",
     "inner_name",
     "layer_layout",
@@ -159,6 +162,43 @@ def uncompiled(model: nn.Module) -> nn.Module:
     while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
         model = model._orig_mod
     return model
+
+
+def scripted_parts(model: nn.Module) -> list[str]:
+    """The parts of ``model`` that run as TorchScript: each module (dotted name, ``""`` for ``model`` itself)
+    that is a ``torch.jit.ScriptModule`` (``torch.jit.script``, ``torch.jit.trace``, ``torch.jit.freeze``,
+    ``torch.jit.load``: ``RecursiveScriptModule``, ``TracedModule``) or whose ``forward`` is a
+    ``torch.jit.ScriptFunction``; outermost first, without the modules inside a listed one."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{p}.") for p in found):
+            continue  # inside a part already listed
+        forward = getattr(module, "forward", None)
+        if isinstance(module, torch.jit.ScriptModule) or isinstance(forward, torch.jit.ScriptFunction):
+            found.append(name)
+            if not name:
+                break  # the model itself: every module is inside it
+    return found
+
+
+def refuse_scripted(model: nn.Module, what: str) -> None:
+    """Raise :class:`IgradError` when any part of ``model`` runs as TorchScript (:func:`scripted_parts`).
+
+    igrad's backward rules (the guided rectifier rule, BatchNorm statistics held constant) see a forward
+    through a ``TorchFunctionMode``, and the CAM methods read a layer through module hooks: TorchScript
+    runs its graph in C++, past both, so its gradients would silently be plain autograd's (a guided
+    gradient equal to the standard one, a regulariser of 0). ``what`` names the caller in the message."""
+    parts = scripted_parts(model)
+    if not parts:
+        return
+    where = "the whole model" if parts[0] == "" else ", ".join(repr(p) for p in parts[:5])
+    more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
+    raise IgradError(
+        f"{what} needs an eager PyTorch model, but {type(model).__name__} runs TorchScript ({where}{more}: "
+        "torch.jit.script, torch.jit.trace or torch.jit.load). igrad's backward rules and layer hooks cannot "
+        "see inside a TorchScript graph, so the result would silently be plain autograd's. Use the eager "
+        "nn.Module instead (build the network in Python and load the scripted model's state_dict into it)."
+    )
 
 
 def wrapper_prefix(model: nn.Module) -> str:

@@ -15,7 +15,10 @@ bilinear upsampling of a constant is not exactly constant and normalising its ro
 into speckle.
 
 While a call runs the model is in eval mode (maps describe the model as it is used); every module's
-``training`` flag is restored afterwards, also when the call raises. The model must return logits
+``training`` flag is restored afterwards, also when the call raises. A call inside ``torch.inference_mode()``
+gives the same maps as outside it (the call leaves inference mode and copies ``x`` out of it). A model that
+runs as TorchScript is refused (:func:`igrad.models.refuse_scripted`): hooks and backward rules cannot see
+inside it. The model must return logits
 ``[B, num_classes]``; every forward goes through :func:`igrad.output.model_logits`, which refuses
 other outputs and probability-valued ones with a clear error (see :class:`igrad.LogitsOutput`).
 Hooks are owned by the method: registered on ``__enter__`` (or for the duration of one call when used
@@ -40,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IgradError, unknown_name
-from ..models import default_target_layer, inner_name, unwrap_model
-from ..torch_utils import eval_mode
+from ..models import default_target_layer, inner_name, refuse_scripted, unwrap_model
+from ..torch_utils import autograd_mode, autograd_ready, eval_mode
 from ..validate import TargetLike, check_images, parse_names
 
 __all__ = [
@@ -219,6 +222,7 @@ class SaliencyMethod:
     def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise IgradError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        refuse_scripted(model, f"saliency method {self.name!r}")
         self.model = unwrap_model(model)  # the network inside DataParallel, torch.compile, ...
         self.layer: nn.Module | None
         self.layer_name: str | None
@@ -269,9 +273,11 @@ class SaliencyMethod:
 
     def _run(self, fn: Callable[[torch.Tensor, TargetLike], torch.Tensor], x: torch.Tensor, target: TargetLike):
         check_images(x)  # the channel count is the model's to check (its error gets a note naming x's shape)
-        with self, eval_mode(self.model):
+        # a caller's torch.inference_mode() (a validation step) is left for the call, with x copied out of
+        # it, so that the maps are the same inside it as outside; gradients are recorded where a method asks
+        with self, eval_mode(self.model), autograd_mode(grad=False):
             try:
-                return fn(x, target)
+                return fn(autograd_ready(x), target)
             finally:
                 self._clear()
 

@@ -204,9 +204,15 @@ class CAMMethod(SaliencyMethod):
         if self.needs_gradient:
             with torch.enable_grad():  # also when called under an outer torch.no_grad()
                 score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-                (grad,) = torch.autograd.grad(score, act, allow_unused=True)
-            if grad is None:
-                raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
+                if score.requires_grad and act.requires_grad:
+                    (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+            if grad is None:  # e.g. act.detach(), or the layer run under torch.no_grad() inside forward
+                raise IgradError(
+                    f"the logits do not depend on the output of target layer {self.layer_name!r} through autograd: "
+                    f"the forward of {type(self.model).__name__} cuts the graph there (a .detach(), a block under "
+                    "torch.no_grad() or torch.inference_mode()), so its gradient cannot be taken; remove the cut "
+                    "from forward, or use a method without gradients (scorecam, ablationcam)"
+                )
         layout, size, what = self.layout or "BCHW", tuple(x.shape[-2:]), f"target layer {self.layer_name!r}"
         # the weights and maps are computed in float32 (or the model's float64) also under bf16 autocast
         a = _widened(to_bchw(act.detach(), layout, size, what))
