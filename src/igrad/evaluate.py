@@ -35,7 +35,16 @@ from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
 from .images import to_unit
 from .measure import evaluate_accuracy
-from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics
+from .metrics import (
+    METRICS,
+    SCORES,
+    SUBSTRATES,
+    CleanBatch,
+    check_scorable,
+    clean_forward,
+    compute_metrics,
+    resolve_metrics,
+)
 from .normalization import Normalization, resolve_normalization
 from .precision import autocast
 from .provenance import file_sha256, provenance
@@ -206,6 +215,7 @@ def _evaluate_chunk(
     """One chunk: its single clean forward is ``clean``; cos (float32), then each method's maps and metrics
     (in bf16 autocast with ``cfg.amp``). Returns plain tensors (per-sample values, the chunk's curve sums),
     as persisted for resuming."""
+    check_scorable(clean, cfg.metrics, cfg.score)  # before any method runs
     part: dict[str, Any] = {
         "target": clean.target.cpu(),
         "correct": int((clean.logits.argmax(1) == labels).sum()),

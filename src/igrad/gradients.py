@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .models import uncompiled
-from .output import model_logits, refuse_probabilities
+from .output import model_logits, refuse_probabilities, refuse_single_logit
 from .rules import BackwardRules, Phase
 from .torch_utils import autograd_mode, autograd_ready, eval_mode, preserve_batchnorm_counters
 from .validate import TargetLike, check_images, resolve_target
@@ -114,6 +114,7 @@ def input_gradients(
             refuse_probabilities(logits, model)
         t = resolve_target(target, logits)
         if score == "prob":
+            refuse_single_logit(logits, "the probability score (score='prob')")
             # in float32 at least (bf16 logits under autocast), float64 kept
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         else:

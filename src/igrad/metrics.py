@@ -16,7 +16,10 @@ forward batches of ``batch_size`` under :func:`torch.inference_mode`, with Batch
 mode (the model's modes are restored afterwards). The model must return logits ``[B, num_classes]``
 (pre-softmax): every forward goes through :func:`igrad.output.model_logits`, so a tuple, a dict or
 probabilities (a model ending in softmax, which would be soft-maxed twice) raise :class:`IgradError`.
-The names of :data:`METRICS` feed the CLI.
+The names of :data:`METRICS` feed the CLI. A model with a single logit (``num_classes = 1``) is refused by
+every probability-based score (AD, AG, AI, and the curves with ``score="prob"``): the soft-max of one logit is
+1 whatever the input, so the map would not matter (:func:`check_scorable`); its curves can be scored by the
+logit (``score="logit"``), or the model given two logits ``[0, z]``.
 
 Each batch is validated and forwarded once (:func:`clean_forward`: model input, raw pixels, logits,
 target); the metrics take that :class:`CleanBatch` (or compute it themselves when given images), so
@@ -43,7 +46,7 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .normalization import Normalization, resolve_normalization
-from .output import model_logits
+from .output import model_logits, refuse_single_logit
 from .precision import full_precision
 from .stats import summarize  # re-exported: its home is igrad.stats
 from .torch_utils import eval_mode
@@ -64,6 +67,7 @@ __all__ = [
     "deletion",
     "causal_curves",
     "compute_metrics",
+    "check_scorable",
     "resolve_metrics",
     "gaussian_blur",
     "blur_kernel",
@@ -109,6 +113,9 @@ def resolve_metrics(spec: str | Iterable[str]) -> list[str]:
 
 
 def _softmax_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)_target`` ``[m]``; a model with a single logit is refused (its soft-max is 1 whatever
+    the input, so every map would score the same: :func:`igrad.output.refuse_single_logit`)."""
+    refuse_single_logit(logits, "the class probability p (AD, AG, AI; insertion and deletion with score='prob')")
     return logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]
 
 
@@ -526,6 +533,17 @@ def insertion(
 # all metrics at once, and aggregation
 
 
+def check_scorable(clean: CleanBatch, metrics: Iterable[str], score: str | ScoreFn = "prob") -> None:
+    """Refuse, before any forward, metrics that would score a one-logit model by its soft-max probability
+    (always 1: :func:`igrad.output.refuse_single_logit`): AD, AG and AI, and insertion/deletion with
+    ``score="prob"``. ``metrics``: names of :data:`METRICS`."""
+    names = list(metrics)
+    uses_prob = any(METRICS[n].kind == "confidence" for n in names)
+    uses_prob |= score == "prob" and any(METRICS[n].kind == "curve" for n in names)
+    if uses_prob:
+        refuse_single_logit(clean.logits, f"the class probability p of the metrics {', '.join(names)}")
+
+
 @dataclass
 class MetricResults:
     """Per-sample values ``values[name]`` ``[B]`` and curves ``curves["ins"|"del"]`` ``[B, n+1]``."""
@@ -558,6 +576,7 @@ def compute_metrics(
     names = resolve_metrics(metrics)
     batch_size = positive_int("batch_size", batch_size)
     clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
+    check_scorable(clean, names, score)
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, torch.Tensor] = {}
     if any(METRICS[n].kind == "confidence" for n in names):
