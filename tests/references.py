@@ -81,6 +81,15 @@ def frozen_copy(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Ten
     return ref
 
 
+def noise_seed(seed: int, image: torch.Tensor) -> int:
+    """SmoothGrad's documented per-image seed, written out: BLAKE2b (8-byte digest) of the seed (8 bytes,
+    little-endian, signed) then the image's bytes (its dtype, C order), read little-endian, top bit cleared."""
+    import hashlib
+
+    data = int(seed).to_bytes(8, "little", signed=True) + image.detach().contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False):
     """``∂ y_target / ∂ x`` by plain autograd."""
     xg = x.detach().clone().requires_grad_(True)

@@ -171,9 +171,11 @@ def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
     return perm[:count].sort().values
 
 
-def _seed_for(seed: int, method: str, chunk: int) -> int:
-    """A seed per (run seed, method, chunk), so a method's numbers do not depend on the others run."""
-    return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009 + chunk) % (2**31 - 1)
+def _seed_for(seed: int, method: str) -> int:
+    """A seed per (run seed, method), so a method's numbers do not depend on the others run; not per chunk,
+    so that they do not depend on ``batch_size`` either (SmoothGrad seeds each image's noise from this seed
+    and the image's values: :func:`igrad.saliency.gradient.noise_seed`)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009) % (2**31 - 1)
 
 
 def _method_kwargs(cfg: EvalConfig, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -207,7 +209,6 @@ def _evaluate_chunk(
     model: nn.Module,
     clean: CleanBatch,
     labels: torch.Tensor,
-    chunk: int,
     cfg: EvalConfig,
     kwargs: Mapping[str, Mapping[str, Any]],
     bar: Any,
@@ -228,7 +229,7 @@ def _evaluate_chunk(
         bar.set_postfix_str(name)  # shown now: the method running, not the last one of the chunk
         t0 = time.perf_counter()
         with autocast(clean.x.device, cfg.amp):
-            maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))
+            maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name))
         t1 = time.perf_counter()
         try:
             with autocast(clean.x.device, cfg.amp):
@@ -406,7 +407,7 @@ def _run_chunks(
         for chunk, lo in enumerate(range(0, len(indices), cfg.batch_size)):
             idx = indices[lo : lo + cfg.batch_size]
 
-            def compute(idx: torch.Tensor = idx, chunk: int = chunk) -> dict[str, Any]:
+            def compute(idx: torch.Tensor = idx) -> dict[str, Any]:
                 labels = split.labels[idx].to(device)
                 with autocast(device, cfg.amp):  # the metrics' clean points in their forwards' precision
                     clean = clean_forward(
@@ -417,7 +418,7 @@ def _run_chunks(
                         pixels="raw",
                         batch_size=cfg.batch_size,
                     )
-                return _evaluate_chunk(model, clean, labels, chunk, cfg, kwargs, bar)
+                return _evaluate_chunk(model, clean, labels, cfg, kwargs, bar)
 
             parts.append(partials.get(f"chunk-{chunk:05d}", compute))
             for callback in callbacks:
