@@ -50,7 +50,7 @@ from .precision import autocast
 from .provenance import file_sha256, provenance
 from .saliency import resolve_methods
 from .stats import holm, paired_p_value, summarize
-from .torch_utils import device_of, eval_mode
+from .torch_utils import device_of, eval_mode, input_dtype
 from .validate import positive_int
 
 __all__ = [
@@ -398,7 +398,7 @@ def _run_chunks(
     each taken from ``partials`` when stored there, else computed and stored; ``callbacks`` after each."""
     from tqdm.auto import tqdm
 
-    device = device_of(model)
+    device, dtype = device_of(model), input_dtype(model)
     parts = []
     bar = tqdm(
         total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
@@ -412,7 +412,7 @@ def _run_chunks(
                 with autocast(device, cfg.amp):  # the metrics' clean points in their forwards' precision
                     clean = clean_forward(
                         model,
-                        to_unit(split.images[idx].to(device)),
+                        to_unit(split.images[idx].to(device)).to(dtype),  # float64 for a float64 model
                         labels if cfg.target == "gt" else None,
                         normalization=norm,
                         pixels="raw",

@@ -108,11 +108,11 @@ def _decode_pil(im: Image.Image, path: Path, channels: int) -> torch.Tensor:
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """``float32`` pixels in ``[0, 1]``: ``uint8`` divided by 255, ``uint16`` by 65535 (a correctly
-    rounded division, as igrad has always normalised); floating-point tensors (already in ``[0, 1]``)
-    are returned as ``float32``."""
+    """Pixels in ``[0, 1]``: ``uint8`` divided by 255, ``uint16`` by 65535 (a correctly rounded division,
+    as igrad has always normalised), as ``float32``; floating-point tensors (already in ``[0, 1]``) are
+    returned in float32 at least (``float64`` kept, narrower floats widened)."""
     if images.is_floating_point():
-        return images.float()
+        return images.to(torch.promote_types(images.dtype, torch.float32))
     if images.dtype not in _MAX_VALUE:
         raise IgradError(f"images must be uint8, uint16 or floating point, got {images.dtype}")
     return images.float().div_(_MAX_VALUE[images.dtype])

@@ -18,6 +18,7 @@ __all__ = [
     "preserve_batchnorm_counters",
     "has_training_batchnorm",
     "device_of",
+    "input_dtype",
     "autograd_mode",
     "autograd_ready",
 ]
@@ -62,6 +63,13 @@ def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype to give ``model`` images decoded from integers in: float32, or float64 for a model whose
+    first floating-point parameter is float64 (narrower models run in float32 under autocast)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
