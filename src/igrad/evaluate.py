@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import atomic_save
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
-from .images import to_unit
+from .images import MAX_PIXELS, to_unit
 from .measure import evaluate_accuracy
 from .metrics import (
     METRICS,
@@ -503,13 +503,15 @@ def evaluate_checkpoint(
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Callable[[int], None]] = (),
+    max_pixels: int = MAX_PIXELS,
     **overrides: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model on
     ``settings.device`` (default: cuda when available), its normalisation
     (:meth:`Normalization.from_config`) and, unless ``data`` is given, ``config["data"]``. The data's
     labels are matched to the checkpoint's classes by name (:func:`igrad.data.match_classes`), so
-    ``data`` may hold any subset of them. ``overrides``: :class:`EvalConfig` fields."""
+    ``data`` may hold any subset of them; an image file declaring more than ``max_pixels`` pixels is refused
+    before decoding (:func:`igrad.data.load_split`). ``overrides``: :class:`EvalConfig` fields."""
     from .checkpoint import load_model
     from .data import load_split, match_classes
 
@@ -521,7 +523,7 @@ def evaluate_checkpoint(
         raise IgradError(f"checkpoint {checkpoint} does not name its data set; pass --data")
     norm = Normalization.from_config(config, f"checkpoint {checkpoint}")
     data_split = match_classes(
-        load_split(source, split),
+        load_split(source, split, max_pixels=max_pixels),
         config.get("classes"),
         int(config["num_classes"]),
         source=f"the {split} split of {source}",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import IgradError
+from ..images import MAX_PIXELS
 from ..normalization import Normalization
 from ..validate import positive_int
 
@@ -62,16 +63,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help="forward batch of scorecam, ablationcam, smoothgrad (default: each method's own)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"refuse an image whose header declares more than N pixels, before decoding it (default {MAX_PIXELS:,})",
+    )
 
 
-def _load_images(paths: list[str], size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+def _load_images(
+    paths: list[str], size: tuple[int, int], channels: int = 3, max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
     """Raw pixels in [0, 1], ``[N, channels, H, W]`` (RGB, or grey for 1 channel; :func:`igrad.images.decode_image`,
-    so 16-bit files keep their values and alpha is dropped; antialiased bilinear resize)."""
+    so 16-bit files keep their values and alpha is dropped, and a file declaring more than ``max_pixels``
+    pixels is refused before decoding; antialiased bilinear resize)."""
     from torchvision.transforms.v2.functional import resize
 
     from ..images import decode_image, to_unit
 
-    return torch.stack([to_unit(resize(decode_image(p, channels), list(size), antialias=True)) for p in paths])
+    decoded = [decode_image(p, channels, max_pixels=max_pixels) for p in paths]
+    return torch.stack([to_unit(resize(image, list(size), antialias=True)) for image in decoded])
 
 
 #: Prefixes that choose one reading of a --target token: a class index, or a class name.
@@ -179,7 +191,8 @@ def _inputs(
     """The images' raw [0, 1] pixels at the model's input size, and that size ``(H, W)``."""
     size_px = positive_int("--size", args.size, optional=True)
     size = (size_px, size_px) if size_px else _image_size(config, config.get("model", ""))
-    return _load_images(args.images, size, _channels(config)).to(device), size
+    max_pixels = positive_int("--max-pixels", args.max_pixels)
+    return _load_images(args.images, size, _channels(config), max_pixels).to(device), size
 
 
 def _write_maps(
