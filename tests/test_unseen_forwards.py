@@ -216,3 +216,20 @@ def test_a_forward_that_cuts_the_graph_gets_a_clear_error(x, how):
             warnings.simplefilter("ignore")  # a traced tail may fall back to whole-network runs
             cut = create_method(name, model, "net.features")(x, t)
         torch.testing.assert_close(cut, create_method(name, model.net, "features")(x, t), rtol=0, atol=1e-5)
+
+
+def test_a_compiled_submodule_runs_eagerly_where_the_rules_and_hooks_see_it(x):
+    """A submodule compiled with torch.compile inside an eager model: its graph would run past the rules and
+    hooks, so igrad runs its Python forward (same parameters). Guided gradient against the module swap,
+    Grad-CAM at a layer inside it against plain-autograd Grad-CAM, and the regulariser against the eager net's."""
+    net = _net()
+    t = torch.tensor([0, 1, 2])
+    model = nn.Sequential(torch.compile(net.features, backend="eager"), net.pool, nn.Flatten(), net.fc)
+    torch.testing.assert_close(
+        igrad.gradient(model, x, t, guided=True), guided_by_module_swap(net, x, t)[0], rtol=1e-5, atol=1e-7
+    )
+    maps = create_method("gradcam", model, "0._orig_mod.3")(x, t)
+    torch.testing.assert_close(maps, hand_gradcam(net, net.features[3], x, t), rtol=0, atol=1e-5)
+    loss, _ = igrad.GradientAlignmentLoss()(model, x, t)
+    eager, _ = igrad.GradientAlignmentLoss()(net, x, t)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)

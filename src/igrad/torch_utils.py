@@ -1,7 +1,7 @@
 """Small torch utilities every layer uses: a model's modes, BatchNorm counters, its device.
 
-Kept apart from the backward-rule engine (:mod:`igrad.rules`), which uses none of them: they are about
-running a model, not about how gradients flow through it.
+Kept apart from the backward-rule engine (:mod:`igrad.rules`), which uses only :func:`eager_compiled`:
+they are about running a model, not about how gradients flow through it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "input_dtype",
     "autograd_mode",
     "autograd_ready",
+    "eager_compiled",
 ]
 
 
@@ -86,3 +87,10 @@ def autograd_ready(x: torch.Tensor) -> torch.Tensor:
     (an inference tensor can be neither saved for backward nor made to require grad), else ``x`` itself.
     Call it inside :func:`autograd_mode`, where the copy is a normal tensor."""
     return x.clone() if x.is_inference() else x
+
+
+def eager_compiled() -> contextlib.AbstractContextManager[None]:
+    """A block in which code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance(
+    "force_eager")``): a compiled submodule inside a model then runs its Python forward, whose calls igrad's
+    backward rules and layer hooks see (compiled, its graph would run past them)."""
+    return torch.compiler.set_stance("force_eager")

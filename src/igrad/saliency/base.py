@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import IgradError, unknown_name
 from ..models import default_target_layer, inner_name, refuse_scripted, unwrap_model
-from ..torch_utils import autograd_mode, autograd_ready, eval_mode
+from ..torch_utils import autograd_mode, autograd_ready, eager_compiled, eval_mode
 from ..validate import TargetLike, check_images, parse_names
 
 __all__ = [
@@ -275,7 +275,8 @@ class SaliencyMethod:
         check_images(x)  # the channel count is the model's to check (its error gets a note naming x's shape)
         # a caller's torch.inference_mode() (a validation step) is left for the call, with x copied out of
         # it, so that the maps are the same inside it as outside; gradients are recorded where a method asks
-        with self, eval_mode(self.model), autograd_mode(grad=False):
+        # eager_compiled: a compiled submodule runs its Python forward, so that hooks inside it fire
+        with self, eval_mode(self.model), autograd_mode(grad=False), eager_compiled():
             try:
                 return fn(autograd_ready(x), target)
             finally:
