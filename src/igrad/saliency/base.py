@@ -15,12 +15,13 @@ bilinear upsampling of a constant is not exactly constant and normalising its ro
 into speckle.
 
 While a call runs the model is in eval mode (maps describe the model as it is used); every module's
-``training`` flag is restored afterwards, also when the call raises. A call inside ``torch.inference_mode()``
-gives the same maps as outside it (the call leaves inference mode and copies ``x`` out of it). A model that
-runs as TorchScript is refused (:func:`igrad.models.refuse_scripted`): hooks and backward rules cannot see
-inside it. The model must return logits
-``[B, num_classes]``; every forward goes through :func:`igrad.output.model_logits`, which refuses
-other outputs and probability-valued ones with a clear error (see :class:`igrad.LogitsOutput`).
+``training`` flag is restored afterwards, also when the call raises. A call inside
+``torch.inference_mode()`` gives the same maps as outside it (the call leaves inference mode and copies
+``x`` out of it). A model that runs as TorchScript is refused (:func:`igrad.models.refuse_scripted`):
+hooks and backward rules cannot see inside it; a submodule compiled with ``torch.compile`` runs its eager
+forward for the call. The model must return logits ``[B, num_classes]``; every forward goes through
+:func:`igrad.output.model_logits`, which refuses other outputs and probability-valued ones with a clear
+error (see :class:`igrad.LogitsOutput`).
 Hooks are owned by the method: registered on ``__enter__`` (or for the duration of one call when used
 without ``with``) and removed on ``__exit__``, also on error.
 
@@ -149,9 +150,8 @@ def constant_maps(raw: torch.Tensor) -> torch.Tensor:
 def finish_maps(raw: torch.Tensor, size: tuple[int, ...], *, align_corners: bool = False) -> torch.Tensor:
     r"""Raw maps ``[B, h, w]`` as every method returns them: :func:`upsample`\ d to ``size``, then
     :func:`normalize_maps` (per-image min-max to [0, 1]), ``[B, *size]`` in float32 (float64 for float64
-    maps). A map that is constant
-    *before* upsampling (:func:`constant_maps`, in ``raw``'s own dtype) gives 0, so that the rounding of
-    the interpolation (a relative ~1e-7) is never stretched to [0, 1]."""
+    maps). A map that is constant *before* upsampling (:func:`constant_maps`, in ``raw``'s own dtype)
+    gives 0, so that the rounding of the interpolation (a relative ~1e-7) is never stretched to [0, 1]."""
     constant = constant_maps(raw)
     out = normalize_maps(upsample(raw.to(torch.promote_types(raw.dtype, torch.float32)), size, align_corners))
     return torch.where(constant[:, None, None], torch.zeros_like(out), out)
