@@ -81,6 +81,15 @@ def frozen_copy(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Ten
     return ref
 
 
+def noise_seed(seed: int, image: torch.Tensor) -> int:
+    """SmoothGrad's documented per-image seed, written out: BLAKE2b (8-byte digest) of the seed (8 bytes,
+    little-endian, signed) then the image's bytes (its dtype, C order), read little-endian, top bit cleared."""
+    import hashlib
+
+    data = int(seed).to_bytes(8, "little", signed=True) + image.detach().contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
 def plain_input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False):
     """``∂ y_target / ∂ x`` by plain autograd."""
     xg = x.detach().clone().requires_grad_(True)
@@ -201,14 +210,21 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[t
     return store[0], logits
 
 
-def finish_maps(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def is_constant(raw: torch.Tensor) -> bool:
+    """Whether one raw map is constant as SPEC 3 means it: its span within 4 roundings of its magnitude,
+    ``max − min ≤ 4·eps·max|S|`` (``eps`` of its dtype), decided before any upsampling."""
+    hi, lo = float(raw.max()), float(raw.min())
+    return hi - lo <= 4 * torch.finfo(raw.dtype).eps * max(abs(hi), abs(lo))
+
+
+def finish_maps(raw: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
     """ReLU'd raw maps ``[B, h, w]`` upsampled bilinearly (``align_corners=False``) and min-max normalised
-    per image (0 where constant), written out here."""
-    up = torch.nn.functional.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    per image, 0 where the raw map is constant (:func:`is_constant`), written out here."""
+    up = torch.nn.functional.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
     out = []
-    for m in up:
+    for r, m in zip(raw, up, strict=True):
         span = m.max() - m.min()
-        out.append((m - m.min()) / span if span > 0 else torch.zeros_like(m))
+        out.append(torch.zeros_like(m) if is_constant(r) or span == 0 else (m - m.min()) / span)
     return torch.stack(out)
 
 
@@ -228,7 +244,7 @@ def brute_ablationcam(model, layer, x, targets, channel_dim=1, to_bchw=lambda t:
 
 def brute_scorecam(model, layer, x, targets, to_bchw=lambda t: t):
     """Score-CAM one mask at a time: ``M_k`` = channel k upsampled (``align_corners=False``) and min-max
-    normalised (0 if constant), ``s_k = y_c(x ⊙ M_k)`` by a full forward each, ``w = softmax(s)``."""
+    normalised (0 if constant before upsampling), ``s_k = y_c(x ⊙ M_k)`` by a full forward each, ``w = softmax(s)``."""
     out, _ = layer_output(model, layer, x)
     a = to_bchw(out)
     size = tuple(x.shape[-2:])
@@ -236,11 +252,7 @@ def brute_scorecam(model, layer, x, targets, to_bchw=lambda t: t):
     for i, c in enumerate(targets):
         scores = []
         for k in range(a.shape[1]):
-            up = torch.nn.functional.interpolate(
-                a[i : i + 1, k : k + 1], size=size, mode="bilinear", align_corners=False
-            )[0, 0]
-            span = up.max() - up.min()
-            mask = (up - up.min()) / span if span > 0 else torch.zeros_like(up)
+            mask = finish_maps(a[i : i + 1, k], size)[0]
             with torch.no_grad():
                 scores.append(model((x[i] * mask)[None])[0, int(c)])
         w = torch.softmax(torch.stack(scores), 0)

@@ -241,7 +241,7 @@ def _numbers(res: dict) -> dict:
 
 def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path, data_dir):
     # 12 test images in chunks of 3: killed once chunk 1 (the second) is stored; SmoothGrad's noise is
-    # seeded per chunk, so a resumed chunk must give the same maps as in one go
+    # seeded per image, so a resumed chunk must give the same maps as in one go
     ckpt = make_checkpoint(tmp_path / "best.pt", 0, data_dir)
     args = ["evaluate", "--checkpoint", str(ckpt), "--methods", "gradcam,gradient,smoothgrad"]
     args += ["--batch-size", "3", "--step", "5", "--no-progress"]

@@ -266,3 +266,98 @@ def test_training_reads_sixteen_bit_images_at_full_precision(tmp_path):
     _write(tmp_path / "data" / "train" / "x", ["grey16.png"], GOOD)
     mean = normalization_for(tmp_path / "data", load_split(tmp_path / "data", "train")).mean
     assert mean == pytest.approx([GREY16.mean() / 65535] * 3, abs=1e-6)
+
+
+# -- hostile files: a header that declares more pixels than the file could hold --------------------------
+
+
+def _declaring(path: Path, width: int, height: int, fmt: str = "PNG") -> Path:
+    """A real 4×4 image whose header is patched to declare ``width × height``: PNG (IHDR at bytes 16-24, its
+    CRC over type and data recomputed here) or BMP (BITMAPINFOHEADER width/height at bytes 18-26). The file
+    stays tiny: a decoder that trusted the header would allocate ``3·width·height`` bytes."""
+    Image.fromarray(RGB8[:4, :4]).save(path, fmt)
+    data = bytearray(path.read_bytes())
+    if fmt == "PNG":
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    else:
+        data[18:26] = struct.pack("<ii", width, height)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture()
+def no_decoding(monkeypatch):
+    """Fail if any pixel is decoded (both decoders of igrad.images)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(igrad.images, "_decode_torchvision", refuse)
+    monkeypatch.setattr(igrad.images, "_decode_pil", refuse)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fmt"),
+    [
+        (20000, 20000, "PNG"),  # beyond Pillow's own bomb limit (2 × 89.5 MP): Pillow refuses to open it
+        (10000, 8000, "PNG"),  # between igrad's 64 MP and Pillow's limits: Pillow would open it lazily
+        (30000, 30000, "BMP"),  # a format Pillow decodes itself
+        (9000, 9000, "BMP"),
+    ],
+)
+def test_a_header_over_the_pixel_limit_is_refused_before_decoding(tmp_path, no_decoding, width, height, fmt):
+    path = _declaring(tmp_path / f"bomb.{fmt.lower()}", width, height, fmt)
+    assert path.stat().st_size < 200
+    with pytest.raises(IgradError) as info:
+        decode_image(path)
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text and "refused before decoding" in text
+    assert f"{width}×{height} = {width * height:,} pixels" in text and "64,000,000" in text
+
+
+def test_the_pixel_limit_is_an_option_checked_at_its_boundary(tmp_path):
+    """A real 8×8 image (64 pixels): accepted at max_pixels=64, refused at 63; a bomb under a limit above
+    Pillow's own is still refused, naming Pillow's limit."""
+    path = tmp_path / "rgb8.png"
+    GOOD["rgb8.png"][0](path)
+    assert decode_image(path, max_pixels=SIZE * SIZE).shape == (3, SIZE, SIZE)
+    with pytest.raises(IgradError, match=r"declares 8×8 = 64 pixels, more than the limit of 63"):
+        decode_image(path, max_pixels=SIZE * SIZE - 1)
+    with pytest.raises(IgradError, match="max_pixels must be a positive integer"):
+        decode_image(path, max_pixels=0)
+    bomb = _declaring(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(IgradError, match=r"20000×20000 = 400,000,000 pixels, more than Pillow's decompression-bomb"):
+        decode_image(bomb, max_pixels=10**9)
+
+
+def test_every_way_images_enter_refuses_a_bomb_in_one_line(tmp_path, capsys, no_decoding):
+    """An image folder (train, evaluate, reproduce), igrad explain's files and igrad evaluate's --data: one
+    line naming the file, no traceback; the options move the limit."""
+    folder = tmp_path / "data" / "test" / "a"
+    folder.mkdir(parents=True)
+    bomb = _declaring(folder / "bomb.png", 20000, 20000)
+    with pytest.raises(IgradError, match="bomb.png") as info:
+        load_split(tmp_path / "data", "test")
+    assert "\n" not in str(info.value)
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    assert main(["explain", "--checkpoint", str(ckpt), str(bomb), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(bomb) in err and "400,000,000" in err and "Traceback" not in err
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "e")]
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(bomb) in err and "Traceback" not in err
+
+
+def test_the_limit_applies_to_cached_folders_and_the_command_line(tmp_path, capsys):
+    """A folder decoded under a larger limit is refused from its cache under a smaller one; --max-pixels of
+    igrad explain refuses a real image over it."""
+    _write(tmp_path / "data" / "test" / "x", ["rgb8.png"], GOOD)
+    assert load_split(tmp_path / "data", "test").images.shape == (1, 3, SIZE, SIZE)  # decoded and cached
+    with pytest.raises(IgradError, match=r"8×8 = 64 pixels, more than the limit of 10"):
+        load_split(tmp_path / "data", "test", max_pixels=10)
+    ckpt = _checkpoint(tmp_path / "ckpt.pt")
+    image = str(tmp_path / "data" / "test" / "x" / "rgb8.png")
+    assert main(["explain", "--checkpoint", str(ckpt), image, "--max-pixels", "10", "--out", str(tmp_path / "o")]) == 2
+    assert "more than the limit of 10" in capsys.readouterr().err

@@ -143,6 +143,54 @@ def test_explain_errors(setup, capsys, extra, match):
     assert match in capsys.readouterr().err
 
 
+#: Classes named by numbers and sorted as strings, as an image folder of numbered class folders gives them.
+NUMBERED = sorted(str(i) for i in range(1, 13))  # ['1', '10', '11', '12', '2', ..., '9']
+
+
+def test_target_tokens_of_numbered_classes_mean_the_class_they_name():
+    """Every token over numbered classes, against the rule written out: a class name means that class, and a
+    name that is also the index of another class is refused naming both; name:/index: choose one reading."""
+    from igrad.cli.explain import _parse_target
+
+    assert NUMBERED[:5] == ["1", "10", "11", "12", "2"]
+    for index, name in enumerate(NUMBERED):
+        other = int(name)
+        if other < len(NUMBERED) and other != index:  # both a name and another class's index
+            with pytest.raises(IgradError, match="ambiguous") as err:
+                _parse_target(name, 1, NUMBERED, 12)
+            text = str(err.value)
+            assert f"name of class {index}" in text and f"index of class {other} ({NUMBERED[other]!r})" in text
+        else:
+            assert _parse_target(name, 1, NUMBERED, 12) == [index]
+        assert _parse_target(f"name:{name}", 1, NUMBERED, 12) == [index]
+        assert _parse_target(f"index:{index}", 1, NUMBERED, 12) == [index]
+    assert _parse_target("12", 2, NUMBERED, 12) == [3, 3]  # the class '12', not an out-of-range index
+    assert _parse_target("12,name:2", 2, NUMBERED, 12) == [3, 4]
+    # names that are not numbers, and numbers that name no class, are read as before
+    assert _parse_target("class3,4", 2, CLASSES, 10) == [3, 4]
+    assert _parse_target("1", 1, None, 10) == [1]
+    for bad, match in (("index:12", "out of range"), ("13", "out of range"), ("name:13", "neither")):
+        with pytest.raises(IgradError, match=match):
+            _parse_target(bad, 1, NUMBERED, 12)
+
+
+def test_explain_target_names_a_numbered_class(tmp_path, capsys):
+    """igrad explain --target 12 explains the class named '12' (index 3); --target 2 is refused, naming both
+    readings; --target name:2 explains the class named '2' (index 4)."""
+    _checkpoint(tmp_path / "num" / "best.pt", 0, num_classes=12, classes=NUMBERED)
+    save_image(tmp_path / "a.png", np.random.default_rng(0).random((32, 32, 3)))
+    args = ["explain", "--checkpoint", str(tmp_path / "num" / "best.pt"), str(tmp_path / "a.png")]
+    args += ["--methods", "gradcam"]
+    assert main([*args, "--target", "12", "--out", str(tmp_path / "o12")]) == 0
+    summary = json.loads((tmp_path / "o12" / "explain.json").read_text())
+    assert summary["target"] == [3] and summary["class_names"] == ["12"]
+    assert main([*args, "--target", "2", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "ambiguous" in err and "name of class 4" in err and "index of class 2 ('11')" in err
+    assert main([*args, "--target", "name:2", "--out", str(tmp_path / "n2")]) == 0
+    assert json.loads((tmp_path / "n2" / "explain.json").read_text())["class_names"] == ["2"]
+
+
 def test_explain_missing_inputs(setup, capsys):
     tmp, _, _, images = setup
     (tmp / "bad.png").write_bytes(b"not a png")

@@ -16,6 +16,7 @@ benchmarks and the demo.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import warnings
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from .errors import IgradError, unknown_name
-from .images import DECODER_VERSION, decode_image, to_unit
+from .images import DECODER_VERSION, MAX_PIXELS, decode_image, to_unit
 from .normalization import NORMALIZATIONS, Normalization
+from .validate import positive_int
 
 __all__ = [
     "Split",
@@ -96,7 +98,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("IGRAD_CACHE", Path.home() / ".cache" / "igrad"))
 
 
-def _folder_split(folder: Path) -> Split:
+def _folder_split(folder: Path, max_pixels: int = MAX_PIXELS) -> Split:
     if not folder.is_dir():
         raise IgradError(f"data folder {folder} does not exist")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -117,11 +119,20 @@ def _folder_split(folder: Path) -> Split:
     if cache.is_file():
         try:
             with np.load(cache) as z:
-                return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes)
+                cached = Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]), classes)
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+            cached = None  # a damaged cache is rebuilt below
+        if cached is not None:
+            h, w = cached.images.shape[-2:]
+            if h * w > max_pixels:  # decoded under a larger limit: the same refusal as a fresh decode
+                raise IgradError(
+                    f"the images of {folder} are {w}×{h} = {h * w:,} pixels, more than the limit of "
+                    f"{max_pixels:,} (max_pixels, --max-pixels)"
+                )
+            return cached
+    decode = functools.partial(decode_image, max_pixels=max_pixels)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        decoded = list(pool.map(decode_image, [f for f, _ in files]))
+        decoded = list(pool.map(decode, [f for f, _ in files]))
     shapes = {tuple(a.shape[1:]) for a in decoded}
     if len(shapes) != 1:
         raise IgradError(
@@ -168,11 +179,14 @@ def load_split(
     *,
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> Split:
     """Load ``split`` (``train``, ``test`` or ``val``) of ``source``.
 
     ``source`` is ``cifar10``/``cifar100`` (torchvision, stored under ``root``, fetched with
-    ``download=True``) or an image-folder root holding ``train/`` and ``test/`` (or ``val/``).
+    ``download=True``) or an image-folder root holding ``train/`` and ``test/`` (or ``val/``), whose
+    files are refused when their headers declare more than ``max_pixels`` pixels
+    (:func:`igrad.images.decode_image`, before anything is decoded).
     """
     if split not in ("train", "test", "val"):
         raise IgradError(f"unknown split {split!r}; use train, test or val")
@@ -189,7 +203,7 @@ def load_split(
         folder = other if other.is_dir() else folder
     if not folder.is_dir():
         raise IgradError(f"data folder {base} has no {split}/ subfolder (expected train/ and test/ or val/)")
-    return _folder_split(folder)
+    return _folder_split(folder, positive_int("max_pixels", max_pixels))
 
 
 def eval_tensors(
@@ -272,13 +286,14 @@ def load_train_data(
     val_fraction: float = 0.0,
     split_seed: int = 0,
     normalization: Normalization | str | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> TrainData:
     """The training and test splits of ``source`` (:func:`load_split`) and, with ``val_fraction > 0``, a
     validation split held out of the training set (:func:`holdout_split` with ``split_seed``: the same for
     every training seed, λ and network). ``normalization``: the object itself, or a name for
-    :func:`normalization_for`."""
-    train = load_split(source, "train", root=root, download=download)
-    test = load_split(source, "test", root=root, download=download)
+    :func:`normalization_for`. ``max_pixels``: the pixel limit of image files (:func:`load_split`)."""
+    train = load_split(source, "train", root=root, download=download, max_pixels=max_pixels)
+    test = load_split(source, "test", root=root, download=download, max_pixels=max_pixels)
     _check_splits(source, train, test)
     norm = (
         normalization if isinstance(normalization, Normalization) else normalization_for(source, train, normalization)

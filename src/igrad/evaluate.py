@@ -33,15 +33,24 @@ from torch import nn
 from .atomic import atomic_save
 from .errors import IgradError, unknown_name
 from .gradients import gradient_cosine
-from .images import to_unit
+from .images import MAX_PIXELS, to_unit
 from .measure import evaluate_accuracy
-from .metrics import METRICS, SCORES, SUBSTRATES, CleanBatch, clean_forward, compute_metrics, resolve_metrics
+from .metrics import (
+    METRICS,
+    SCORES,
+    SUBSTRATES,
+    CleanBatch,
+    check_scorable,
+    clean_forward,
+    compute_metrics,
+    resolve_metrics,
+)
 from .normalization import Normalization, resolve_normalization
 from .precision import autocast
 from .provenance import file_sha256, provenance
 from .saliency import resolve_methods
 from .stats import holm, paired_p_value, summarize
-from .torch_utils import device_of, eval_mode
+from .torch_utils import device_of, eval_mode, input_dtype
 from .validate import positive_int
 
 __all__ = [
@@ -162,9 +171,11 @@ def select_indices(n_total: int, limit: int | None, seed: int) -> torch.Tensor:
     return perm[:count].sort().values
 
 
-def _seed_for(seed: int, method: str, chunk: int) -> int:
-    """A seed per (run seed, method, chunk), so a method's numbers do not depend on the others run."""
-    return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009 + chunk) % (2**31 - 1)
+def _seed_for(seed: int, method: str) -> int:
+    """A seed per (run seed, method), so a method's numbers do not depend on the others run; not per chunk,
+    so that they do not depend on ``batch_size`` either (SmoothGrad seeds each image's noise from this seed
+    and the image's values: :func:`igrad.saliency.gradient.noise_seed`)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(method.encode()) * 1009) % (2**31 - 1)
 
 
 def _method_kwargs(cfg: EvalConfig, extra: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -198,7 +209,6 @@ def _evaluate_chunk(
     model: nn.Module,
     clean: CleanBatch,
     labels: torch.Tensor,
-    chunk: int,
     cfg: EvalConfig,
     kwargs: Mapping[str, Mapping[str, Any]],
     bar: Any,
@@ -206,6 +216,7 @@ def _evaluate_chunk(
     """One chunk: its single clean forward is ``clean``; cos (float32), then each method's maps and metrics
     (in bf16 autocast with ``cfg.amp``). Returns plain tensors (per-sample values, the chunk's curve sums),
     as persisted for resuming."""
+    check_scorable(clean, cfg.metrics, cfg.score)  # before any method runs
     part: dict[str, Any] = {
         "target": clean.target.cpu(),
         "correct": int((clean.logits.argmax(1) == labels).sum()),
@@ -218,7 +229,7 @@ def _evaluate_chunk(
         bar.set_postfix_str(name)  # shown now: the method running, not the last one of the chunk
         t0 = time.perf_counter()
         with autocast(clean.x.device, cfg.amp):
-            maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name, chunk))
+            maps = _saliency(model, name, kwargs[name], clean, _seed_for(cfg.seed, name))
         t1 = time.perf_counter()
         try:
             with autocast(clean.x.device, cfg.amp):
@@ -387,7 +398,7 @@ def _run_chunks(
     each taken from ``partials`` when stored there, else computed and stored; ``callbacks`` after each."""
     from tqdm.auto import tqdm
 
-    device = device_of(model)
+    device, dtype = device_of(model), input_dtype(model)
     parts = []
     bar = tqdm(
         total=len(indices) * len(cfg.methods), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True
@@ -396,18 +407,18 @@ def _run_chunks(
         for chunk, lo in enumerate(range(0, len(indices), cfg.batch_size)):
             idx = indices[lo : lo + cfg.batch_size]
 
-            def compute(idx: torch.Tensor = idx, chunk: int = chunk) -> dict[str, Any]:
+            def compute(idx: torch.Tensor = idx) -> dict[str, Any]:
                 labels = split.labels[idx].to(device)
                 with autocast(device, cfg.amp):  # the metrics' clean points in their forwards' precision
                     clean = clean_forward(
                         model,
-                        to_unit(split.images[idx].to(device)),
+                        to_unit(split.images[idx].to(device)).to(dtype),  # float64 for a float64 model
                         labels if cfg.target == "gt" else None,
                         normalization=norm,
                         pixels="raw",
                         batch_size=cfg.batch_size,
                     )
-                return _evaluate_chunk(model, clean, labels, chunk, cfg, kwargs, bar)
+                return _evaluate_chunk(model, clean, labels, cfg, kwargs, bar)
 
             parts.append(partials.get(f"chunk-{chunk:05d}", compute))
             for callback in callbacks:
@@ -492,13 +503,15 @@ def evaluate_checkpoint(
     progress: bool = True,
     resume_dir: str | os.PathLike[str] | None = None,
     callbacks: Sequence[Callable[[int], None]] = (),
+    max_pixels: int = MAX_PIXELS,
     **overrides: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate_model` for a checkpoint (:func:`igrad.checkpoint.load_model`): the model on
     ``settings.device`` (default: cuda when available), its normalisation
     (:meth:`Normalization.from_config`) and, unless ``data`` is given, ``config["data"]``. The data's
     labels are matched to the checkpoint's classes by name (:func:`igrad.data.match_classes`), so
-    ``data`` may hold any subset of them. ``overrides``: :class:`EvalConfig` fields."""
+    ``data`` may hold any subset of them; an image file declaring more than ``max_pixels`` pixels is refused
+    before decoding (:func:`igrad.data.load_split`). ``overrides``: :class:`EvalConfig` fields."""
     from .checkpoint import load_model
     from .data import load_split, match_classes
 
@@ -510,7 +523,7 @@ def evaluate_checkpoint(
         raise IgradError(f"checkpoint {checkpoint} does not name its data set; pass --data")
     norm = Normalization.from_config(config, f"checkpoint {checkpoint}")
     data_split = match_classes(
-        load_split(source, split),
+        load_split(source, split, max_pixels=max_pixels),
         config.get("classes"),
         int(config["num_classes"]),
         source=f"the {split} split of {source}",

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 from torch import nn
 
-from .errors import unknown_name
+from .errors import IgradError, unknown_name
 from .models import uncompiled
-from .output import model_logits, refuse_probabilities
+from .output import model_logits, refuse_probabilities, refuse_single_logit
 from .rules import BackwardRules, Phase
-from .torch_utils import eval_mode, preserve_batchnorm_counters
+from .torch_utils import autograd_mode, autograd_ready, eval_mode, preserve_batchnorm_counters
 from .validate import TargetLike, check_images, resolve_target
 
 __all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity", "SCORES"]
@@ -80,8 +80,11 @@ def input_gradients(
     own (the sub-batch regulariser's passes on a subset of that batch). ``score``: ``"logit"`` (SPEC 1) or
     ``"prob"``: the gradients of ``p_{i,c_i} = softmax(y_i)_{c_i}`` instead (see :data:`SCORES`).
 
-    Raises :class:`~igrad.errors.IgradError` for bad images or targets, an unknown ``score``, and for a
-    model that does not return logits ``[B, num_classes]``.
+    Works inside a caller's ``torch.inference_mode()`` (left for the call; ``x`` is copied out of it), with
+    the same results as outside. Raises :class:`~igrad.errors.IgradError` for bad images or targets, an
+    unknown ``score``, a model that does not return logits ``[B, num_classes]``, a model that runs
+    TorchScript (:func:`igrad.models.refuse_scripted`), and logits that do not depend on ``x`` through
+    autograd (a forward that calls ``.detach()`` or runs under ``torch.no_grad()``).
     """
     check_images(x)
     if score not in SCORES:
@@ -100,8 +103,9 @@ def input_gradients(
     )
     keep = contextlib.nullcontext() if update_stats else preserve_batchnorm_counters(model)
     mode = contextlib.nullcontext() if train else eval_mode(model)
-    with mode, keep, torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
+    # autograd_mode: also inside a caller's torch.inference_mode(), with x copied out of it
+    with mode, keep, autograd_mode():
+        xg = autograd_ready(x).detach().requires_grad_(True)
         rules.input = xg
         with rules:
             logits = model_logits(model, xg, probabilities=False)
@@ -109,21 +113,44 @@ def input_gradients(
         if not train:
             refuse_probabilities(logits, model)
         t = resolve_target(target, logits)
-        if score == "prob":  # in float32 at least (bf16 logits under autocast), float64 kept
+        if score == "prob":
+            refuse_single_logit(logits, "the probability score (score='prob')")
+            # in float32 at least (bf16 logits under autocast), float64 kept
             scores = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         else:
             scores = logits
         total = scores.gather(1, t[:, None]).sum()
+        if not total.requires_grad:
+            _graph_cut(model)
         g_guided = g_standard = None
         if guided:
             with rules.phase(Phase.GUIDED):
                 (g_guided,) = torch.autograd.grad(
-                    total, xg, create_graph=guided_graph, retain_graph=standard or create_graph or guided_graph
+                    total,
+                    xg,
+                    create_graph=guided_graph,
+                    retain_graph=standard or create_graph or guided_graph,
+                    allow_unused=True,
                 )
+            if g_guided is None:
+                _graph_cut(model)
         if standard:
             with rules.phase(Phase.STANDARD):
-                (g_standard,) = torch.autograd.grad(total, xg, create_graph=create_graph, retain_graph=create_graph)
+                (g_standard,) = torch.autograd.grad(
+                    total, xg, create_graph=create_graph, retain_graph=create_graph, allow_unused=True
+                )
+            if g_standard is None:
+                _graph_cut(model)
     return InputGradients(logits, t, g_standard, g_guided)
+
+
+def _graph_cut(model: nn.Module) -> NoReturn:
+    """Raise the error for logits that do not depend on the input through autograd."""
+    raise IgradError(
+        f"the logits of {type(model).__name__} do not depend on its input x through autograd: its forward cuts "
+        "the graph (a .detach(), a block under torch.no_grad() or torch.inference_mode(), or a non-differentiable "
+        "operation between x and the logits), so igrad cannot take input gradients; remove the cut from forward"
+    )
 
 
 def gradient(

@@ -19,6 +19,13 @@ turned into luma (ITU-R 601-2). Refused with an :class:`~igrad.errors.IgradError
 files that are not images, truncated or corrupt files, 32-bit integer and floating-point images
 (modes ``I``, ``F``: their ``[0, 1]`` range is unknown), 16-bit colour TIFFs (Pillow would keep only
 8 of their bits) and other modes.
+
+**Pixel limit**: an image whose header declares more than ``max_pixels`` pixels (default
+:data:`MAX_PIXELS`, 64 megapixels; ``igrad explain``/``evaluate``/``train``/``reproduce --max-pixels``) is
+refused in one line naming the file, its size and the limit, from the header alone, before any pixel is
+decoded: a file of a few hundred kilobytes may declare 20,000 × 20,000 pixels (a decompression bomb) and
+would otherwise allocate gigabytes. Pillow's own decompression-bomb refusal (``Image.DecompressionBombError``,
+above twice ``PIL.Image.MAX_IMAGE_PIXELS``) is reported the same way.
 """
 
 from __future__ import annotations
@@ -32,15 +39,20 @@ import numpy as np
 import torch
 
 from .errors import IgradError
+from .validate import positive_int
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["DECODER_VERSION", "decode_image", "to_unit"]
+__all__ = ["DECODER_VERSION", "MAX_PIXELS", "decode_image", "check_pixels", "to_unit"]
 
 #: Changes whenever decoded values change (the image-folder cache key includes it, so no cache keeps
 #: pixels decoded by an older version). 2: 16-bit images kept as uint16 (version 1 clipped them to 255).
 DECODER_VERSION = 2
+
+#: The default pixel limit of :func:`decode_image`: 64 megapixels (8000 × 8000), far above any image igrad's
+#: networks read, far below what a decompression bomb declares.
+MAX_PIXELS = 64_000_000
 
 _TORCHVISION_FORMATS = ("PNG", "JPEG")
 _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
@@ -49,22 +61,36 @@ _MAX_VALUE = {torch.uint8: 255, torch.uint16: 65535}
 _FIX = "save it as an 8- or 16-bit PNG"
 
 
-def decode_image(path: str | os.PathLike[str], channels: int = 3) -> torch.Tensor:
+def decode_image(path: str | os.PathLike[str], channels: int = 3, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """The pixels of the image file ``path`` as ``[channels, H, W]`` (``channels`` 3: RGB, 1: grey),
     ``uint8`` for 8-bit files and ``uint16`` for 16-bit ones; alpha dropped (module docstring).
+    ``max_pixels``: the largest ``W·H`` accepted (a positive integer), checked from the header before
+    anything is decoded (:func:`check_pixels`); Pillow's own decompression-bomb limit applies too.
     Raises :class:`IgradError` naming the file for anything it cannot read exactly."""
     from PIL import Image, UnidentifiedImageError
 
     if channels not in (1, 3):
         raise IgradError(f"images are decoded to 1 (grey) or 3 (RGB) channels, not {channels}")
+    positive_int("max_pixels", max_pixels)
     path = Path(path)
     if not path.is_file():
         raise IgradError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: reads the header only
+            check_pixels(path, im.size, max_pixels)
             if im.format in _TORCHVISION_FORMATS:
                 return _decode_torchvision(path, channels)
             return _decode_pil(im, path, channels)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked as it opens the header
+        size = _declared_size(path)
+        if size is not None:
+            check_pixels(path, size, max_pixels)  # over igrad's limit too: refused as such
+        pixels = f"{size[0]}×{size[1]} = {size[0] * size[1]:,}" if size is not None else "over"
+        raise IgradError(
+            f"image {path} ({_file_size(path)}) is {pixels} pixels, more than Pillow's decompression-bomb limit "
+            f"of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels (twice PIL.Image.MAX_IMAGE_PIXELS); refused before "
+            "decoding"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise IgradError(f"cannot read image {path}: it is not an image file (PNG, JPEG, BMP, TIFF, ...)") from exc
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:
@@ -72,6 +98,49 @@ def decode_image(path: str | os.PathLike[str], channels: int = 3) -> torch.Tenso
             raise
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise IgradError(f"cannot read image {path}: it is truncated or corrupt ({detail})") from exc
+
+
+def check_pixels(path: str | os.PathLike[str], size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse image ``path`` of ``size`` ``(W, H)`` (from its header) when ``W·H > max_pixels``: one line
+    naming the file, its size on disk, its pixels and the limit."""
+    w, h = size
+    if w * h > max_pixels:
+        raise IgradError(
+            f"image {path} ({_file_size(path)}) declares {w}×{h} = {w * h:,} pixels, more than the limit of "
+            f"{max_pixels:,} (max_pixels, --max-pixels); refused before decoding"
+        )
+
+
+def _file_size(path: str | os.PathLike[str]) -> str:
+    """``"389 KB"``: the file's size on disk, for messages."""
+    try:
+        n = os.path.getsize(path)
+    except OSError:
+        return "size unknown"
+    if n < 1024:
+        return f"{n} bytes"
+    return f"{n / 1024:.0f} KB" if n < 1024**2 else f"{n / 1024**2:.1f} MB"
+
+
+def _declared_size(path: Path) -> tuple[int, int] | None:
+    """``(W, H)`` as the file's header declares it, read by the Pillow plugin that accepts the file, without
+    Pillow's decompression-bomb check (which refuses to say the size); ``None`` when no plugin reads it."""
+    from PIL import Image
+
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for fmt in Image.ID:
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None and accept(prefix) is not True:
+                continue
+            fp.seek(0)
+            try:
+                im = factory(fp, str(path))
+            except Exception:  # a plugin that cannot read it: try the next, as Pillow does
+                continue
+            return im.size
+    return None
 
 
 def _decode_torchvision(path: Path, channels: int) -> torch.Tensor:
@@ -108,11 +177,11 @@ def _decode_pil(im: Image.Image, path: Path, channels: int) -> torch.Tensor:
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """``float32`` pixels in ``[0, 1]``: ``uint8`` divided by 255, ``uint16`` by 65535 (a correctly
-    rounded division, as igrad has always normalised); floating-point tensors (already in ``[0, 1]``)
-    are returned as ``float32``."""
+    """Pixels in ``[0, 1]``: ``uint8`` divided by 255, ``uint16`` by 65535 (a correctly rounded division,
+    as igrad has always normalised), as ``float32``; floating-point tensors (already in ``[0, 1]``) are
+    returned in float32 at least (``float64`` kept, narrower floats widened)."""
     if images.is_floating_point():
-        return images.float()
+        return images.to(torch.promote_types(images.dtype, torch.float32))
     if images.dtype not in _MAX_VALUE:
         raise IgradError(f"images must be uint8, uint16 or floating point, got {images.dtype}")
     return images.float().div_(_MAX_VALUE[images.dtype])

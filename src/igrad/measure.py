@@ -15,7 +15,7 @@ from .gradients import gradient_cosine
 from .normalization import Normalization
 from .output import model_logits
 from .precision import autocast
-from .torch_utils import device_of, eval_mode
+from .torch_utils import device_of, eval_mode, input_dtype
 
 __all__ = ["evaluate_accuracy", "correct_count", "gradient_cosine_sum"]
 
@@ -36,6 +36,7 @@ def correct_count(
     correct = 0
     for start in range(0, len(index), batch_size):
         x, y = eval_tensors(split, normalization, index[start : start + batch_size], device)
+        x = x.to(input_dtype(model))  # float64 for a float64 model
         with autocast(device, amp):
             correct += int((model_logits(model, x).argmax(1) == y).sum())
     return correct

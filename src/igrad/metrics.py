@@ -16,7 +16,10 @@ forward batches of ``batch_size`` under :func:`torch.inference_mode`, with Batch
 mode (the model's modes are restored afterwards). The model must return logits ``[B, num_classes]``
 (pre-softmax): every forward goes through :func:`igrad.output.model_logits`, so a tuple, a dict or
 probabilities (a model ending in softmax, which would be soft-maxed twice) raise :class:`IgradError`.
-The names of :data:`METRICS` feed the CLI.
+The names of :data:`METRICS` feed the CLI. A model with a single logit (``num_classes = 1``) is refused by
+every probability-based score (AD, AG, AI, and the curves with ``score="prob"``): the soft-max of one logit is
+1 whatever the input, so the map would not matter (:func:`check_scorable`); its curves can be scored by the
+logit (``score="logit"``), or the model given two logits ``[0, z]``.
 
 Each batch is validated and forwarded once (:func:`clean_forward`: model input, raw pixels, logits,
 target); the metrics take that :class:`CleanBatch` (or compute it themselves when given images), so
@@ -26,7 +29,9 @@ pixels are then ``normalization.invert(x)``).
 
 Precision: inside :func:`igrad.precision.autocast` (``igrad evaluate --amp``) the model's forwards run in
 bf16; the scores (softmax of the logits cast to float32), the substrates, the masked and perturbed images
-and all metric arithmetic stay float32 (double for AD/AG/AI). Give the clean forward the same precision
+and all metric arithmetic stay float32 (double for AD/AG/AI). Images keep their dtype throughout: a float64
+model given float64 images is run on float64 masked and perturbed images, and its scores, curves and values
+are float64 (float32 otherwise). Give the clean forward the same precision
 as the metrics, so that a curve's clean point and ``p`` come from the same function as the perturbed ones.
 """
 
@@ -43,7 +48,7 @@ from torch import nn
 
 from .errors import IgradError, unknown_name
 from .normalization import Normalization, resolve_normalization
-from .output import model_logits
+from .output import model_logits, refuse_single_logit
 from .precision import full_precision
 from .stats import summarize  # re-exported: its home is igrad.stats
 from .torch_utils import eval_mode
@@ -64,6 +69,7 @@ __all__ = [
     "deletion",
     "causal_curves",
     "compute_metrics",
+    "check_scorable",
     "resolve_metrics",
     "gaussian_blur",
     "blur_kernel",
@@ -108,12 +114,25 @@ def resolve_metrics(spec: str | Iterable[str]) -> list[str]:
 # scores and substrates
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: bf16 logits (autocast) in float32, float64 ones kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the metrics' values for images ``x``: float32, or float64 for float64 images."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _softmax_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]
+    """``softmax(logits)_target`` ``[m]``; a model with a single logit is refused (its soft-max is 1 whatever
+    the input, so every map would score the same: :func:`igrad.output.refuse_single_logit`)."""
+    refuse_single_logit(logits, "the class probability p (AD, AG, AI; insertion and deletion with score='prob')")
+    return _widened(logits).softmax(dim=1).gather(1, target[:, None])[:, 0]
 
 
 def _logit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return logits.float().gather(1, target[:, None])[:, 0]
+    return _widened(logits).gather(1, target[:, None])[:, 0]
 
 
 #: Scores of a curve point: ``fn(logits [m, K], target [m]) -> [m]``.
@@ -227,8 +246,9 @@ class CleanBatch:
     normalization: Normalization | None
 
     def score(self, score: str | ScoreFn = "prob") -> torch.Tensor:
-        """The unperturbed score of each sample ``[B]`` (float32, CPU); ``prob``: ``p = softmax(f(x))_c``."""
-        return _score_fn(score)(self.logits, self.target).float().cpu()
+        """The unperturbed score of each sample ``[B]`` (float32, float64 for a float64 model; CPU); ``prob``:
+        ``p = softmax(f(x))_c``."""
+        return _widened(_score_fn(score)(self.logits, self.target)).cpu()
 
 
 def _normalization(
@@ -359,7 +379,8 @@ def _confidence(model: nn.Module, clean: CleanBatch, maps: torch.Tensor, batch_s
     ad = 100 * torch.where(p > 0, (p - o).clamp(min=0) / p.clamp(min=torch.finfo(p.dtype).tiny), zero)
     ag = 100 * torch.where(p < 1, (o - p).clamp(min=0) / (1 - p).clamp(min=torch.finfo(p.dtype).tiny), zero)
     ai = 100 * (o > p).double()
-    return {"p": p.float(), "o": o.float(), "ad": ad.float(), "ag": ag.float(), "ai": ai.float()}
+    dtype = _result_dtype(clean.x)  # float32, or float64 for float64 images
+    return {k: v.to(dtype) for k, v in {"p": p, "o": o, "ad": ad, "ag": ag, "ai": ai}.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,10 +435,10 @@ def causal_curves(
     n = math.ceil(hw / step)
     ranks = _ranks(maps)
     score_fn = _score_fn(score)
-    out = torch.empty(b, n + 1, dtype=torch.float32)
+    out = torch.empty(b, n + 1, dtype=_result_dtype(start))
     skip = -1 if known is None else int(known[0])
     if known is not None:
-        out[:, skip] = known[1].float().cpu()
+        out[:, skip] = known[1].to(out.dtype).cpu()
     per = n + 1 - (known is not None)  # forwarded points per sample
     total = b * per
     for lo in range(0, total, batch_size):
@@ -432,7 +453,7 @@ def causal_curves(
         if not isinstance(values, torch.Tensor) or values.shape != (len(idx),):
             got = getattr(values, "shape", type(values).__name__)
             raise IgradError(f"score must return one value per image [{len(idx)}], got {got}")
-        out[sample.cpu(), k.cpu()] = values.float().cpu()
+        out[sample.cpu(), k.cpu()] = values.to(out.dtype).cpu()
     return out
 
 
@@ -440,7 +461,7 @@ def _auc(curves: torch.Tensor) -> torch.Tensor:
     """``(Σ_k a_k − a_0/2 − a_n/2)/n × 100`` per row (trapezoid rule with spacing 1/n)."""
     n = curves.shape[1] - 1
     c = curves.double()
-    return ((c.sum(1) - c[:, 0] / 2 - c[:, -1] / 2) / n * 100).float()
+    return ((c.sum(1) - c[:, 0] / 2 - c[:, -1] / 2) / n * 100).to(curves.dtype)
 
 
 def _causal_metric(
@@ -526,6 +547,17 @@ def insertion(
 # all metrics at once, and aggregation
 
 
+def check_scorable(clean: CleanBatch, metrics: Iterable[str], score: str | ScoreFn = "prob") -> None:
+    """Refuse, before any forward, metrics that would score a one-logit model by its soft-max probability
+    (always 1: :func:`igrad.output.refuse_single_logit`): AD, AG and AI, and insertion/deletion with
+    ``score="prob"``. ``metrics``: names of :data:`METRICS`."""
+    names = list(metrics)
+    uses_prob = any(METRICS[n].kind == "confidence" for n in names)
+    uses_prob |= score == "prob" and any(METRICS[n].kind == "curve" for n in names)
+    if uses_prob:
+        refuse_single_logit(clean.logits, f"the class probability p of the metrics {', '.join(names)}")
+
+
 @dataclass
 class MetricResults:
     """Per-sample values ``values[name]`` ``[B]`` and curves ``curves["ins"|"del"]`` ``[B, n+1]``."""
@@ -558,6 +590,7 @@ def compute_metrics(
     names = resolve_metrics(metrics)
     batch_size = positive_int("batch_size", batch_size)
     clean = _clean(model, x, target, _normalization(normalization, mean, std), pixels, logits, batch_size)
+    check_scorable(clean, names, score)
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, torch.Tensor] = {}
     if any(METRICS[n].kind == "confidence" for n in names):

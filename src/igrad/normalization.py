@@ -72,8 +72,9 @@ class Normalization:
         return m, s
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's input ``(raw − mean) / std`` (float32) of stored images ``[..., C, H, W]``: uint8
-        (``/255``), uint16 (``/65535``) or floating raw pixels in [0, 1] (not modified)."""
+        """The model's input ``(raw − mean) / std`` of stored images ``[..., C, H, W]``: uint8 (``/255``),
+        uint16 (``/65535``) or floating raw pixels in [0, 1] (not modified); float32, or float64 for float64
+        pixels (:func:`igrad.images.to_unit`)."""
         x = to_unit(images)
         m, s = self._tensors(x)
         return x.sub_(m).div_(s) if x is not images else (x - m) / s

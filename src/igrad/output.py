@@ -23,7 +23,7 @@ from torch import nn
 from .errors import IgradError
 from .models import unwrap_model
 
-__all__ = ["LogitsOutput", "model_logits", "check_logits", "refuse_probabilities"]
+__all__ = ["LogitsOutput", "model_logits", "check_logits", "refuse_probabilities", "refuse_single_logit"]
 
 Selector = int | str | Callable[[Any], torch.Tensor]
 
@@ -122,6 +122,20 @@ def refuse_probabilities(logits: torch.Tensor, model: nn.Module) -> torch.Tensor
             f"to 1): its forward ends in {kind}. igrad needs logits (pre-softmax): the metrics apply softmax "
             "themselves and the gradients are taken on the logit. Remove the final "
             f"{kind} from the model (or wrap it in a module that returns the layer before it)."
+        )
+    return logits
+
+
+def refuse_single_logit(logits: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise :class:`IgradError` when ``logits`` ``[B, K]`` has one column (``K = 1``, a binary model with one
+    logit) and ``what`` (named in the message) is a soft-max probability: ``softmax(y)`` of a single logit is 1
+    whatever the input, so such a score would ignore the image and the map alike. Returns ``logits``."""
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        raise IgradError(
+            f"{what} is a soft-max probability over the classes, but the model has a single logit (num_classes "
+            "= 1), whose soft-max is 1 whatever the input: every map would score the same. Give the model two "
+            "logits, [0, z] (torch.cat([torch.zeros_like(z), z], 1): the soft-max is then sigmoid(z) for class 1 "
+            "and 1 − sigmoid(z) for class 0), or score the logit itself where that is offered (score='logit')."
         )
     return logits
 

@@ -34,6 +34,10 @@ shape operations, dropout, per-sample normalisations, which keep their ordinary 
 raises :class:`UnsupportedActivationError` naming the function and the module that called it, unless its
 name is in ``allow`` (then it keeps its ordinary backward). Calls off the path (shape queries, integer and
 boolean results, computations of the parameters alone or under ``no_grad``) pass untouched.
+
+A forward the mode cannot see is never recorded without the rules: a submodule compiled with
+``torch.compile`` runs its eager forward inside the block (``torch.compiler.set_stance("force_eager")``),
+and a model that runs TorchScript anywhere is refused (:func:`igrad.models.refuse_scripted`).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ from .calls import (
     rectifier_upper,
 )
 from .errors import IgradError, UnsupportedActivationError
+from .models import refuse_scripted
+from .torch_utils import eager_compiled
 
 __all__ = [
     "STATS_MODES",
@@ -127,7 +133,8 @@ class BackwardRules(TorchFunctionMode):
         error refusing them names them (``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"softmax"``, ``"pow"``,
         ``"clamp"``, ...; see :func:`igrad.calls.allow_name`).
     model:
-        optional, only used to name the offending module in error messages.
+        optional: names the offending module in error messages, and is checked to run no TorchScript
+        (:func:`igrad.models.refuse_scripted`: the rules cannot see inside a TorchScript graph).
     double_backward:
         the standard pass will be taken with ``create_graph=True``: use the cheaper exact convolution
         double backward and route eval-mode BatchNorm through the constant-statistics rule.
@@ -163,11 +170,14 @@ class BackwardRules(TorchFunctionMode):
             raise IgradError(f"unknown statistics mode {stats!r}; choose one of {', '.join(STATS_MODES)}")
         if statistics is not None and stats != "batch-frozen":
             raise IgradError(f"recorded statistics are replayed in 'batch-frozen' mode only, not {stats!r}")
+        if model is not None:
+            refuse_scripted(model, "igrad's backward rules (gradients, the regulariser)")
         self.stats = stats
         self.update_stats = update_stats
         self.model = model
         self.allow = _check_allow(allow)
         self._state = _State(parameter_path=parameter_path)
+        self._eager: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         self.input: torch.Tensor | None = None  # the leaf the input gradients are taken for, if known
         self.rectifiers = 0  # rectifier calls seen (for diagnostics and tests)
         # batch-frozen: recorded here in call order, or replayed from another forward's record
@@ -177,6 +187,23 @@ class BackwardRules(TorchFunctionMode):
         # the calls with a rule of their own, and the allow-list (minus the convolution when it has one)
         self._handlers = _HANDLERS_DOUBLE if double_backward else _HANDLERS
         self._pass = _PASS_BUT_CONV2D if double_backward else PASS
+
+    def __enter__(self) -> BackwardRules:
+        # compiled submodules run their eager forward inside the block, so that the mode sees their calls
+        self._eager = eager_compiled()
+        self._eager.__enter__()
+        try:
+            super().__enter__()
+        except BaseException:
+            self._eager.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._eager.__exit__(*exc)
 
     # -- hooks: they consult the shared state, so one recorded graph serves every pass -------------
     def _conv2d(

@@ -1,7 +1,7 @@
 """Small torch utilities every layer uses: a model's modes, BatchNorm counters, its device.
 
-Kept apart from the backward-rule engine (:mod:`igrad.rules`), which uses none of them: they are about
-running a model, not about how gradients flow through it.
+Kept apart from the backward-rule engine (:mod:`igrad.rules`), which uses only :func:`eager_compiled`:
+they are about running a model, not about how gradients flow through it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["eval_mode", "preserve_batchnorm_counters", "has_training_batchnorm", "device_of"]
+__all__ = [
+    "eval_mode",
+    "preserve_batchnorm_counters",
+    "has_training_batchnorm",
+    "device_of",
+    "input_dtype",
+    "autograd_mode",
+    "autograd_ready",
+    "eager_compiled",
+]
 
 
 @contextlib.contextmanager
@@ -55,3 +64,33 @@ def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype to give ``model`` images decoded from integers in: float32, or float64 for a model whose
+    first floating-point parameter is float64 (narrower models run in float32 under autocast)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def autograd_mode(grad: bool = True) -> Iterator[None]:
+    """Autograd usable in the block also inside a caller's ``torch.inference_mode()`` (a Lightning validation
+    step, say), which ``torch.enable_grad()`` alone does not leave: inference mode off, and gradient
+    recording on (``grad=True``) or as the caller had it (``grad=False``)."""
+    with torch.inference_mode(False), torch.enable_grad() if grad else contextlib.nullcontext():
+        yield
+
+
+def autograd_ready(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor autograd may record: a copy where it was made under ``torch.inference_mode()``
+    (an inference tensor can be neither saved for backward nor made to require grad), else ``x`` itself.
+    Call it inside :func:`autograd_mode`, where the copy is a normal tensor."""
+    return x.clone() if x.is_inference() else x
+
+
+def eager_compiled() -> contextlib.AbstractContextManager[None]:
+    """A block in which code compiled with ``torch.compile`` runs eagerly (``torch.compiler.set_stance(
+    "force_eager")``): a compiled submodule inside a model then runs its Python forward, whose calls igrad's
+    backward rules and layer hooks see (compiled, its graph would run past them)."""
+    return torch.compiler.set_stance("force_eager")

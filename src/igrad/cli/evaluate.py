@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..images import MAX_PIXELS
+from ..validate import positive_int
 from .config_flags import add_config_flags, config_values
 
 HELP = "evaluate saliency methods with AD/AG/AI/insertion/deletion and write the tables"
@@ -49,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="data split (default test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help="refuse an image file of a data folder whose header declares more than N pixels, before decoding "
+        f"it (default {MAX_PIXELS:,})",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_config_flags(parser.add_argument_group("evaluation settings"), EvalConfig, choices=_choices())
 
@@ -59,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from ..report import LABELS, compare_table, write_comparison, write_report
 
     settings = EvalConfig.from_dict(config_values(args, EvalConfig))
-    common = dict(split=args.split, progress=not args.no_progress, resume_dir=args.out / ".partial")
+    common = dict(
+        split=args.split,
+        progress=not args.no_progress,
+        resume_dir=args.out / ".partial",
+        max_pixels=positive_int("--max-pixels", args.max_pixels),
+    )
     if args.compare:
         baseline, regularised = (evaluate_checkpoint(path, args.data, settings, **common) for path in args.compare)
         paths = write_comparison(baseline, regularised, args.out, labels=LABELS)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import IgradError
+from ..images import MAX_PIXELS
 from ..normalization import Normalization
 from ..validate import positive_int
 
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         help="class to explain: one index or class name for all images, or one per image (comma-separated); "
-        "default: the first checkpoint's predicted class",
+        "a class name means that class, an integer that names no class is an index, and a token that is both "
+        "(numbered classes) must be written name:TOKEN or index:N; default: the first checkpoint's predicted class",
     )
     parser.add_argument("--target-layer", metavar="NAME", help="dotted module name (default: the model's last stage)")
     parser.add_argument("--size", type=int, metavar="PX", help="resize images to PX x PX (default: see above)")
@@ -61,32 +63,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help="forward batch of scorecam, ablationcam, smoothgrad (default: each method's own)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        metavar="N",
+        help=f"refuse an image whose header declares more than N pixels, before decoding it (default {MAX_PIXELS:,})",
+    )
 
 
-def _load_images(paths: list[str], size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+def _load_images(
+    paths: list[str], size: tuple[int, int], channels: int = 3, max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
     """Raw pixels in [0, 1], ``[N, channels, H, W]`` (RGB, or grey for 1 channel; :func:`igrad.images.decode_image`,
-    so 16-bit files keep their values and alpha is dropped; antialiased bilinear resize)."""
+    so 16-bit files keep their values and alpha is dropped, and a file declaring more than ``max_pixels``
+    pixels is refused before decoding; antialiased bilinear resize)."""
     from torchvision.transforms.v2.functional import resize
 
     from ..images import decode_image, to_unit
 
-    return torch.stack([to_unit(resize(decode_image(p, channels), list(size), antialias=True)) for p in paths])
+    decoded = [decode_image(p, channels, max_pixels=max_pixels) for p in paths]
+    return torch.stack([to_unit(resize(image, list(size), antialias=True)) for image in decoded])
 
 
-def _parse_target(text: str | None, n_images: int, classes: list[str] | None) -> list[int] | None:
+#: Prefixes that choose one reading of a --target token: a class index, or a class name.
+_INDEX, _NAME = "index:", "name:"
+
+
+def _class_token(token: str, classes: list[str] | None, num_classes: int | None) -> int:
+    """The class index a ``--target`` token names. A class name means that class; an integer that names no
+    class is an index (range-checked against ``num_classes``, else the number of names). A token that is a
+    class name and also the index of another class (numbered classes sorted as strings: '1', '10', '11',
+    '2', ...) is refused naming both readings; ``name:TOKEN`` and ``index:N`` choose one."""
+    count = num_classes if num_classes is not None else (len(classes) if classes else None)
+    named = classes.index(token) if classes is not None and token in classes else None
+    number = int(token) if re.fullmatch(r"-?\d+", token) else None
+    in_range = number is not None and (count is None or 0 <= number < count)
+    if named is not None:
+        if in_range and number != named:
+            assert number is not None and classes is not None  # for the type checker: in_range says so
+            raise IgradError(
+                f"--target {token!r} is ambiguous: it is the name of class {named} and also the index of class "
+                f"{number} ({classes[number]!r}); write --target {_NAME}{token} for the class named {token!r} or "
+                f"--target {_INDEX}{token} for class index {token}"
+            )
+        return named
+    if token.startswith(_NAME) and classes is not None and token[len(_NAME) :] in classes:
+        return classes.index(token[len(_NAME) :])
+    if token.startswith(_INDEX) and re.fullmatch(r"-?\d+", token[len(_INDEX) :]):
+        number = int(token[len(_INDEX) :])
+        in_range = count is None or 0 <= number < count
+    if number is not None:
+        if not in_range:
+            raise IgradError(f"--target class {number} is out of range for a model with {count} classes")
+        return number
+    raise IgradError(
+        f"--target {token!r} is neither a class index nor a class name of the checkpoint"
+        + ("" if classes else " (the checkpoint lists no class names)")
+    )
+
+
+def _parse_target(
+    text: str | None, n_images: int, classes: list[str] | None, num_classes: int | None = None
+) -> list[int] | None:
+    """The classes ``--target`` names (:func:`_class_token` per comma-separated token): one for every image or
+    one per image; ``None`` when not given."""
     if text is None:
         return None
-    out = []
-    for part in [t.strip() for t in text.split(",")]:
-        if re.fullmatch(r"-?\d+", part):
-            out.append(int(part))
-        elif classes is not None and part in classes:
-            out.append(classes.index(part))
-        else:
-            raise IgradError(
-                f"--target {part!r} is neither a class index nor a class name of the checkpoint"
-                + ("" if classes else " (the checkpoint lists no class names)")
-            )
+    out = [_class_token(part.strip(), classes, num_classes) for part in text.split(",")]
     if len(out) == 1:
         return out * n_images
     if len(out) != n_images:
@@ -147,7 +191,8 @@ def _inputs(
     """The images' raw [0, 1] pixels at the model's input size, and that size ``(H, W)``."""
     size_px = positive_int("--size", args.size, optional=True)
     size = (size_px, size_px) if size_px else _image_size(config, config.get("model", ""))
-    return _load_images(args.images, size, _channels(config)).to(device), size
+    max_pixels = positive_int("--max-pixels", args.max_pixels)
+    return _load_images(args.images, size, _channels(config), max_pixels).to(device), size
 
 
 def _write_maps(
@@ -223,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     raw, size = _inputs(args, config0, device)
     x = norms[0].apply(raw)
     classes = _classes(config0)
-    target = _parse_target(args.target, len(args.images), classes)
+    count = config0.get("num_classes")
+    target = _parse_target(args.target, len(args.images), classes, count if isinstance(count, int) else None)
     with torch.no_grad():
         predicted = [model_logits(m, x).argmax(1).tolist() for m, _ in loaded]
     if target is None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -41,6 +42,8 @@ __all__ = [
     "default_target_layer",
     "unwrap_model",
     "uncompiled",
+    "scripted_parts",
+    "refuse_scripted",
     "wrapper_prefix",
     "inner_name",
     "layer_layout",
@@ -161,6 +164,43 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def scripted_parts(model: nn.Module) -> list[str]:
+    """The parts of ``model`` that run as TorchScript: each module (dotted name, ``""`` for ``model`` itself)
+    that is a ``torch.jit.ScriptModule`` (``torch.jit.script``, ``torch.jit.trace``, ``torch.jit.freeze``,
+    ``torch.jit.load``: ``RecursiveScriptModule``, ``TracedModule``) or whose ``forward`` is a
+    ``torch.jit.ScriptFunction``; outermost first, without the modules inside a listed one."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{p}.") for p in found):
+            continue  # inside a part already listed
+        forward = getattr(module, "forward", None)
+        if isinstance(module, torch.jit.ScriptModule) or isinstance(forward, torch.jit.ScriptFunction):
+            found.append(name)
+            if not name:
+                break  # the model itself: every module is inside it
+    return found
+
+
+def refuse_scripted(model: nn.Module, what: str) -> None:
+    """Raise :class:`IgradError` when any part of ``model`` runs as TorchScript (:func:`scripted_parts`).
+
+    igrad's backward rules (the guided rectifier rule, BatchNorm statistics held constant) see a forward
+    through a ``TorchFunctionMode``, and the CAM methods read a layer through module hooks: TorchScript
+    runs its graph in C++, past both, so its gradients would silently be plain autograd's (a guided
+    gradient equal to the standard one, a regulariser of 0). ``what`` names the caller in the message."""
+    parts = scripted_parts(model)
+    if not parts:
+        return
+    where = "the whole model" if parts[0] == "" else ", ".join(repr(p) for p in parts[:5])
+    more = f" and {len(parts) - 5} more" if len(parts) > 5 else ""
+    raise IgradError(
+        f"{what} needs an eager PyTorch model, but {type(model).__name__} runs TorchScript ({where}{more}: "
+        "torch.jit.script, torch.jit.trace or torch.jit.load). igrad's backward rules and layer hooks cannot "
+        "see inside a TorchScript graph, so the result would silently be plain autograd's. Use the eager "
+        "nn.Module instead (build the network in Python and load the scripted model's state_dict into it)."
+    )
+
+
 def wrapper_prefix(model: nn.Module) -> str:
     """The dotted path of :func:`unwrap_model`'s result inside ``model``, with a trailing dot: ``"module."``
     for a ``DataParallel``, ``"_orig_mod."`` for a compiled model, ``""`` when not wrapped."""
@@ -185,13 +225,17 @@ def inner_name(model: nn.Module, name: str) -> str:
 
 
 def default_target_layer(model: nn.Module) -> str:
-    """Dotted name in ``model`` of the default saliency target layer (SPEC 3: the last convolutional stage).
+    """Dotted name in ``model`` of the default saliency target layer (SPEC 3: the last spatial stage, the one
+    global pooling reads).
 
     The registry's (:func:`model_info`) for a model :func:`create_model` built; else the ``igrad_target_layer``
     a model built elsewhere declares (a class attribute or property); else the torchvision conventions
-    (``layer4`` for ResNets, the last block of ``features`` otherwise), else the top-level child that holds
-    the last ``Conv2d``. A wrapped model (:func:`unwrap_model`) gets its network's layer with the wrapper's
-    prefix: ``"module.layer4"`` for a ``DataParallel``.
+    (``layer4`` for ResNets, the last block of ``features`` otherwise, else the top-level child that holds
+    the last ``Conv2d``), kept where a forward on a dummy input (:func:`spatial_stages`) shows that layer
+    outputting feature maps larger than 1×1; where it does not (timm's MobileNetV3 and LCNet, whose last
+    convolution ``conv_head`` runs after global pooling), the last module to output such maps before the
+    pooling. A wrapped model (:func:`unwrap_model`) gets its network's layer with the wrapper's prefix:
+    ``"module.layer4"`` for a ``DataParallel``.
     """
     inner = unwrap_model(model)
     info = _BUILT.get(inner)
@@ -200,15 +244,87 @@ def default_target_layer(model: nn.Module) -> str:
         declared = getattr(inner, "igrad_target_layer", None)
         name = declared if isinstance(declared, str) else None
     if name is None:
-        from .tv import infer_target_layer
-
-        name = infer_target_layer(inner)
+        name = _conventional_layer(inner)
     if name is None:
         raise IgradError(
             f"cannot find a convolutional target layer in {type(inner).__name__}: "
             "it has no nn.Conv2d; pass target_layer explicitly"
         )
     return wrapper_prefix(model) + name
+
+
+def _conventional_layer(model: nn.Module) -> str | None:
+    """torchvision's convention (:func:`igrad.models.tv.infer_target_layer`) where it names a spatial stage,
+    else the last spatial stage a traced forward shows (see :func:`default_target_layer`); cached per model
+    and structure."""
+    from .tv import infer_layout, infer_target_layer
+
+    key = tuple((n, id(m)) for n, m in model.named_modules())
+    cached = _DEFAULT_LAYERS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    name = infer_target_layer(model)
+    if name is None or infer_layout(model, name) is None:  # transformers' token/channels-last layers: as named
+        stages = spatial_stages(model)
+        if stages and name not in stages:
+            name = stages[-1]
+    _DEFAULT_LAYERS[model] = (key, name)
+    return name
+
+
+#: The default target layer found for a model not built by :func:`create_model`, with the structure it was
+#: found for (module names and identities).
+_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, int], ...], str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+#: The side of the dummy images :func:`spatial_stages` runs: a stage of total stride 32 is then 4×4, while
+#: anything after global pooling is 1×1 whatever the input.
+TRACE_SIZE = 128
+
+
+def spatial_stages(model: nn.Module, size: int = TRACE_SIZE) -> list[str]:
+    """The modules of ``model`` (dotted names, not the model itself) that output feature maps ``[B, K, h, w]``
+    with ``h·w > 1`` in an eval-mode forward of one dummy image ``[1, C, size, size]`` (``C``: the first
+    ``Conv2d``'s input channels, zeros, the first parameter's device and dtype; no gradient), each called
+    exactly once (a target layer must be), in the order their forwards finish: the last one is the last
+    spatial stage before global pooling (an enclosing ``nn.Sequential`` finishes after its blocks, so it
+    comes after them). ``[]`` when the forward fails on such an input (a model for other inputs, a
+    fixed size); the model's modes and hooks are as before, also then."""
+    from ..torch_utils import eval_mode
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    channels = conv.in_channels if conv is not None else 3
+    x = torch.zeros(
+        1,
+        channels,
+        size,
+        size,
+        device=param.device if param is not None else None,
+        dtype=param.dtype if param is not None else None,
+    )
+    calls: dict[str, int] = {}
+    finished: list[tuple[str, bool]] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            spatial = isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1
+            finished.append((name, spatial))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except Exception:  # a model that cannot run such an input: no evidence either way
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n, spatial in finished if spatial and calls[n] == 1]
 
 
 #: How a layer lays out its output: feature maps ``[B, K, h, w]``, channels-last maps ``[B, h, w, K]``,

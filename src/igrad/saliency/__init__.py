@@ -15,7 +15,9 @@ from __future__ import annotations
 from .base import (
     METHODS,
     SaliencyMethod,
+    constant_maps,
     create_method,
+    finish_maps,
     normalize_maps,
     register_method,
     resolve_layer,
@@ -36,6 +38,8 @@ __all__ = [
     "resolve_methods",
     "resolve_layer",
     "normalize_maps",
+    "constant_maps",
+    "finish_maps",
     "upsample",
     "signed_map",
     "CAM",

@@ -9,12 +9,19 @@ Every method is called the same way::
 (``None``: each sample's arg-max class; an ``int``; one class per sample). A method computes a raw map
 per sample (at the target layer's resolution for the CAM family), which the base class then
 upsamples bilinearly to ``H×W`` (``align_corners=False``, as OpenCV's ``INTER_LINEAR``) and min-max
-normalises per image, ``S ← (S − min S) / (max S − min S)`` (a constant map, e.g. all zero, gives 0).
+normalises per image, ``S ← (S − min S) / (max S − min S)``. A constant map (e.g. all zero, or any map of a
+1×1 layer) gives 0: constancy is decided on the raw map, before upsampling (:func:`constant_maps`), since
+bilinear upsampling of a constant is not exactly constant and normalising its rounding would stretch it
+into speckle.
 
 While a call runs the model is in eval mode (maps describe the model as it is used); every module's
-``training`` flag is restored afterwards, also when the call raises. The model must return logits
-``[B, num_classes]``; every forward goes through :func:`igrad.output.model_logits`, which refuses
-other outputs and probability-valued ones with a clear error (see :class:`igrad.LogitsOutput`).
+``training`` flag is restored afterwards, also when the call raises. A call inside
+``torch.inference_mode()`` gives the same maps as outside it (the call leaves inference mode and copies
+``x`` out of it). A model that runs as TorchScript is refused (:func:`igrad.models.refuse_scripted`):
+hooks and backward rules cannot see inside it; a submodule compiled with ``torch.compile`` runs its eager
+forward for the call. The model must return logits ``[B, num_classes]``; every forward goes through
+:func:`igrad.output.model_logits`, which refuses other outputs and probability-valued ones with a clear
+error (see :class:`igrad.LogitsOutput`).
 Hooks are owned by the method: registered on ``__enter__`` (or for the duration of one call when used
 without ``with``) and removed on ``__exit__``, also on error.
 
@@ -37,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import IgradError, unknown_name
-from ..models import default_target_layer, inner_name, unwrap_model
-from ..torch_utils import eval_mode
+from ..models import default_target_layer, inner_name, refuse_scripted, unwrap_model
+from ..torch_utils import autograd_mode, autograd_ready, eager_compiled, eval_mode
 from ..validate import TargetLike, check_images, parse_names
 
 __all__ = [
@@ -48,6 +55,8 @@ __all__ = [
     "register_method",
     "resolve_methods",
     "normalize_maps",
+    "constant_maps",
+    "CONSTANT_ULPS",
     "upsample",
     "finish_maps",
     "resolve_layer",
@@ -122,10 +131,30 @@ def upsample(maps: torch.Tensor, size: tuple[int, ...], align_corners: bool = Fa
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=align_corners)[:, 0]
 
 
-def finish_maps(raw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+#: A raw map counts as constant when its span is at most this many units of rounding of its magnitude.
+CONSTANT_ULPS = 4
+
+
+def constant_maps(raw: torch.Tensor) -> torch.Tensor:
+    """Which of the raw maps ``[B, ...]`` are constant, ``[B]`` bool: ``max S − min S ≤ CONSTANT_ULPS · eps ·
+    max |S|`` per map, ``eps`` the machine epsilon of ``raw``'s dtype (float32: 1.2e-7). A span within a few
+    roundings of the map's magnitude is arithmetic noise of a map that is constant in exact arithmetic
+    (a weighted sum of constant channels, say); an all-zero map has span 0 and is constant."""
+    flat = raw.detach().flatten(1)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    magnitude = torch.maximum(hi.abs(), lo.abs())
+    eps = torch.finfo(raw.dtype).eps if raw.is_floating_point() else 0.0
+    return (hi - lo) <= CONSTANT_ULPS * eps * magnitude
+
+
+def finish_maps(raw: torch.Tensor, size: tuple[int, ...], *, align_corners: bool = False) -> torch.Tensor:
     r"""Raw maps ``[B, h, w]`` as every method returns them: :func:`upsample`\ d to ``size``, then
-    :func:`normalize_maps` (per-image min-max to [0, 1])."""
-    return normalize_maps(upsample(raw, size))
+    :func:`normalize_maps` (per-image min-max to [0, 1]), ``[B, *size]`` in float32 (float64 for float64
+    maps). A map that is constant *before* upsampling (:func:`constant_maps`, in ``raw``'s own dtype)
+    gives 0, so that the rounding of the interpolation (a relative ~1e-7) is never stretched to [0, 1]."""
+    constant = constant_maps(raw)
+    out = normalize_maps(upsample(raw.to(torch.promote_types(raw.dtype, torch.float32)), size, align_corners))
+    return torch.where(constant[:, None, None], torch.zeros_like(out), out)
 
 
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[nn.Module, str]:
@@ -193,6 +222,7 @@ class SaliencyMethod:
     def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise IgradError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        refuse_scripted(model, f"saliency method {self.name!r}")
         self.model = unwrap_model(model)  # the network inside DataParallel, torch.compile, ...
         self.layer: nn.Module | None
         self.layer_name: str | None
@@ -231,8 +261,9 @@ class SaliencyMethod:
 
     # -- calls ---------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
-        """Saliency maps ``[B, H, W]`` in [0, 1]: the raw maps, upsampled and min-max normalised."""
-        return finish_maps(self._run(self._raw_maps, x, target).detach().float(), tuple(x.shape[-2:]))
+        """Saliency maps ``[B, H, W]`` in [0, 1] (float32): the raw maps, upsampled and min-max normalised
+        (:func:`finish_maps`; a constant raw map gives 0)."""
+        return finish_maps(self._run(self._raw_maps, x, target).detach(), tuple(x.shape[-2:])).float()
 
     def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """The signed attribution ``[B, C, H, W]`` (only for ``signed`` methods)."""
@@ -242,9 +273,12 @@ class SaliencyMethod:
 
     def _run(self, fn: Callable[[torch.Tensor, TargetLike], torch.Tensor], x: torch.Tensor, target: TargetLike):
         check_images(x)  # the channel count is the model's to check (its error gets a note naming x's shape)
-        with self, eval_mode(self.model):
+        # a caller's torch.inference_mode() (a validation step) is left for the call, with x copied out of
+        # it, so that the maps are the same inside it as outside; gradients are recorded where a method asks
+        # eager_compiled: a compiled submodule runs its Python forward, so that hooks inside it fire
+        with self, eval_mode(self.model), autograd_mode(grad=False), eager_compiled():
             try:
-                return fn(x, target)
+                return fn(autograd_ready(x), target)
             finally:
                 self._clear()
 

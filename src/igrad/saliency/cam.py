@@ -52,7 +52,7 @@ from ..models import layer_layout
 from ..output import model_logits
 from ..precision import autocast_enabled, full_precision
 from ..validate import TargetLike, positive_int, resolve_target
-from .base import SaliencyMethod, normalize_maps, progress_bar, register_method, upsample
+from .base import SaliencyMethod, constant_maps, finish_maps, progress_bar, register_method
 from .layout import channel_dim, check_layout, output_dims, to_bchw
 from .tracing import LayerTail, TracingError, fold_batchnorm
 
@@ -147,6 +147,7 @@ class CAMMethod(SaliencyMethod):
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._recording = False
         self._recorded: list[torch.Tensor] = []
+        self._warned_single_pixel = False
 
     def _attach(self) -> None:
         self._handle = self.layer.register_forward_hook(self._hook)
@@ -203,14 +204,34 @@ class CAMMethod(SaliencyMethod):
         if self.needs_gradient:
             with torch.enable_grad():  # also when called under an outer torch.no_grad()
                 score = logits.gather(1, t[:, None]).sum()  # samples are independent in eval mode
-                (grad,) = torch.autograd.grad(score, act, allow_unused=True)
-            if grad is None:
-                raise IgradError(f"the logits do not depend on the output of target layer {self.layer_name!r}")
+                if score.requires_grad and act.requires_grad:
+                    (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+            if grad is None:  # e.g. act.detach(), or the layer run under torch.no_grad() inside forward
+                raise IgradError(
+                    f"the logits do not depend on the output of target layer {self.layer_name!r} through autograd: "
+                    f"the forward of {type(self.model).__name__} cuts the graph there (a .detach(), a block under "
+                    "torch.no_grad() or torch.inference_mode()), so its gradient cannot be taken; remove the cut "
+                    "from forward, or use a method without gradients (scorecam, ablationcam)"
+                )
         layout, size, what = self.layout or "BCHW", tuple(x.shape[-2:]), f"target layer {self.layer_name!r}"
         # the weights and maps are computed in float32 (or the model's float64) also under bf16 autocast
         a = _widened(to_bchw(act.detach(), layout, size, what))
         g = None if grad is None else _widened(to_bchw(grad, layout, size, what))
+        self._warn_single_pixel(a, size)
         return CAMContext(x.detach(), a, g, logits.detach(), t, act.detach(), layout)
+
+    def _warn_single_pixel(self, activation: torch.Tensor, size: tuple[int, ...]) -> None:
+        """Warn (once per method object) when the target layer's maps are 1×1: every map ``Σ_k w_k A_k`` is
+        then constant, and constant maps are 0 (SPEC 3), whatever the image."""
+        if self._warned_single_pixel or activation.shape[-2:].numel() != 1:
+            return
+        self._warned_single_pixel = True
+        warnings.warn(
+            f"{self.name}: target layer {self.layer_name!r} outputs 1×1 maps for {size[0]}×{size[1]} inputs, so "
+            "every map is constant and given as 0 (blank); choose an earlier layer with a spatial output "
+            "(target_layer=...) or give larger images",
+            stacklevel=6,  # the caller of the method
+        )
 
     def _reference(self, ctx: CAMContext) -> CAMContext:
         """``ctx`` with float32 logits and activation, for the checks that a stand-in network (the linear head
@@ -328,7 +349,8 @@ class LayerCAM(CAMMethod):
 
 @register_method("scorecam")
 class ScoreCAM(CAMMethod):
-    """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if constant),
+    """Score-CAM: ``M_k`` = ``A_k`` upsampled to ``H×W`` and min-max normalised (0 if ``A_k`` is constant
+    before upsampling, :func:`~igrad.saliency.base.constant_maps`),
     ``s_k = y_c(x ⊙ M_k)`` (the logit, on the model's normalised input), ``w = softmax_k(s)``,
     ``S = ReLU(Σ_k w_k A_k)``.
 
@@ -340,8 +362,11 @@ class ScoreCAM(CAMMethod):
     layers are folded into the preceding convolutions (:func:`~igrad.saliency.tracing.fold_batchnorm`:
     the same function up to float rounding, one pass less per layer). The copy is used only after it
     reproduces the call's own logits (``rtol = 1e-4``); it is kept while the method's hooks are held
-    (a ``with`` block) and rebuilt when a weight changes. Where the model cannot be traced or the copy
-    disagrees, the model itself runs (with a warning). ``None`` (default): fold when a call has at
+    (a ``with`` block), checked against the call's logits again on every call (one forward of the
+    batch, next to the ``B·K`` masked ones) and rebuilt when it no longer reproduces them, so a weight
+    changed in any way (an optimiser step, an EMA update through ``p.data``) is never scored stale.
+    Where the model cannot be traced or the copy disagrees, the model itself runs (with a warning).
+    ``None`` (default): fold when a call has at
     least :attr:`fold_min_forwards` masked images (building the copy costs about as much as a few
     dozen forwards of a small network) or a copy is already held; ``True``: always; ``False``: never.
     """
@@ -364,7 +389,7 @@ class ScoreCAM(CAMMethod):
         self.mask_align_corners = bool(mask_align_corners)
         self.fold_batchnorm = None if fold_batchnorm is None else bool(fold_batchnorm)
         self.progress = progress
-        self._folded: tuple[tuple[tuple[int, int], ...], nn.Module] | None = None
+        self._folded: nn.Module | None = None
         self._fold_failed: str | None = None
 
     #: with ``fold_batchnorm=None``, fold only for calls with at least this many masked images
@@ -373,42 +398,49 @@ class ScoreCAM(CAMMethod):
     def scorer(self, ctx: CAMContext, forwards: int) -> nn.Module:
         """The network that scores the ``forwards`` masked images: the BatchNorm-folded copy when
         folding is on (or worth it, see ``fold_batchnorm``), the copy can be built and it reproduces
-        ``ctx.logits``; otherwise the model."""
+        ``ctx.logits``; otherwise the model. A held copy is checked the same way on every call and
+        rebuilt when it no longer reproduces them: the model's weights may have changed in ways no
+        version counter records (``p.data`` writes, an EMA update)."""
         if self.fold_batchnorm is False or self._fold_failed is not None:
             return self.model
-        state = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
-        if self._folded is not None and self._folded[0] == state:
-            return self._folded[1]
-        if self.fold_batchnorm is None and forwards < self.fold_min_forwards:
+        if self._folded is not None:
+            if self._computes_model(self._folded, ctx):
+                return self._folded
+            self._folded = None  # stale: rebuilt below
+        elif self.fold_batchnorm is None and forwards < self.fold_min_forwards:
             return self.model
         try:
             folded = fold_batchnorm(self.model)
-            ref = self._reference(ctx)
-            with torch.inference_mode(), full_precision(ctx.x.device):
-                reproduced = folded(ctx.x.clone())  # the copy may change its input in place
-            if not _reproduces(reproduced, ref.logits):
+            if not self._computes_model(folded, ctx):
                 raise TracingError("the copy with BatchNorm folded into the convolutions does not reproduce the logits")
         except TracingError as exc:
             self._fold_failed = str(exc)
             warnings.warn(f"scorecam: {exc}; scoring with the model as is", stacklevel=4)
             return self.model
-        self._folded = (state, folded)
+        self._folded = folded
         return folded
+
+    def _computes_model(self, folded: nn.Module, ctx: CAMContext) -> bool:
+        """Whether ``folded`` gives the model's logits on the call's images (in float32, also under autocast)."""
+        ref = self._reference(ctx)
+        with torch.inference_mode(), full_precision(ctx.x.device):
+            reproduced = folded(ctx.x.clone())  # the copy may change its input in place
+        return _reproduces(reproduced, ref.logits)
 
     def _detach(self) -> None:
         super()._detach()
         self._folded = None  # the copy's weights are released with the hooks
 
     def masks(self, activation: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask."""
-        return normalize_maps(upsample(activation, size, align_corners=self.mask_align_corners))
+        """``M [n, H, W]`` for activation channels ``[n, h, w]``: upsampled, then min-max per mask; 0 for a
+        channel that is constant before upsampling (:func:`~igrad.saliency.base.finish_maps`)."""
+        return finish_maps(activation, size, align_corners=self.mask_align_corners)
 
     def weights(self, ctx: CAMContext) -> torch.Tensor:
         x, a, t = ctx.x, ctx.activation, ctx.target
         b, k = a.shape[:2]
         size = tuple(x.shape[-2:])
-        flat = a.flatten(2)
-        constant = flat.amax(2) == flat.amin(2)
+        constant = constant_maps(a.flatten(0, 1)).view(b, k)  # the channels whose masks are 0
         scores = torch.empty(b, k, dtype=torch.float32, device=x.device)
         rows = (~constant).flatten().nonzero()[:, 0]
         batches = (len(rows) + self.batch_size - 1) // self.batch_size
@@ -497,27 +529,42 @@ class AblationCAM(CAMMethod):
         return (y[:, None] - scores) / denom[:, None]
 
     def _tail_runner(self, ctx: CAMContext) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``run(img, ablated) -> logits``: the logits for ablated activations of images ``img``."""
+        """``run(img, ablated) -> logits``: the logits for ablated activations of images ``img``. The traced
+        tail is used only when it reproduces the call's logits (checked on every call); a tail held from an
+        earlier call that no longer does (a module of the model replaced since it was traced) is traced
+        again once before falling back to whole-network runs."""
+        held = self._tail is not None
         traced = self.traced_tail()
-        if traced is not None:
+        while traced is not None:
             try:
-                ref = self._reference(ctx)  # the check in float32; the ablations in the call's precision
-                with torch.inference_mode():  # copies: head and tail may change their inputs in place
-                    with full_precision(ctx.x.device):
-                        extra = traced.externals(ref.x.clone())
-                        reproduced = traced.tail(ref.recorded.clone(), *[e.clone() for e in extra])
-                    if ref is not ctx:
-                        extra = traced.externals(ctx.x.clone())
-                if not _reproduces(reproduced, ref.logits):
-                    raise TracingError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
+                extra = self._check_tail(traced, ctx)
             except TracingError as exc:
+                self._tail = None
+                if held:  # traced before this call: trace the model as it is now
+                    held, traced = False, self.traced_tail()
+                    continue
                 warnings.warn(
                     f"ablationcam: {exc}; re-running the whole network for every ablation (slow)", stacklevel=3
                 )
-                self._tail, self._tail_failed = None, str(exc)
-            else:  # e[img] is a new tensor per batch
-                return lambda img, ablated: traced.tail(ablated, *[e[img] for e in extra])
+                self._tail_failed = str(exc)
+                break
+            tail = traced.tail
+            return lambda img, ablated: tail(ablated, *[e[img] for e in extra])  # e[img]: a new tensor
         return lambda img, ablated: self._replace_run(ctx.x[img], ablated)
+
+    def _check_tail(self, traced: LayerTail, ctx: CAMContext) -> list[torch.Tensor]:
+        """The values ``traced`` needs besides the activation, for ``ctx.x``, once it is checked to reproduce
+        the call's logits (in float32, also under autocast); :class:`TracingError` where it does not."""
+        ref = self._reference(ctx)  # the check in float32; the ablations in the call's precision
+        with torch.inference_mode():  # copies: head and tail may change their inputs in place
+            with full_precision(ctx.x.device):
+                extra = traced.externals(ref.x.clone())
+                reproduced = traced.tail(ref.recorded.clone(), *[e.clone() for e in extra])
+            if ref is not ctx:
+                extra = traced.externals(ctx.x.clone())
+        if not _reproduces(reproduced, ref.logits):
+            raise TracingError(f"the traced tail after {self.layer_name!r} does not reproduce the logits")
+        return extra
 
     def _replace_run(self, x: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
         """The whole model on ``x`` with the target layer's output replaced by ``ablated``."""

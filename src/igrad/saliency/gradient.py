@@ -7,7 +7,8 @@ min-max normalised per image.
 * ``gradient``: ``δx = ∂y_c/∂x``.
 * ``guided``: ``δᴳx``, guided backpropagation (ReLU and ReLU6 rules of SPEC 1), exactly the core engine's.
 * ``smoothgrad``: ``(1/n) Σ_j δx(x + ε_j)``, ``ε_j ~ N(0, σ²)``, ``σ = 0.15 · (max x − min x)`` per image;
-  the class is resolved once on the clean image.
+  the class is resolved once on the clean image; each image's noise is seeded by its own values
+  (:func:`noise_seed`), so its map does not depend on the rest of its batch.
 * ``guided-gradcam``: ``δᴳx ⊙ gradcam`` (Grad-CAM upsampled to ``H×W``, broadcast over channels).
 
 Gradients use the running BatchNorm statistics (``stats="running"``) in eval mode, and refuse
@@ -16,6 +17,7 @@ non-linearities other than ReLU/ReLU6 unless named in ``allow`` (see :func:`igra
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
@@ -29,7 +31,7 @@ from ..validate import TargetLike, positive_int, resolve_target
 from .base import SaliencyMethod, finish_maps, progress_bar, register_method
 from .cam import GradCAM
 
-__all__ = ["GradientMethod", "Gradient", "Guided", "SmoothGrad", "GuidedGradCAM", "signed_map"]
+__all__ = ["GradientMethod", "Gradient", "Guided", "SmoothGrad", "GuidedGradCAM", "signed_map", "noise_seed"]
 
 
 def signed_map(attribution: torch.Tensor) -> torch.Tensor:
@@ -78,9 +80,11 @@ class SmoothGrad(GradientMethod):
     """SmoothGrad: the mean of ``δx`` over ``n_samples`` noisy copies ``x + ε``, ``ε ~ N(0, σ²)``,
     ``σ = noise_level · (max x_i − min x_i)`` per image (``noise_level = 0.15``).
 
-    The copies of all images are packed into batches of ``batch_size``. The noise is drawn from a
-    ``torch.Generator`` seeded with ``seed`` at every call, one ``[n, C, H, W]`` block per image in
-    batch order, so a call is reproducible and does not depend on ``batch_size``.
+    The copies of all images are packed into batches of ``batch_size``. Each image's noise, one
+    ``[n, C, H, W]`` block, is drawn from its own ``torch.Generator`` (on ``x``'s device) seeded with
+    :func:`noise_seed` ``(seed, image)``, a hash of the seed and the image's own values: an image gets the
+    same noise, so the same map, alone or anywhere in any batch (``igrad explain`` and ``igrad evaluate``
+    agree, whatever their batch sizes), and a call is reproducible and does not depend on ``batch_size``.
     """
 
     def __init__(
@@ -108,11 +112,11 @@ class SmoothGrad(GradientMethod):
         with torch.no_grad():
             t = resolve_target(target, model_logits(self.model, x))
         b, n = x.shape[0], self.n_samples
-        gen = torch.Generator(device=x.device).manual_seed(self.seed)
         sigma = self.noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
 
         def copies() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for i in range(b):
+                gen = torch.Generator(device=x.device).manual_seed(noise_seed(self.seed, x[i]))
                 noise = torch.randn((n, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
                 yield x[i] + sigma[i] * noise, t[i].expand(n)
 
@@ -127,6 +131,16 @@ class SmoothGrad(GradientMethod):
                 done += len(xs)
                 bar.update()
         return total / n
+
+
+def noise_seed(seed: int, image: torch.Tensor) -> int:
+    """The seed of one image's noise: the first 8 bytes of ``blake2b(seed.to_bytes(8, "little", signed=True)
+    + image bytes, digest_size=8)`` read as a little-endian integer, its top bit cleared (``< 2**63``).
+    The image bytes are its values as stored in its dtype, C order, copied to the CPU. The same values give
+    the same seed wherever the image sits in a batch; another image or another ``seed`` gives another."""
+    h = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True), digest_size=8)
+    h.update(image.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
 def _rebatch(

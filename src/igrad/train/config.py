@@ -22,6 +22,7 @@ from typing import Any
 from ..data import TrainData, load_train_data
 from ..errors import IgradError, unknown_name
 from ..gradients import SCORES
+from ..images import MAX_PIXELS
 from ..loss import DEFAULT_LAMBDA, DEFAULT_STATS, ERRORS
 from ..models import model_info
 from ..normalization import NORMALIZATIONS, Normalization
@@ -49,11 +50,23 @@ NORMALIZATION_CHOICES = (*NORMALIZATIONS, "data")
 
 #: Config fields that may differ from the saved config when resuming a run.
 RESUME_OVERRIDES = frozenset(
-    {"epochs", "device", "threads", "checkpoint_every", "data", "download", "data_root", "eval_batch_size", "out"}
+    {
+        "epochs",
+        "device",
+        "threads",
+        "checkpoint_every",
+        "data",
+        "download",
+        "data_root",
+        "eval_batch_size",
+        "max_pixels",
+        "out",
+    }
 )
 #: Config fields that say where and how fast a run goes, not what it computes (device, thread count,
-#: checkpoint interval, evaluation batch, download and data root): the resume overrides but the budget
-#: (``epochs``) and the run's own paths (``data``, ``out``), which callers compare in their own way.
+#: checkpoint interval, evaluation batch, download, data root, the image files' pixel limit): the resume
+#: overrides but the budget (``epochs``) and the run's own paths (``data``, ``out``), which callers compare
+#: in their own way.
 RESOURCE_FIELDS = RESUME_OVERRIDES - {"epochs", "data", "out"}
 
 
@@ -83,6 +96,9 @@ class TrainConfig:
     download: bool = _f(False, "let torchvision download cifar10/cifar100")
     val_fraction: float = _f(0.0, "hold out this fraction of the training set (per class, seeded) as validation")
     split_seed: int = _f(0, "seed of the validation split and of the fixed cos subset")
+    max_pixels: int = _f(
+        MAX_PIXELS, "refuse an image file whose header declares more pixels than this (checked before decoding)"
+    )
     normalization: str = _f(
         "cifar100",
         "normalisation of an image folder: cifar100 (SPEC 2), cifar10, imagenet, or data (computed from its "
@@ -196,6 +212,7 @@ class TrainConfig:
             (self.gamma > 0, "gamma must be > 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.max_pixels >= 1, "max_pixels must be >= 1"),
             (self.steps_per_epoch >= 0, "steps_per_epoch must be >= 0"),
             (self.crop_padding >= 0, "crop_padding must be >= 0"),
             (0 <= self.rotation <= 180, "rotation must be in [0, 180] degrees"),
@@ -365,4 +382,5 @@ def prepare_data(config: TrainConfig) -> TrainData:
         val_fraction=config.val_fraction,
         split_seed=config.split_seed,
         normalization=explicit if explicit is not None else config.normalization,
+        max_pixels=config.max_pixels,
     )
