@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed checks that need a GPU (issues 4, 5 and 6's epochs/s), as one prepared script for a session lent a device
+# The speed checks that need a GPU, as one prepared script for a session lent a device
 # machine: `bash benchmarks/gpu_check.sh` there (about 5 minutes on an H100; no data needed: random
 # weights and tensors; set IGRAD_DATA for real test images where a copy is there).
 #   DEVICE=cpu SCALE=small bash benchmarks/gpu_check.sh    # a quick dry run of the script on a CPU
@@ -21,6 +21,6 @@ echo "== saliency vs pytorch-grad-cam, CIFAR ResNet-18 width $WIDTH, batch $IMAG
 $PY benchmarks/saliency.py --device "$DEVICE" --width "$WIDTH" --images "$IMAGES" --repeats 3 || true
 echo "== insertion + deletion vs the per-image RISE loop, $N images (target >=10)"
 $PY benchmarks/metrics.py --device "$DEVICE" --width "$WIDTH" --n "$N" --baseline-images "$BASE" --blocks 4 || true
-echo "== paper preset (SPEC 2, full width, batch 128): epoch time and epochs/s for λ = 0 and λ > 0, CIFAR ResNet-18"
+echo "== paper preset (docs/method.md §Networks and recipes, full width, batch 128): epoch time and epochs/s for λ = 0 and λ > 0, CIFAR ResNet-18"
 if [ "${SCALE:-full}" = small ]; then STEPS=1; else STEPS=20; fi
 $PY benchmarks/epoch_time.py --preset paper --device "$DEVICE" --models cifar_resnet18 --steps "$STEPS" --warmup 2 || true

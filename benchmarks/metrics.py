@@ -9,9 +9,9 @@ depend on the weights), times in one process
   forward of one image per curve point), for insertion and deletion;
 
 interleaved in blocks of images so that a change of machine load hits both alike, checks that both
-give the same curves, and prints both times and their ratio (issue 5's target: >= 10x). With ``--amp`` igrad
+give the same curves, and prints both times and their ratio. With ``--amp`` igrad
 runs in bf16 autocast (``--channels-last``: the model and the images in channels-last; both on a copy of
-the model) while the baseline stays the float32 per-image loop; the ratio (issue 12's target: >= 5x) is
+the model) while the baseline stays the float32 per-image loop; the ratio is
 printed with the deviation from float32 beside it: the largest curve-point difference and the largest and
 mean AUC differences (x100 scale). With
 ``--evaluate N`` it also saves the untrained model as a checkpoint and times ``igrad evaluate`` (all
@@ -46,7 +46,7 @@ from igrad.precision import autocast, to_channels_last
 
 
 def rise_single_run(model, img, sal, target, mode, step, blur_kernel):
-    """RISE ``CausalMetric.single_run``: one image, one step at a time (ties by position, SPEC 4)."""
+    """RISE ``CausalMetric.single_run``: one image, one step at a time (ties by position, docs/method.md §Metrics)."""
     _, c, h, w = img.shape
     n = (h * w + step - 1) // step
     order = torch.sort(sal.reshape(-1), descending=True, stable=True).indices
@@ -127,7 +127,7 @@ def bench_curves(args):
     print(f"deviation from float32 ({len(auc_diffs)} AUCs on {n_base} images): {deviation}")
     print(f"igrad    (batch {args.batch_size}): {t_igrad:8.1f} s  ({2 * args.n * n_points / t_igrad:.0f} forwards/s)")
     print(f"baseline (per image, per step): {base_total:8.1f} s{note}")
-    target = ">= 5x, issue 12" if args.amp else ">= 10x, issue 5"
+    target = ">= 5x" if args.amp else ">= 10x"
     print(f"ratio baseline / igrad: {base_total / t_igrad:.2f}x  (target {target}); igrad in {precision}: {deviation}")
 
 

@@ -1,5 +1,5 @@
 """Does a trained model's eval mode match its training mode? BatchNorm running statistics against batch
-statistics, on the run's own validation split (issue 13's probability-score ablation collapsed in eval mode).
+statistics, on the run's own validation split.
 
 For each run folder (its ``config.toml`` and ``last.pt``): top-1 on ``--n`` seeded validation images (a) in
 eval mode (running statistics, as every reported accuracy), (b) in training mode (each batch of

@@ -1,4 +1,4 @@
-"""Evaluation in bf16 against float32 (issue 12, item 5): every saliency method and metric of ``igrad
+"""Evaluation in bf16 against float32: every saliency method and metric of ``igrad
 evaluate`` on the same real test images, once with ``amp=False`` and once with ``amp=True``, interleaved in
 blocks (the order alternating) so that a change of machine load hits both alike.
 

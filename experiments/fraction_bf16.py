@@ -1,4 +1,4 @@
-"""Short real-data runs for issue 12: the sub-batch regulariser's fraction ρ, and bf16 + channels-last vs float32.
+"""Short real-data runs: the sub-batch regulariser's fraction ρ, and bf16 + channels-last vs float32.
 
 Trains CIFAR ResNet-18 (``--width``) on real CIFAR-100 with igrad's public loss in a plain loop (SGD with
 Nesterov momentum, linear warm-up then cosine decay, random crop and flip), the same seed, data order and

@@ -1,4 +1,4 @@
-"""Short training sweeps over the regulariser's settings, on real CIFAR-100 (SPEC 1 decisions).
+"""Short training sweeps over the regulariser's settings, on real CIFAR-100 (the choices of docs/method.md §The loss).
 
 Every run trains the CIFAR ResNet-18 from the same seed with the reduced-budget recipe cut to
 ``--epochs × --steps-per-epoch`` steps; the baseline (λ = 0) runs once. Reports test and validation

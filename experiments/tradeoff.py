@@ -1,4 +1,4 @@
-"""The accuracy / interpretability trade-off study of issue 13: a resumable runner.
+"""The accuracy / interpretability trade-off study: a resumable runner.
 
 Every run trains with ``igrad train``'s library (:func:`igrad.train.fit_or_resume`, preset ``--preset``,
 default ``cpu``) on real CIFAR-100 with a 10 % validation split held out of the training set (seeded,
@@ -13,7 +13,8 @@ stratified; the study chooses on it, never on the test set). Groups:
   ``--ft-lr2`` for λ ∈ ``--ft-lr2-lams``;
 * ``width``: from scratch for ``--width-epochs`` at the widths ``--widths``, λ ∈ ``--width-lams``;
 * ``score``: from scratch like ``scratch``, λ ∈ ``--score-lams``, with the regulariser's gradients taken of
-  the softmax probability instead of the logit (``reg_score=prob``; SPEC 1 uses the logit), each beside its
+  the softmax probability instead of the logit (``reg_score=prob``; docs/method.md §The loss uses the logit), each
+  beside its
   logit twin (``score-logit-lam<λ>``: the same run with the logit). The pair is trained by the same call, so
   the ablation stays paired when ``--set`` changes the precision or the machine differs from the ``scratch``
   group's (with no ``--set`` the twin repeats ``scratch-lam<λ>``).

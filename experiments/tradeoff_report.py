@@ -1,10 +1,10 @@
-"""The report of the trade-off study (issue 13): ``report.md``, ``results.json`` and ``front.png`` from the
+"""The report of the trade-off study: ``report.md``, ``results.json`` and ``front.png`` from the
 per-run files that ``experiments/tradeoff.py`` writes, whatever subset of the runs has finished.
 
     python experiments/tradeoff_report.py results/tradeoff
 
 Every number is on the validation split (10 % of the training set, never the test set), except the
-``baseline`` group's test top-1, which is the preset's accuracy target (issue 13) and is used for nothing.
+``baseline`` group's test top-1, which is the preset's accuracy target and is used for nothing.
 Per run: validation top-1 (all validation images) with Wilson's 95 % interval, eval-mode cos(δx, δᴳx) and
 each saliency method's AD/AG/AI/insertion/deletion on the same 500 validation images, with the paired
 95 % interval of the per-image difference against the run's control (the λ = 0 run of the same budget:
@@ -177,7 +177,7 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
     metrics = list(ev["metrics"])
     prov = provenance(None, None)
     lines = [
-        "# Trade-off study: accuracy against interpretability (issue 13)",
+        "# Trade-off study: accuracy against interpretability",
         "",
         f"CIFAR ResNet-18, real CIFAR-100, preset `{any_row['recipe']}`; {len(runs)} runs finished. Validation = "
         f"{ev['data']['n_total']} images held out of the training set (10 %, per class, seeded); cos and the "
@@ -244,7 +244,7 @@ def markdown(runs: dict[str, dict[str, Any]], table: list[dict[str, Any]], choic
     if base is not None:
         lines += [
             "",
-            "## The preset's baseline (issue 13's accuracy target)",
+            "## The preset's baseline",
             "",
             f"`baseline-lam0` ({describe(base)}, trained on the 45,000 training images left after the split): "
             f"test top-1 **{base['test_acc']:.2%}** on the 10,000 CIFAR-100 test images (target ≥ 60 %), validation "

@@ -27,7 +27,7 @@ def kernel_atol(values: torch.Tensor, scale: float = 1.0) -> float:
 
 
 def metric_tolerances(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Bounds on how much SPEC 4's metrics may move when the model's logits move by
+    """Bounds on how much the metrics of docs/method.md §Metrics may move when the model's logits move by
     ``Δ = F32_KERNEL_RTOL · max(1, max|z|)`` (a change of kernels), derived from their formulas.
 
     A softmax probability moves by a *relative* ``|δp|/p ≤ 2Δ`` (``δ log p = δz_c − Σ_j p_j δz_j``), so:
@@ -211,7 +211,8 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[t
 
 
 def is_constant(raw: torch.Tensor) -> bool:
-    """Whether one raw map is constant as SPEC 3 means it: its span within 4 roundings of its magnitude,
+    """Whether one raw map is constant as docs/method.md §Saliency methods means it: its span within 4 roundings of its
+    magnitude,
     ``max − min ≤ 4·eps·max|S|`` (``eps`` of its dtype), decided before any upsampling."""
     hi, lo = float(raw.max()), float(raw.min())
     return hi - lo <= 4 * torch.finfo(raw.dtype).eps * max(abs(hi), abs(lo))
@@ -294,7 +295,7 @@ class Softmaxed(nn.Module):
 
 
 class _GuidedRectifierFn(torch.autograd.Function):
-    """ReLU (``upper=None``) or ReLU6 with the guided rule of SPEC 1 written out by hand:
+    """ReLU (``upper=None``) or ReLU6 with the guided rule of docs/method.md §The loss written out by hand:
     ``δz = max(δa, 0) · 1[z > 0]`` (ReLU), ``· 1[0 < z < 6]`` (ReLU6)."""
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Class names of a folder vs a trained model (issue 10, item 6): a folder's labels are renumbered to the
+"""Class names of a folder vs a trained model: a folder's labels are renumbered to the
 checkpoint's classes by name wherever the two meet (evaluate, reproduce's evaluation, resuming a run).
 
 References are written here: the checkpoint's class list, the indices of the folder's names in it, and

@@ -1,4 +1,5 @@
-"""A constant raw map gives a map of 0 (SPEC 3), whatever the layer's size: constancy is decided before
+"""A constant raw map gives a map of 0 (docs/method.md §Saliency methods), whatever the layer's size: constancy is
+decided before
 upsampling, because bilinear upsampling of a constant is not exactly constant and min-max normalisation
 would stretch its rounding into {0, 0.5, 1} speckle. A 1×1 target layer (torchvision's ResNet-18 on 32×32
 images) makes every CAM map constant, and says so."""
@@ -58,7 +59,8 @@ def test_hand_made_constant_raw_maps_give_zero(raw):
 
 
 def test_hand_made_varying_raw_maps_are_normalised_by_hand():
-    """A small span that is not rounding (1e-3 of the magnitude) is a real map, normalised as SPEC 3 says:
+    """A small span that is not rounding (1e-3 of the magnitude) is a real map, normalised as docs/method.md §Saliency
+    methods says:
     at equal size ``(S − min)/(max − min)`` by hand; a batch mixes constant and varying maps per image."""
     raw = torch.tensor([[[1.0, 1.001], [1.0005, 1.0]], [[0.1, 0.1], [0.1, 0.1]]])
     assert constant_maps(raw).tolist() == [False, True]

@@ -119,7 +119,7 @@ class TwoRectifierNet(nn.Module):
 
 
 def manual_gradients(net, x, c):
-    """The guided and standard rules of SPEC 1 applied by hand, layer by layer."""
+    """The guided and standard rules of docs/method.md §The loss applied by hand, layer by layer."""
     W1, W2, W3 = net.l1.weight, net.l2.weight, net.l3.weight
     with torch.no_grad():
         z1 = x.flatten(1) @ W1.T + net.l1.bias

@@ -1,4 +1,4 @@
-"""The engine knows every function on the gradient path (issue 10): rectifiers however they are written get
+"""The engine knows every function on the gradient path: rectifiers however they are written get
 the guided rule, linear and shape operations pass, everything else is refused by name unless allowed."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _check_against_hand_rule(relu6, relu, seed):
     net = TwoRectifierNet(relu6, relu).double()
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     c = torch.tensor([0, 1, 2, 3, 4, 0])
-    ref = manual_gradients(net, x, c)  # the rules of SPEC 1 applied by hand, layer by layer
+    ref = manual_gradients(net, x, c)  # the rules of docs/method.md §The loss applied by hand, layer by layer
     res = igrad.input_gradients(net, x, c)
     torch.testing.assert_close(res.guided, ref[True])
     torch.testing.assert_close(res.standard, ref[False])

@@ -1,4 +1,4 @@
-"""Evaluation in bf16 (issue 12, item 5): saliency maps and metrics under ``igrad.precision.autocast`` against
+"""Evaluation in bf16: saliency maps and metrics under ``igrad.precision.autocast`` against
 their float32 values, within bounds derived from bf16 arithmetic, and not bit-identical (autocast really ran).
 
 The bound. bf16 keeps 8 significand bits: one rounding changes a value by at most ``u = 2⁻⁸ ≈ 3.9e-3``

@@ -1,4 +1,4 @@
-"""Fine-tuning from a checkpoint (``--init``) and λ warm-up (``--lam-warmup``), issue 13 items 2-3.
+"""Fine-tuning from a checkpoint (``--init``) and λ warm-up (``--lam-warmup``).
 
 Tiny runs as in test_train.py: 4 classes of 12x12 PNG images, CIFAR ResNet-18 at 1/8 width, one thread.
 The resume of a run killed mid-warm-up is a case of test_train.py's SIGKILL test.

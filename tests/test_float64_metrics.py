@@ -58,7 +58,7 @@ def _prob(model, x, t):
 
 
 def _blur(x):
-    """The 11×11, σ = 5 Gaussian of SPEC 4, built here in float64 (zero padding, same size)."""
+    """The 11×11, σ = 5 Gaussian of docs/method.md §Metrics, built here in float64 (zero padding, same size)."""
     r = torch.arange(11, dtype=torch.float64) - 5
     g = torch.exp(-(r**2) / 50)
     k = g[:, None] * g[None, :]

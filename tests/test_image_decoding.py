@@ -1,4 +1,4 @@
-"""Image decoding (issue 10, item 5): every way images enter igrad (``igrad explain``'s files, the image
+"""Image decoding: every way images enter igrad (``igrad explain``'s files, the image
 folders of train/evaluate) gives the right [0, 1] pixels for 8- and 16-bit grey, grey+alpha, RGB, RGBA,
 palette and 1-bit files, and refuses what it cannot read with a message naming the file.
 

@@ -1,4 +1,4 @@
-"""Label smoothing of L_C (``--label-smoothing``, the ``cpu`` preset's 0.1), issue 13 item 1.
+"""Label smoothing of L_C (``--label-smoothing``, the ``cpu`` preset's 0.1).
 
 The trainer's classification loss is checked against the hand formula
 ``L_C = (1 - ε) CE(y, c) + ε (1/K) Σ_k -log softmax(y)_k`` on the very logits and labels it saw, in both
@@ -59,7 +59,7 @@ def test_presets():
     cpu = TrainConfig.preset_config("cpu")
     assert (cpu.label_smoothing, cpu.width, cpu.epochs, cpu.schedule) == (0.1, 0.5, 24, "cosine")
     assert (cpu.amp, cpu.channels_last, cpu.reg_fraction) == (True, True, 0.25)
-    assert TrainConfig.preset_config("paper").label_smoothing == 0.0  # SPEC 2: plain cross-entropy
+    assert TrainConfig.preset_config("paper").label_smoothing == 0.0  # the paper-scale recipe: plain cross-entropy
 
 
 @pytest.mark.parametrize("bad", ["-0.1", "1", "1.5", "nan"])

@@ -53,7 +53,7 @@ def test_parameter_gradient_matches_central_finite_differences(error, stats):
     )  # train=True: the model's own (training) modes, as the loss sees it
     err = igrad.ERRORS[error]
 
-    # SPEC 1: ∇θ L_R is exact "up to the held-constant statistics": batch statistics measured at θ0
+    # docs/method.md §The loss: ∇θ L_R is exact "up to the held-constant statistics": batch statistics measured at θ0
     frozen = batch_statistics(model, x) if stats == "batch-frozen" else {}
 
     def value():

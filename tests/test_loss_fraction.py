@@ -1,4 +1,5 @@
-"""The sub-batch regulariser (SPEC 1, ``fraction=ρ``) and the engine's reduced-precision paths (issue 12).
+"""The sub-batch regulariser (docs/method.md §The loss, ``fraction=ρ``) and the engine's reduced-precision paths (issue
+12).
 
 References: plain autograd in float64 on an eval-mode copy normalising with the whole batch's statistics
 (tests/references.py), the guided gradient by module swap, the native convolution backward in float64."""
@@ -60,7 +61,8 @@ def test_fraction_loss_matches_float64_reference(stats, error, score):
     l_r, logits = crit(ours, x, y, generator=torch.Generator().manual_seed(7))
     (F.cross_entropy(logits, y) + l_r).backward()
 
-    # SPEC 1: S = the first ⌈ρ n⌉ of a seeded permutation; its passes normalise with constant statistics:
+    # docs/method.md §The loss: S = the first ⌈ρ n⌉ of a seeded permutation; its passes normalise with constant
+    # statistics:
     # the whole batch's, or the running ones (as with ρ = 1: after this step's training forward updated them)
     subset = torch.randperm(8, generator=torch.Generator().manual_seed(7))[:4].sort().values
     ref_logits = ref(x)  # an ordinary training forward: logits, one running-statistics update

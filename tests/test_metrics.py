@@ -192,7 +192,7 @@ def test_blur_kernel_and_blur_against_explicit_loops():
 
 
 def rise_reference(model, img, sal, target, mode, step):
-    """RISE CausalMetric.single_run as published, with SPEC 4's choices written out independently:
+    """RISE CausalMetric.single_run as published, with the choices of docs/method.md §Metrics written out independently:
     ranking by decreasing saliency with ties by position, blur substrate for insertion, 0 for deletion."""
     _, c, h, w = img.shape
     hw = h * w
@@ -382,7 +382,7 @@ def test_raw_pixels_are_masked_then_normalised(small_cnn):
     norm = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     raw = (x * 0.1 + 0.5).clamp(0, 1)
     m, s = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
-    with torch.no_grad():  # SPEC 4 written out: p on (raw − m)/s, o on (raw ⊙ S − m)/s, one forward each
+    with torch.no_grad():  # the metrics written out: p on (raw − m)/s, o on (raw ⊙ S − m)/s, one forward each
         p = model((raw - m) / s).softmax(1)[torch.arange(3), target]
         o = model((raw * maps[:, None] - m) / s).softmax(1)[torch.arange(3), target]
     out = confidence_metrics(model, raw, maps, target, normalization=norm, pixels="raw", batch_size=3)

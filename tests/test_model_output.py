@@ -1,4 +1,4 @@
-"""The model-output contract at every entry point (SPEC 4), the inference-mode gradient functions, and
+"""The model-output contract at every entry point (docs/method.md §Metrics), the inference-mode gradient functions, and
 models whose first registered convolution is not what receives the image.
 
 * Outputs of another form than logits ``[B, K]`` (a tuple, a dict, probabilities, log-probabilities) are

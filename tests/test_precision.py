@@ -1,4 +1,4 @@
-"""bf16 autocast on the CPU as on the GPU, with a warning where bf16 is emulated; channels-last (issue 12)."""
+"""bf16 autocast on the CPU as on the GPU, with a warning where bf16 is emulated; channels-last."""
 
 from __future__ import annotations
 

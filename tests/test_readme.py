@@ -1,5 +1,5 @@
 """The README's end-to-end Python example runs as written (paths replaced), and its numbers are the metrics'
-definitions (SPEC 4) computed by hand from the model's own forwards."""
+definitions (docs/method.md §Metrics) computed by hand from the model's own forwards."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_readme_end_to_end_example_runs_and_its_numbers_follow_spec4(trained):
     printed = eval(out.getvalue().strip())  # the example prints a dict of means
     assert set(printed) == {"ad", "ag", "ai", "ins", "del"}
 
-    # by hand: the same 15 images (the seeded pick of all of them), p and o from plain forwards, SPEC 4's formulas
+    # by hand: the same 15 images (the seeded pick of all of them), p and o from plain forwards, the formulas of
+    # docs/method.md §Metrics
     pick = scope["pick"]
     assert isinstance(pick, torch.Tensor) and sorted(pick.tolist()) == list(range(15))
     raw = torch.stack([

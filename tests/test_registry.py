@@ -1,4 +1,4 @@
-"""The model registry carries each model's metadata (issue 11): default target layer and input size,
+"""The model registry carries each model's metadata: default target layer and input size,
 for registered and torchvision models; no attribute is set on the instances it builds."""
 
 from __future__ import annotations

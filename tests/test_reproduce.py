@@ -121,7 +121,8 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
     assert not bad
     assert 0 <= stored["networks"][NETWORKS[0]]["runs"]["baseline"]["accuracy"] <= 1
 
-    # report.md: one SPEC 5 table per network, every method a row, every numeric cell finite
+    # report.md: one docs/method.md §The reproduction table table per network, every method a row, every numeric cell
+    # finite
     md = (out / "report.md").read_text()
     for heading in [f"## {n}" for n in NETWORKS] + ["## Configuration", "## Machine and versions"]:
         assert heading in md

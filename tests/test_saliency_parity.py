@@ -136,7 +136,7 @@ def test_scorecam_default_masks_reference():
 
 
 def test_gradcampp_default_reference(cifar_resnet):
-    """Default Grad-CAM++ (SPEC formula, no eps) against the formula written out with numpy."""
+    """Default Grad-CAM++ (formula of docs/method.md, no eps) against the formula written out with numpy."""
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([1, 8])
     store = []

@@ -1,5 +1,6 @@
-"""What the input gradient is taken of (``score``): the logit ``y_c`` (SPEC 1) or the softmax probability
-``p_c`` (issue 13's ablation), in :func:`igrad.input_gradients`, :class:`igrad.GradientAlignmentLoss` and the
+"""What the input gradient is taken of (``score``): the logit ``y_c`` (docs/method.md §The loss) or the softmax
+probability
+``p_c``, in :func:`igrad.input_gradients`, :class:`igrad.GradientAlignmentLoss` and the
 trainer (``--reg-score``).
 
 References: plain autograd of ``softmax(model(x))_c`` in float64, guided backpropagation by module swap

@@ -1,4 +1,4 @@
-"""Training (issue 3): run folder, resume after SIGKILL, determinism, bad input, real-data smoke run.
+"""Training: run folder, resume after SIGKILL, determinism, bad input, real-data smoke run.
 
 Every run here is tiny: 4 classes of 12x12 PNG images written to tmp_path, CIFAR ResNet-18 at 1/8
 width, one torch thread (the machine's 2 cores are shared; several threads then mostly wait).
@@ -352,7 +352,7 @@ def test_existing_run_folder_is_refused(folder, tmp_path, capsys):
 
 
 def test_amp_channels_last_and_reg_fraction_on_the_cpu(folder, tmp_path, capsys):
-    """bf16 autocast is accepted on the CPU (issue 12) and trains: the losses track the float32 run's to bf16
+    """bf16 autocast is accepted on the CPU and trains: the losses track the float32 run's to bf16
     precision (8 mantissa bits: ~4e-3 per rounding, a few percent after a few steps), but are not equal
     (autocast really ran); the model's parameters are in channels-last layout; bad fractions are refused."""
     rc, err = run_cli(["--data", str(folder), "--amp", "--device", "cpu", "--channels-last", "--reg-fraction", "0.5",

@@ -1,6 +1,6 @@
 """igrad: train CNNs whose plain input gradients are interpretable, and measure how interpretable
 their explanations are ("A Learning Paradigm for Interpretable Gradients", Torres Figueroa et al.,
-VISAPP 2024). See SPEC sections 1-5 for the exact definitions."""
+VISAPP 2024). See docs/method.md for the exact definitions."""
 
 from __future__ import annotations
 

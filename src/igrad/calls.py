@@ -1,4 +1,5 @@
-"""What the backward rules know about each torch function (SPEC 1: every call on the gradient path is known).
+"""What the backward rules know about each torch function (docs/method.md §The loss: every call on the gradient path is
+known).
 
 The engine (:class:`igrad.rules.BackwardRules`) sees every torch call of a forward pass and sorts it:
 

@@ -75,7 +75,8 @@ def normalization_for(
 ) -> Normalization:
     """The normalisation of a data source, by one rule (no guessing from the images' shape):
 
-    * ``source`` names a data set (``cifar10``, ``cifar100``: torchvision's): its constants (SPEC 2);
+    * ``source`` names a data set (``cifar10``, ``cifar100``: torchvision's): its constants (docs/method.md §Networks
+    and recipes);
     * else ``name``, one of :data:`igrad.normalization.NORMALIZATIONS` (e.g. ``cifar100`` for the CIFAR-100
       image-folder copy), or ``"data"``;
     * else (or for ``"data"``) computed from ``split``, the training split: per-channel mean and std of

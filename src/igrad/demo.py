@@ -7,7 +7,7 @@ on test accuracy and eval-mode mean cos(δx, δᴳx).
 (:mod:`igrad.reproduce`, which also evaluates the saliency maps and writes a report); both take their budget
 from :data:`DEMO_TRAIN` and :data:`DEMO_FINETUNE`. Fine-tuning is the cheap route to a model that is both
 accurate and aligned: trained from scratch at this budget, a λ that visibly aligns the gradients costs half
-the accuracy (issue 13's first measurements), and most users start from a model they already have.
+the accuracy, and most users start from a model they already have.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["DEMO_LAMBDA", "DEMO_TRAIN", "DEMO_FINETUNE", "DemoResult", "demo_amp
 
 #: λ of the fine-tuning in both demonstrations: strong, so that 100 steps move cos(δx, δᴳx) visibly. The rate
 #: sets how far: from one 30.2 % baseline (float32, 2 threads, a Zen 3), 100 steps of λ = 2.5 at rate 0.01
-#: reached cos 0.57 at 18.8 % top-1 (below the 20 % issue 14 asks of the demo's models; 20.6-21.6 % in other
+#: reached cos 0.57 at 18.8 % top-1 (below the 20 % the demo's models must reach; 20.6-21.6 % in other
 #: runs), at 0.007 cos 0.47 at 23.2 %, at 0.005 cos 0.37 at 26.2 % (λ = 1.5 at 0.01: 0.34 at 27.8 %). The
 #: demo takes 0.005: an alignment the maps show, for a few points, with a margin of about 6 points over 20 %,
 #: more than the 1-3 points thread count and CPU kind moved the rate-0.01 model in the runs measured (a

@@ -1,4 +1,4 @@
-"""Evaluation of saliency methods on a trained classifier: the tables of SPEC 5.
+"""Evaluation of saliency methods on a trained classifier: the tables of docs/method.md §The reproduction table.
 
 :class:`EvalConfig` holds every choice of an evaluation (methods, metrics, subset, target, step,
 substrates, score, chunk size, interval, device); :func:`evaluate_model` runs it over a fixed, seeded
@@ -64,7 +64,8 @@ __all__ = [
 ]
 
 RESULTS_FORMAT = 1
-#: Where the explained (target) class comes from: ``gt`` the ground-truth label (SPEC 3 decision), ``pred``
+#: Where the explained (target) class comes from: ``gt`` the ground-truth label (a choice of docs/method.md §Saliency
+#: methods), ``pred``
 #: the predicted class (the choices of ``EvalConfig.target``).
 TARGET_SOURCES = ("gt", "pred")
 #: Confidence-interval methods of :func:`igrad.metrics.summarize`.
@@ -82,7 +83,8 @@ def _choice(kind: str, value: object, choices: Iterable[str]) -> None:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Every choice of an evaluation (SPEC 4-5): what :func:`evaluate_model` measures and how.
+    """Every choice of an evaluation (docs/method.md §Metrics, §The reproduction table): what :func:`evaluate_model`
+    measures and how.
 
     ``methods`` and ``metrics`` are given as ``"all"``, a comma-separated string or names, and stored as
     the resolved tuple of names. Validated on construction (:class:`IgradError` naming the field).
@@ -97,9 +99,9 @@ class EvalConfig:
     target: str = _f("gt", "class explained: the label (gt) or the prediction (pred)")
     step: int | None = _f(None, "insertion/deletion pixels per step (default: the image width)")
     target_layer: str | None = _f(None, "CAM target layer (default: the model's last convolutional stage)")
-    insertion_substrate: str = _f("blur", "what insertion starts from (SPEC 4: blur)")
-    deletion_substrate: str = _f("zero", "what deleted pixels become (SPEC 4: zero, in normalised space)")
-    score: str = _f("prob", "score of a curve point (SPEC 4: prob, the class softmax probability)")
+    insertion_substrate: str = _f("blur", "what insertion starts from (docs/method.md §Metrics: blur)")
+    deletion_substrate: str = _f("zero", "what deleted pixels become (docs/method.md: zero, in normalised space)")
+    score: str = _f("prob", "score of a curve point (docs/method.md §Metrics: prob, the class softmax probability)")
     batch_size: int = _f(64, "images per chunk: saliency batch, clean forward and metric forwards")
     ci: str = _f("normal", "95%% interval method")
     accuracy: bool = _f(True, "measure the top-1 accuracy over the whole split")

@@ -1,4 +1,4 @@
-"""Input gradients of a classifier: standard ``δx = ∂y_c/∂x`` and guided ``δᴳx`` (SPEC 1).
+"""Input gradients of a classifier: standard ``δx = ∂y_c/∂x`` and guided ``δᴳx`` (docs/method.md §The loss).
 
 Every function here is batch-native (one forward, one backward per gradient kind for the whole batch)
 and non-mutating: the model's modules, flags, hooks, training mode and buffers are as before the
@@ -25,8 +25,8 @@ from .validate import TargetLike, check_images, resolve_target
 
 __all__ = ["gradient", "input_gradients", "InputGradients", "gradient_cosine", "cosine_similarity", "SCORES"]
 
-#: What the input gradient is taken of: ``logit`` ``y_c`` (SPEC 1, the default everywhere) or ``prob``
-#: ``p_c = softmax(y)_c`` (another reading of the paper; issue 13's ablation). For ``prob`` the backward
+#: What the input gradient is taken of: ``logit`` ``y_c`` (docs/method.md §The loss, the default everywhere) or ``prob``
+#: ``p_c = softmax(y)_c`` (another reading of the paper; the trade-off study's ablation). For ``prob`` the backward
 #: starts from ``∂p_c/∂y = p_c (e_c - p)`` (float32 or wider) and both passes share it: the guided rules act inside the
 #: network only, so ``δᴳx`` is guided backpropagation of ``p_c``.
 SCORES = ("logit", "prob")
@@ -77,7 +77,8 @@ def input_gradients(
     for ``score="prob"`` with ``create_graph``, whose gradients depend on the logits).
     ``statistics`` (with ``stats="batch-frozen"``): the batch statistics a forward on a larger batch
     recorded (:attr:`igrad.rules.BackwardRules.statistics`), held constant here instead of this batch's
-    own (the sub-batch regulariser's passes on a subset of that batch). ``score``: ``"logit"`` (SPEC 1) or
+    own (the sub-batch regulariser's passes on a subset of that batch). ``score``: ``"logit"`` (docs/method.md §The
+    loss) or
     ``"prob"``: the gradients of ``p_{i,c_i} = softmax(y_i)_{c_i}`` instead (see :data:`SCORES`).
 
     Works inside a caller's ``torch.inference_mode()`` (left for the call; ``x`` is copied out of it), with
@@ -167,7 +168,7 @@ def gradient(
     """The input gradient ``∂ y_target / ∂ x`` per sample, shaped like ``x`` ``[B, C, H, W]``.
 
     ``target``: a LongTensor ``[B]`` of class indices, an ``int`` for all samples, or ``None`` for
-    each sample's arg-max class. ``guided=True`` applies the guided rule of SPEC 1 at every rectifier
+    each sample's arg-max class. ``guided=True`` applies the guided rule of docs/method.md §The loss at every rectifier
     (``δz = max(δa, 0)·1[z > 0]`` for ReLU, ``·1[0 < z < 6]`` for ReLU6). The model is explained as
     used at inference: every module in eval mode for the call (Dropout off, BatchNorm with its running
     statistics), modes restored afterwards. ``train=True`` keeps the model's own modes; ``stats`` then
@@ -203,7 +204,7 @@ def gradient_cosine(
 ) -> torch.Tensor:
     """Per-sample ``cos(δx, δᴳx)`` over all C·H·W values, ``[B]`` (see :func:`cosine_similarity`).
 
-    The diagnostic of SPEC 1, measured on the model in eval mode (modes restored afterwards) unless
+    The diagnostic of docs/method.md §The loss, measured on the model in eval mode (modes restored afterwards) unless
     ``train=True`` (see :func:`gradient`). Raises :class:`~igrad.errors.IgradError` as :func:`gradient`.
     """
     res = input_gradients(model, x, target, stats=stats, allow=allow, train=train)

@@ -1,4 +1,4 @@
-"""The interpretable-gradient loss of SPEC 1: ``L = L_C + λ L_R``.
+"""The interpretable-gradient loss of docs/method.md §The loss: ``L = L_C + λ L_R``.
 
 ``L_R = (1/n) Σ_i E(δx_i, δᴳx_i)``: the error between each sample's standard input gradient ``δx_i``
 (differentiable in the parameters, by double backpropagation) and its guided gradient ``δᴳx_i``
@@ -9,7 +9,8 @@
     loss = F.cross_entropy(logits, y) + lam * l_r
     loss.backward()
 
-``fraction=ρ < 1`` (the sub-batch regulariser, SPEC 1) takes ``L_R`` over a seeded subset of ``⌈ρ n⌉`` samples
+``fraction=ρ < 1`` (the sub-batch regulariser, docs/method.md §The loss) takes ``L_R`` over a seeded subset of ``⌈ρ
+n⌉`` samples
 while ``logits`` (hence ``L_C``) cover the whole batch, so the regulariser's extra cost shrinks to about ρ of
 the full one.
 """
@@ -37,12 +38,14 @@ ErrorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: Error functions ``E(a, b) -> [B]`` over flattened per-sample gradients ``a, b`` of shape ``[B, D]``.
 ERRORS: dict[str, ErrorFn] = {}
 
-#: Default statistics mode for the regulariser's passes, chosen by measurement (SPEC 1): CIFAR ResNet-18
+#: Default statistics mode for the regulariser's passes, chosen by measurement (docs/method.md §The loss): CIFAR
+#: ResNet-18
 #: at 1/4 width, real CIFAR-100, 300 steps of 128, λ = 0.75, same seed: eval-mode test cos 0.886 with
 #: ``batch-frozen`` against 0.670 with ``running`` at equal accuracy (5.6 % vs 5.3 %; baseline 14.5 %,
 #: cos 0.112), and one forward pass instead of two. ``results/stats_mode.json``; README, "Decisions".
 DEFAULT_STATS = "batch-frozen"
-#: Default weight λ of the regulariser, chosen on a validation split as SPEC 1 asks (it deviates from the
+#: Default weight λ of the regulariser, chosen on a validation split as docs/method.md §The loss asks (it deviates from
+#: the
 #: paper's 7.5e-3, which with the mean over the batch had no effect): CIFAR ResNet-18 at 1/4 width, CIFAR-100,
 #: 10 % of the training set held out, 200 steps of 128, batch-frozen statistics. Validation accuracy /
 #: eval-mode cos: λ = 0: 11.1 % / 0.083; 7.5e-3: 11.9 % / 0.079 (no effect); 7.5e-2: 11.2 % / 0.221;
@@ -103,7 +106,7 @@ class GradientAlignmentLoss(nn.Module):
     """``L_R = (1/n) Σ_i E(δx_i, δᴳx_i)``; ``criterion(model, x, target) -> (l_r, logits)``.
 
     ``logits`` are the training-mode logits for the cross-entropy. How many forward passes that takes
-    depends on ``stats`` (SPEC 1, per-sample gradients with normalisation statistics held constant):
+    depends on ``stats`` (docs/method.md §The loss, per-sample gradients with normalisation statistics held constant):
 
     * ``"batch-frozen"``: **one** forward serves ``L_C`` and both gradients; the input-gradient passes
       hold that forward's batch statistics constant, ``loss.backward()`` still sees exact train-mode
@@ -116,10 +119,10 @@ class GradientAlignmentLoss(nn.Module):
 
     Parameters: ``error`` a name in :data:`ERRORS`; ``allow`` non-linearities without a guided rule to
     let through (see :mod:`igrad.rules`); ``fraction`` ρ in (0, 1], the sub-batch regulariser below;
-    ``score`` what the gradients are taken of: ``"logit"`` ``y_c`` (SPEC 1) or ``"prob"``
+    ``score`` what the gradients are taken of: ``"logit"`` ``y_c`` (docs/method.md §The loss) or ``"prob"``
     ``softmax(y)_c`` (an ablation; :data:`igrad.gradients.SCORES`).
 
-    **Sub-batch regulariser** (``fraction=ρ < 1``, SPEC 1): ``logits`` come from one ordinary training
+    **Sub-batch regulariser** (``fraction=ρ < 1``, docs/method.md §The loss): ``logits`` come from one ordinary training
     forward over the whole batch (``L_C`` on all ``n`` samples, exact train-mode BatchNorm, running
     statistics updated once), and ``L_R = (1/k) Σ_{i∈S} E(δx_i, δᴳx_i)`` over a subset ``S`` of
     ``k = ⌈ρ n⌉`` samples, whose gradients are taken on a second forward of ``x[S]`` alone. That forward

@@ -1,5 +1,6 @@
 """What a trained model is measured by besides its saliency maps: top-1 accuracy and the mean
-``cos(δx, δᴳx)`` (SPEC 1's diagnostic) on a data set. Training (after each epoch) and evaluation both
+``cos(δx, δᴳx)`` (the diagnostic of docs/method.md §The loss) on a data set. Training (after each epoch) and evaluation
+both
 measure through these functions; the model is always in eval mode for them (restored afterwards)."""
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def evaluate_accuracy(
 def gradient_cosine_sum(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500, allow: Sequence[str] = ()
 ) -> float:
-    """``Σ_i cos(δx_i, δᴳx_i)`` over the samples ``x`` for their ground-truth classes ``y`` (SPEC 1), in
+    """``Σ_i cos(δx_i, δᴳx_i)`` over the samples ``x`` for their ground-truth classes ``y`` (docs/method.md §The loss),
+    in
     batches of ``batch_size``, with ``model`` in eval mode (restored afterwards). A sum, so that shards of a
     data set (one per training process) add up; divide by the number of samples for the mean."""
     total = 0.0

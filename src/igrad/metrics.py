@@ -1,4 +1,4 @@
-"""Saliency metrics of SPEC 4: Average Drop / Gain / Increase and RISE insertion / deletion.
+"""Saliency metrics of docs/method.md §Metrics: Average Drop / Gain / Increase and RISE insertion / deletion.
 
 Notation: ``x`` the model's normalised input ``[B, C, H, W]``, ``raw`` its [0, 1] pixels (``x =
 norm(raw)``, :class:`igrad.normalization.Normalization`), ``S`` the saliency maps ``[B, H, W]``, ``c``
@@ -149,7 +149,7 @@ def blur_kernel(size: int = 11, sigma: float = 5.0) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
     """Each channel of ``x`` convolved with :func:`blur_kernel` (zero padding, same size): the
-    insertion substrate of SPEC 4 (RISE), applied to the normalised image."""
+    insertion substrate of docs/method.md §Metrics (RISE), applied to the normalised image."""
     c = x.shape[1]
     k = blur_kernel(size, sigma).to(device=x.device, dtype=x.dtype)
     return F.conv2d(x, k.expand(c, 1, size, size), padding=size // 2, groups=c)
@@ -344,7 +344,7 @@ def confidence_metrics(
     std: Sequence[float] | None = None,
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample ``p``, ``o``, ``ad``, ``ag``, ``ai`` (SPEC 4), each a float tensor ``[B]`` on CPU.
+    """Per-sample ``p``, ``o``, ``ad``, ``ag``, ``ai`` (docs/method.md §Metrics), each a float tensor ``[B]`` on CPU.
 
     ``p = softmax(f(x))_c``, ``o = softmax(f(norm(raw ⊙ S)))_c`` (``S`` ``[B, H, W]`` in [0, 1],
     broadcast over channels, multiplies the raw [0, 1] pixels); ``p`` and ``o`` are probabilities.
@@ -503,7 +503,7 @@ def deletion(
     pixels: str = "normalised",
     logits: torch.Tensor | None = None,
 ) -> CurveResult:
-    """RISE deletion (SPEC 4): per sample, the scores ``a_k`` of ``x`` with its ``min(k·s, HW)`` most
+    """RISE deletion (docs/method.md §Metrics): per sample, the scores ``a_k`` of ``x`` with its ``min(k·s, HW)`` most
     salient pixels (decreasing ``S``, ties by position, all channels) replaced by the substrate
     (default ``zero``: 0 in normalised space), ``k = 0..n``, ``n = ceil(HW/s)``, ``s = step`` (default:
     the image width). Returns ``(auc, curves)``: ``auc = (Σa − a₀/2 − a_n/2)/n·100`` ``[B]`` (lower is
@@ -531,7 +531,7 @@ def insertion(
     pixels: str = "normalised",
     logits: torch.Tensor | None = None,
 ) -> CurveResult:
-    """RISE insertion (SPEC 4): per sample, the scores ``a_k`` of the substrate (default ``blur``:
+    """RISE insertion (docs/method.md §Metrics): per sample, the scores ``a_k`` of the substrate (default ``blur``:
     :func:`gaussian_blur` of the normalised image, 11×11, σ = 5, zero padding) with the
     ``min(k·s, HW)`` most salient pixels of ``x`` put back, ``k = 0..n``. Same ranking, steps, scores
     and AUC as :func:`deletion`; higher is better. Returns ``(auc, curves)``.
@@ -583,7 +583,7 @@ def compute_metrics(
     substrates: tuple[str | SubstrateFn, str | SubstrateFn] = ("blur", "zero"),
     score: str | ScoreFn = "prob",
 ) -> MetricResults:
-    """The metrics named in ``metrics`` (see :data:`METRICS`) for one batch, with SPEC 4 defaults;
+    """The metrics named in ``metrics`` (see :data:`METRICS`) for one batch, with docs/method.md §Metrics defaults;
     ``substrates``: insertion's and deletion's (:data:`SUBSTRATES`); ``score``: the curves' points
     (:data:`SCORES`; AD/AG/AI always use the probability). The images (validated and
     forwarded once for all the metrics) as in :func:`clean_forward`, or a :class:`CleanBatch`."""

@@ -1,6 +1,7 @@
 """Per-channel input normalisation as one object: ``x = (raw − mean) / std`` and back.
 
-A model sees normalised images; the masking metrics (SPEC 4) and the figures need the raw [0, 1] pixels.
+A model sees normalised images; the masking metrics (docs/method.md §Metrics) and the figures need the raw [0, 1]
+pixels.
 :class:`Normalization` holds the per-channel ``mean`` and ``std`` (validated once), turns stored images
 (uint8, uint16 or float in [0, 1]) into the model's input (:meth:`Normalization.apply`) and normalised
 images back into raw pixels (:meth:`Normalization.invert`). A checkpoint stores it as ``config["mean"]``
@@ -92,7 +93,7 @@ class Normalization:
         return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
-#: The training sets' per-channel normalisations (SPEC 2).
+#: The training sets' per-channel normalisations (docs/method.md §Networks and recipes).
 NORMALIZATIONS: dict[str, Normalization] = {
     "cifar100": Normalization((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "cifar10": Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

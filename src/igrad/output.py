@@ -1,4 +1,4 @@
-"""The model-output contract (SPEC 4): every igrad entry point runs the model on images through
+"""The model-output contract (docs/method.md §Metrics): every igrad entry point runs the model on images through
 :func:`model_logits`, which needs **logits** ``[B, num_classes]`` (pre-softmax).
 
 * A forward that raises keeps its own exception, with a note naming the model and the input

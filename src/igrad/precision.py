@@ -1,4 +1,4 @@
-"""Mixed precision and memory layout for training and evaluation (issue 12): bf16 autocast on the CPU as on
+"""Mixed precision and memory layout for training and evaluation: bf16 autocast on the CPU as on
 the GPU, and channels-last.
 
 The backward rules (:mod:`igrad.rules`) keep every pass of the regulariser in the autocast precision and in

@@ -1,5 +1,5 @@
 """Reports, rendered in one place: the Markdown tables, CSV and curve figure of an evaluation
-(:func:`write_report`), the side-by-side comparison of SPEC 5 (:func:`compare_table`,
+(:func:`write_report`), the side-by-side comparison of docs/method.md §The reproduction table (:func:`compare_table`,
 :func:`write_comparison`), and the Markdown reports of ``igrad reproduce`` and its ablation
 (:func:`reproduce_markdown`, :func:`ablation_markdown`). Nothing here computes a number: the values come
 from :mod:`igrad.evaluate` and :mod:`igrad.reproduce`.
@@ -181,7 +181,8 @@ def compare_table(
     labels: tuple[str, str] = ("baseline", "regularised"),
     ci: str = "normal",
 ) -> str:
-    """SPEC 5 side by side, in Markdown: accuracy and mean cos, then per method each metric for the
+    """The reproduction table (docs/method.md) side by side, in Markdown: accuracy and mean cos, then per method each
+    metric for the
     baseline and regularised; the better value of each pair in bold, ``*`` where the paired 95% interval of
     the difference excludes 0 (same images; ``ci`` as in :func:`igrad.evaluate.compare_results`), ``†``
     where it stays significant after Holm's correction over the table's cells."""
@@ -287,7 +288,7 @@ def _reproduce_header(report: Mapping[str, Any]) -> list[str]:
     return [
         f"# igrad reproduce: preset `{report['preset']}`",
         "",
-        "The paper's claim (SPEC 5): the regularised models improve most interpretability metrics for two "
+        "The paper's claim (docs/method.md): the regularised models improve most interpretability metrics for two "
         "networks while staying within a small margin of the standard model's accuracy. Below, the baseline and "
         "the regularised model of each network, trained from the same seed with the same recipe, differ only in "
         "λ"
@@ -325,7 +326,8 @@ def _accuracy_sentence(stats: Mapping[str, Any] | None, acc_b: float | None, acc
 def _versus_lines(
     name: str, versus: Mapping[str, Any], base: Mapping[str, Any], other: Mapping[str, Any], base_name: str = "baseline"
 ) -> list[str]:
-    """The SPEC 5 table of one model (``name``) against its reference (``base_name``: the baseline, or a
+    """The reproduction table (docs/method.md) of one model (``name``) against its reference (``base_name``: the
+    baseline, or a
     fine-tuned model's control) and the sentence under it: cells won (raw, paired interval, Holm), accuracy
     with intervals, mean cos."""
     w = versus["wins"]
@@ -454,7 +456,8 @@ def _weights_lines(entry: Mapping[str, Any], report: Mapping[str, Any]) -> list[
 
 
 def _network_section(net: str, entry: Mapping[str, Any], out: Path, report: Mapping[str, Any]) -> list[str]:
-    """One network of the reproduction: its SPEC 5 table, the fine-tuned models' (:func:`_fine_tuning_lines`),
+    """One network of the reproduction: its reproduction table (docs/method.md), the fine-tuned models'
+    (:func:`_fine_tuning_lines`),
     the runs, the weights, curves and figure."""
     runs = entry["runs"]
     lines = [f"## {net}", "", *_made_by_lines(entry.get("made_by"))]
@@ -652,7 +655,8 @@ def terminal_summary(report: Mapping[str, Any], out: Path) -> str:
 
 
 def reproduce_markdown(report: Mapping[str, Any], out: Path) -> str:
-    """``report.md`` of :func:`igrad.reproduce.reproduce`: the claim, per network its SPEC 5 table and
+    """``report.md`` of :func:`igrad.reproduce.reproduce`: the claim, per network its reproduction table
+    (docs/method.md) and
     figure, the ablation's choice (when run), the configuration, machine and versions."""
     lines = _reproduce_header(report)
     for net, entry in report["networks"].items():

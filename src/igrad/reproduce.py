@@ -1,11 +1,12 @@
-"""The paper's experiment end to end (SPEC 5): ``igrad reproduce``.
+"""The paper's experiment end to end (docs/method.md §The reproduction table): ``igrad reproduce``.
 
 For each network, :func:`reproduce` trains the baseline (``λ = 0``) and the regularised model
 (``λ > 0``, ``L = L_C + λ L_R``) from the same seed with :func:`igrad.train.fit`, evaluates every
 saliency method with every metric on the same seeded test subset (:func:`igrad.evaluate.evaluate_checkpoint`
 on the final weights ``last.pt``: no checkpoint is chosen on the test split), and writes into ``out``:
 
-* ``report.md``: per network, the SPEC 5 table (:func:`igrad.evaluate.compare_table`: accuracy, mean
+* ``report.md``: per network, the reproduction table (docs/method.md) (:func:`igrad.evaluate.compare_table`: accuracy,
+mean
   ``cos(δx, δᴳx)``, each method × metric for both models, the better value in bold, ``*`` where the
   paired 95% interval excludes 0), a count of the cells the regularised model wins, the exact command,
   the configs, machine and versions, and wall times;
@@ -99,7 +100,7 @@ __all__ = [
 
 #: The two networks of the paper's table.
 NETWORKS = ("cifar_resnet18", "cifar_mobilenet_v2")
-#: λ values of the ablation (SPEC 5 / issue 6).
+#: λ values of the ablation (docs/method.md §The reproduction table).
 ABLATION_LAMBDAS = (0.0, 7.5e-4, 7.5e-3, 7.5e-2, 0.75)
 #: Settings that choose the arithmetic, not the experiment: bf16 autocast (``amp``) in training and in evaluation
 #: (the ``cpu`` recipe's bf16, or float32 with ``--no-amp`` where bf16 would be emulated). A report may
@@ -120,11 +121,11 @@ _EVAL_DEFAULTS: dict[str, Any] = {"limit": 500}
 #: ``lam`` with the ``train`` overrides (fresh optimiser and schedule), compared with the baseline like the
 #: regularised model.
 #:
-#: ``paper`` (a GPU): SPEC 2's recipe as is (200 epochs, MultiStep 60/120/160, full width), all
+#: ``paper`` (a GPU): the paper-scale recipe as is (docs/method.md §Networks and recipes) (200 epochs, MultiStep
+#: 60/120/160, full width), all
 #: methods and metrics on a seeded 2 000-image test subset; its ablation trains 20 epochs per setting.
 #:
-#: ``cpu`` (issue 14; one network per working session of a 2-core machine, ``--jobs 2 --threads 1
-#: --networks NAME``: the report keeps the other network from an earlier call): the ``cpu`` training recipe as
+#: ``cpu``: the ``cpu`` training recipe as
 #: is (:data:`igrad.train.PRESETS`: 24 epochs, 1/2 width, bf16 + channels-last, ρ = 0.25; ResNet-18 about 52
 #: and 78 min, MobileNet-V2 about 90 min a model on one thread each, side by side, with bf16 units; in float32
 #: on a 2-core AMD Zen 3 without them, ``--no-amp``, MobileNet-V2 takes about 9 (baseline) and 10.5
@@ -214,7 +215,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 #: What each preset's report can and cannot show, printed under the paper's claim (:func:`igrad.report.
 #: reproduce_markdown`); kept out of the settings, which decide whether an earlier report's networks carry over.
 SCOPES: dict[str, str] = {
-    "paper": "SPEC 2's budget: 200 epochs at full width, the scale of the paper's own table.",
+    "paper": "the paper-scale budget: 200 epochs at full width, the scale of the paper's own table.",
     "cpu": (
         "A reduced budget that fits a 2-core CPU (by its defaults 24 epochs at 1/2 width, λ chosen on a validation "
         "split); "
@@ -584,7 +585,8 @@ def _comparison(
     out: Path,
 ) -> dict[str, Any]:
     """The baseline and the regularised model of ``net`` side by side: the comparison (also written to
-    ``eval/<net>/compare.{md,json}``), the cells won, the SPEC 5 table, the qualitative figure and the curves'
+    ``eval/<net>/compare.{md,json}``), the cells won, the reproduction table (docs/method.md), the qualitative figure
+    and the curves'
     files; with fine-tuned models, the first seed's against the baseline under ``FINETUNED`` (also written to
     ``eval/<net>/compare-fine-tuned.{md,json}``) and, with their controls, each against its control under
     ``"fine-tuning"`` (:func:`_fine_tuning`); the figure gets a row per image for the fine-tuned model and its
@@ -699,7 +701,8 @@ def _versus(
     base: Mapping[str, Any], other: Mapping[str, Any], labels: tuple[str, str], settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """One model (``other``) against a reference (``base``: the baseline, or a fine-tuned model's control): the
-    comparison, the cells won, the accuracies' statistics and the SPEC 5 table (columns headed ``labels``)."""
+    comparison, the cells won, the accuracies' statistics and the reproduction table (docs/method.md) (columns headed
+    ``labels``)."""
     comparison = compare_results(base, other, ci=settings["evaluate"]["ci"])
     return {
         "comparison": comparison,

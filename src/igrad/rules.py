@@ -4,22 +4,22 @@ A :class:`BackwardRules` context records a forward pass whose backward rules are
 *pass* (a :class:`Phase`), so that a single recorded forward graph serves the guided gradient, the
 standard gradient (with ``create_graph=True``) and the final ``loss.backward()``:
 
-* **Guided rectifier rule** (SPEC 1). ReLU ``a = max(z, 0)``: ``δz = max(δa, 0) · 1[z > 0]``;
+* **Guided rectifier rule** (docs/method.md §The loss). ReLU ``a = max(z, 0)``: ``δz = max(δa, 0) · 1[z > 0]``;
   ReLU6 ``a = min(max(z, 0), 6)``: ``δz = max(δa, 0) · 1[0 < z < 6]`` in the guided pass, and the
   ordinary ``δz = δa · mask`` otherwise. The mask is saved as a boolean constant, so the standard
   pass's recorded graph does not lead back into the forward graph.
-* **BatchNorm statistics rule** (SPEC 1, "statistics held constant"). In the input-gradient passes
+* **BatchNorm statistics rule** (docs/method.md §The loss, "statistics held constant"). In the input-gradient passes
   ``δx = δy · γ / sqrt(σ² + ε)`` with the statistics constant (per-sample gradients): the batch
   statistics of this forward (``batch-frozen``) or the running ones (``running``). In
   ``loss.backward()`` the exact backward of the normalisation that ran (train-mode for
   ``batch-frozen``, so the cross-entropy gets its true gradient).
 * **Convolution double backward**: for the standard pass taken with ``create_graph=True`` a cheaper
   exact double backward built on the native weight-gradient kernel (see :class:`_Conv2d`).
-* **Reduced precision and layout** (issue 12): under autocast every pass stays in the autocast dtype
+* **Reduced precision and layout**: under autocast every pass stays in the autocast dtype
   (convolutions cast as autocast does; the BatchNorm rule scales in the gradient's dtype) and in the
   tensors' own memory layout; the input gradient of a strided grouped convolution in bf16/fp16 on the
   CPU, a slow native fallback, goes through the exact stride-1 route of :func:`strided_input_grad`.
-* **Recorded statistics** (the sub-batch regulariser, SPEC 1): a ``batch-frozen`` forward records its
+* **Recorded statistics** (the sub-batch regulariser, docs/method.md §The loss): a ``batch-frozen`` forward records its
   batch statistics (:attr:`BackwardRules.statistics`); a forward of a subset of that batch replays them
   as constants (``statistics=``).
 
@@ -77,7 +77,7 @@ __all__ = [
     "BackwardRules",
 ]
 
-#: Statistics modes for the regulariser's input-gradient passes (SPEC 1).
+#: Statistics modes for the regulariser's input-gradient passes (docs/method.md §The loss).
 STATS_MODES = ("running", "batch-frozen", "coupled")
 
 _PASS_BUT_CONV2D = PASS - {F.conv2d}
@@ -100,7 +100,7 @@ class _State:
     parameter_path: bool = True
 
 
-#: What a refused soft-max most often means: the model returns probabilities (SPEC 4 needs logits).
+#: What a refused soft-max most often means: the model returns probabilities (docs/method.md §Metrics needs logits).
 _PROBABILITY_HINTS = {
     name: f" If the model's forward ends in {name}, it returns {kind}: igrad needs logits (pre-softmax), so "
     f"remove the final {name} from the model (or wrap it in a module that returns the layer before it)."
@@ -143,7 +143,8 @@ class BackwardRules(TorchFunctionMode):
         it do): ``loss.backward()`` then skips the forward graph, whose contribution is exactly zero.
     statistics:
         the batch statistics another ``batch-frozen`` forward recorded (its :attr:`statistics`), for a
-        forward on a *subset* of that batch (the sub-batch regulariser, SPEC 1): the k-th training-mode
+        forward on a *subset* of that batch (the sub-batch regulariser, docs/method.md §The loss): the k-th
+        training-mode
         normalisation normalises with the k-th recorded ``(μ, 1/sqrt(σ² + ε))`` as constants (no
         statistics update), so the subset's passes hold the whole batch's statistics constant. Requires
         ``stats="batch-frozen"``; a forward that normalises more often, or other channel counts, than the

@@ -2,7 +2,7 @@
 Holm correction for many comparisons, and the binomial (Wilson) interval of an accuracy.
 
 Used by :mod:`igrad.evaluate` (every metric cell, the paired differences of two models) and the reports
-(issue 14: clearly better cells counted after a multiple-comparison correction, accuracy with its interval).
+.
 Plain float64 arithmetic; the normal quantile is :class:`statistics.NormalDist`'s.
 """
 

@@ -1,7 +1,8 @@
-"""Measure saliency methods on a trained checkpoint with the metrics of SPEC 4 (AD, AG, AI, insertion,
+"""Measure saliency methods on a trained checkpoint with the metrics of docs/method.md §Metrics (AD, AG, AI, insertion,
 deletion), on a fixed seeded subset of the test split, and write results.json, results.csv,
 results.md and curves.png into --out. With --compare BASELINE REGULARISED, both checkpoints are
-evaluated on the same images and compare.md puts them side by side (SPEC 5), the better value of each
+evaluated on the same images and compare.md puts them side by side (docs/method.md §The reproduction table), the better
+value of each
 cell in bold. Every evaluation setting (igrad.evaluate.EvalConfig) is a flag. Finished chunks are kept
 in OUT/.partial/ until the end: a killed evaluation started again with the same arguments continues
 where it stopped.

@@ -1,10 +1,11 @@
-"""Reproduce the paper's experiment (SPEC 5): for each network, train the baseline (λ = 0) and the
+"""Reproduce the paper's experiment (docs/method.md §The reproduction table): for each network, train the baseline (λ =
+0) and the
 regularised model, evaluate every saliency method with every metric on the same seeded test subset,
 and write OUT/report.md (the side-by-side tables, accuracy, mean cos(δx, δᴳx), commands, config,
 machine, wall time), OUT/results.json, the insertion/deletion curves and the qualitative figure.
 A second call reuses finished runs and evaluations; an interrupted run resumes.
 
-presets: paper (SPEC 2 recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
+presets: paper (the paper-scale recipe, 200 epochs, full width: a GPU), cpu (one network in about 1.5 to 2
 hours on 2 cores with native bf16, AVX512-BF16 or AMX; without them --no-amp, float32, about 5.5-6 hours
 for MobileNet-V2: an interrupted call resumes from the run folders under OUT; a third model fine-tunes the
 baseline with L_R),

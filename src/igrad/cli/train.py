@@ -1,4 +1,5 @@
-"""Train a network with the interpretable-gradient loss L = L_C + lam * L_R (SPEC 1-2).
+"""Train a network with the interpretable-gradient loss L = L_C + lam * L_R (docs/method.md §The loss, §Networks and
+recipes).
 
 The defaults are the paper-scale recipe (--preset paper); --preset cpu is the reduced budget for
 machines without a GPU. Every config field is a flag; precedence: preset < --config FILE.toml < flags.

@@ -1,6 +1,7 @@
 """Networks behind one registry (timm style): ``create_model(name, num_classes=..., **kw)``.
 
-* ``cifar_resnet18``: CIFAR ResNet-18 (SPEC 2): 3×3 stride-1 stem, no max-pool, basic blocks
+* ``cifar_resnet18``: CIFAR ResNet-18 (docs/method.md §Networks and recipes): 3×3 stride-1 stem, no max-pool, basic
+blocks
   [2, 2, 2, 2] of widths 64·w, 128·w, 256·w, 512·w, global average pool, linear head.
 * ``cifar_mobilenet_v2``: torchvision's MobileNet-V2 (ReLU6, the standard inverted-residual table)
   adapted to 32×32 inputs: stem stride 1 and stride 1 in the second stage.
@@ -8,7 +9,7 @@
   ``weights=`` passed to torchvision (fine-tuning: the head is replaced when ``num_classes`` differs).
 
 The registry carries each model's metadata (:class:`ModelInfo`, :func:`model_info`): its default saliency
-target layer (SPEC 3: the last convolutional stage) and the input size it is made for.
+target layer (docs/method.md §Saliency methods: the last convolutional stage) and the input size it is made for.
 :func:`default_target_layer` answers for a model instance: the registry's entry for a model
 :func:`create_model` built, else the layer a model built elsewhere declares (a class attribute or
 property ``igrad_target_layer``), else torchvision's conventions. :func:`layer_layout` knows how the
@@ -225,7 +226,8 @@ def inner_name(model: nn.Module, name: str) -> str:
 
 
 def default_target_layer(model: nn.Module) -> str:
-    """Dotted name in ``model`` of the default saliency target layer (SPEC 3: the last spatial stage, the one
+    """Dotted name in ``model`` of the default saliency target layer (docs/method.md §Saliency methods: the last
+    spatial stage, the one
     global pooling reads).
 
     The registry's (:func:`model_info`) for a model :func:`create_model` built; else the ``igrad_target_layer``

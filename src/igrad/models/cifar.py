@@ -1,4 +1,4 @@
-"""The CIFAR networks of SPEC 2, assembled from torchvision's own building blocks."""
+"""The CIFAR networks of docs/method.md §Networks and recipes, assembled from torchvision's own building blocks."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class CifarResNet(nn.Module):
 
 @register_model("cifar_resnet18", default_target_layer="layer4", input_size=(3, 32, 32))
 def cifar_resnet18(num_classes: int = 100, width: float = 1.0) -> nn.Module:
-    """CIFAR ResNet-18 of SPEC 2 with width multiplier ``width``."""
+    """CIFAR ResNet-18 of docs/method.md §Networks and recipes with width multiplier ``width``."""
     return CifarResNet(num_classes=num_classes, width=width)
 
 

@@ -1,4 +1,4 @@
-"""Saliency methods of SPEC 3 behind one registry and one call shape::
+"""Saliency methods of docs/method.md §Saliency methods behind one registry and one call shape::
 
     from igrad.saliency import create_method
     with create_method("gradcam", model) as m:          # target_layer=None: the model's default layer

@@ -1,4 +1,4 @@
-"""The saliency base class, its registry, and the steps every method shares (SPEC 3).
+"""The saliency base class, its registry, and the steps every method shares (docs/method.md §Saliency methods).
 
 Every method is called the same way::
 
@@ -63,7 +63,7 @@ __all__ = [
     "progress_bar",
 ]
 
-#: Saliency methods by name, in the order of SPEC 3 (feeds the CLI's choices).
+#: Saliency methods by name, in the order of docs/method.md §Saliency methods (feeds the CLI's choices).
 METHODS: dict[str, type[SaliencyMethod]] = {}
 
 

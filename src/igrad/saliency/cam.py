@@ -1,4 +1,5 @@
-"""The CAM family (SPEC 3): each method only computes its channel weights ``w [B, K]`` (or its map).
+"""The CAM family (docs/method.md §Saliency methods): each method only computes its channel weights ``w [B, K]`` (or
+its map).
 
 Notation: ``A_k`` the k-th channel ``[h, w]`` of the target layer's activation, ``g_k = ∂y_c/∂A_k``
 (the logit of the target class, pre-softmax), ``S = Σ_k w_k A_k``. Every map except ``cam`` is then
@@ -8,16 +9,17 @@ normalised by :class:`~igrad.saliency.base.SaliencyMethod`.
 Differences of definition from pytorch-grad-cam 1.5.7 (``pytorch_grad_cam``), all deliberate:
 
 * min-max normalisation: theirs is ``(S − min) / (max − min + 1e-7)`` (twice: before their cv2 resize
-  and after); ours is exact (SPEC 3), 0 for a constant map. They differ by a relative ``1e-7/(max − min)``.
+  and after); ours is exact (docs/method.md §Saliency methods), 0 for a constant map. They differ by a relative
+  ``1e-7/(max − min)``.
 * ``gradcam++``: theirs adds ``1e-6`` to the denominator of ``a_kij`` (it matters: gradients of a
-  network are often ~1e-3, so ``g² ≈ 1e-6``); ours is the SPEC formula, ``eps=0`` by default
+  network are often ~1e-3, so ``g² ≈ 1e-6``); ours is the formula of docs/method.md, ``eps=0`` by default
   (``GradCAMPlusPlus(eps=1e-6)`` reproduces theirs).
 * ``scorecam``: theirs upsamples the masks with ``nn.UpsamplingBilinear2d`` (``align_corners=True``)
   and normalises them with ``+1e-8``; ours upsamples like every map (``align_corners=False``)
   (``ScoreCAM(mask_align_corners=True)`` reproduces theirs). They score each image's masks in
   batches of 16 (a Python loop per image); ours packs the masks of all images into full batches.
 * ``ablationcam``: theirs replaces an ablated channel by 0 if the minimum of the *whole ablation batch*
-  is 0, else by ``min − 1e7``; ours always zeroes it (SPEC). Same result for post-ReLU layers. Theirs
+  is 0, else by ``min − 1e7``; ours always zeroes it (docs/method.md). Same result for post-ReLU layers. Theirs
   re-runs the whole network for every ablation; ours runs only the layers after the target layer
   (:mod:`igrad.saliency.tracing`).
 * ``cam``: not in pytorch-grad-cam; no ReLU (Zhou et al.'s class activation map is signed).
@@ -222,7 +224,7 @@ class CAMMethod(SaliencyMethod):
 
     def _warn_single_pixel(self, activation: torch.Tensor, size: tuple[int, ...]) -> None:
         """Warn (once per method object) when the target layer's maps are 1×1: every map ``Σ_k w_k A_k`` is
-        then constant, and constant maps are 0 (SPEC 3), whatever the image."""
+        then constant, and constant maps are 0 (docs/method.md §Saliency methods), whatever the image."""
         if self._warned_single_pixel or activation.shape[-2:].numel() != 1:
             return
         self._warned_single_pixel = True
@@ -305,7 +307,7 @@ class GradCAM(CAMMethod):
 @register_method("gradcam++")
 class GradCAMPlusPlus(CAMMethod):
     """Grad-CAM++: ``a_kij = g² / (2g² + (Σ_ij A_k) g³ + eps)`` (0 where ``g = 0`` or the denominator is
-    0), ``w_k = Σ_ij a_kij ReLU(g_kij)``, ``S = ReLU(Σ_k w_k A_k)``. ``eps=0`` is the SPEC formula;
+    0), ``w_k = Σ_ij a_kij ReLU(g_kij)``, ``S = ReLU(Σ_k w_k A_k)``. ``eps=0`` is the formula of docs/method.md;
     ``eps=1e-6`` is pytorch-grad-cam's."""
 
     def __init__(

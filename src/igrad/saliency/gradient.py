@@ -1,11 +1,13 @@
-"""The gradient family (SPEC 3), on the core engine :func:`igrad.gradient` / :func:`igrad.input_gradients`.
+"""The gradient family (docs/method.md §Saliency methods), on the core engine :func:`igrad.gradient` /
+:func:`igrad.input_gradients`.
 
 Each method has a signed attribution ``[B, C, H, W]`` (:meth:`~SaliencyMethod.attribute`), shown with a
 diverging colour map; its saliency map (for display and metrics) is ``max_channel |attribution|``,
 min-max normalised per image.
 
 * ``gradient``: ``δx = ∂y_c/∂x``.
-* ``guided``: ``δᴳx``, guided backpropagation (ReLU and ReLU6 rules of SPEC 1), exactly the core engine's.
+* ``guided``: ``δᴳx``, guided backpropagation (ReLU and ReLU6 rules of docs/method.md §The loss), exactly the core
+engine's.
 * ``smoothgrad``: ``(1/n) Σ_j δx(x + ε_j)``, ``ε_j ~ N(0, σ²)``, ``σ = 0.15 · (max x − min x)`` per image;
   the class is resolved once on the clean image; each image's noise is seeded by its own values
   (:func:`noise_seed`), so its map does not depend on the rest of its batch.
@@ -69,7 +71,8 @@ class Gradient(GradientMethod):
 
 @register_method("guided")
 class Guided(GradientMethod):
-    """The guided-backpropagation input gradient ``δᴳx`` of SPEC 1 (:func:`igrad.gradient` with ``guided=True``)."""
+    """The guided-backpropagation input gradient ``δᴳx`` of docs/method.md §The loss (:func:`igrad.gradient` with
+    ``guided=True``)."""
 
     def _attribute(self, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
         return gradient(self.model, x, target, guided=True, allow=self.allow)

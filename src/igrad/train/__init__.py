@@ -1,7 +1,8 @@
-"""Training with the interpretable-gradient loss (SPEC 1-2): ``L = L_C + λ L_R``.
+"""Training with the interpretable-gradient loss (docs/method.md §The loss, §Networks and recipes): ``L = L_C + λ L_R``.
 
 One module per concept: :mod:`~igrad.train.config` (:class:`TrainConfig`, presets, TOML),
-:mod:`~igrad.train.augment` (SPEC 2's augmentation, per sample), :mod:`~igrad.train.distributed`
+:mod:`~igrad.train.augment` (the augmentation of docs/method.md §Networks and recipes, per sample),
+:mod:`~igrad.train.distributed`
 (several processes), :mod:`~igrad.train.finetune` (starting from a checkpoint's weights),
 :mod:`~igrad.train.trainer` (:func:`fit`, the run folder, resuming). The data of a
 run (splits, validation hold-out, the fixed cos subset) is :mod:`igrad.data`'s; accuracy and mean

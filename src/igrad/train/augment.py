@@ -1,4 +1,5 @@
-"""SPEC 2's training augmentation, drawn per sample and applied to a whole batch at once."""
+"""The training augmentation of docs/method.md §Networks and recipes, drawn per sample and applied to a whole batch at
+once."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def augment(
     rotation: float = 15.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """SPEC 2 augmentation, independently per sample, on a uint8 (or uint16) batch ``[B, C, H, W]``;
+    """The augmentation of docs/method.md §Networks and recipes, independently per sample, on a uint8 (or uint16) batch
+    ``[B, C, H, W]``;
     float32 in ``[0, 1]`` out.
 
     Equal, sample by sample, to torchvision's ``RandomCrop((H, W), padding)`` (zero fill), then

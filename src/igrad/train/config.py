@@ -78,10 +78,11 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every choice of a training run. Defaults are the paper-scale recipe (SPEC 2, preset ``paper``);
+    """Every choice of a training run. Defaults are the paper-scale recipe (docs/method.md §Networks and recipes,
+    preset ``paper``);
     :meth:`preset` gives the reduced-budget ``cpu`` one. Lists are written comma-separated on the CLI."""
 
-    preset: str = _f("paper", "recipe the defaults come from (paper: SPEC 2; cpu: reduced budget)")
+    preset: str = _f("paper", "recipe the defaults come from (paper: the paper-scale recipe; cpu: reduced budget)")
     # what to train
     model: str = _f("cifar_resnet18", "network: a registered name or tv:<torchvision name>")
     width: float | None = _f(None, "width multiplier of the CIFAR networks (default: the model's, 1.0)")
@@ -101,7 +102,7 @@ class TrainConfig:
     )
     normalization: str = _f(
         "cifar100",
-        "normalisation of an image folder: cifar100 (SPEC 2), cifar10, imagenet, or data (computed from its "
+        "normalisation of an image folder: cifar100 (docs/method.md), cifar10, imagenet, or data (computed from its "
         "training split); --data cifar10/cifar100 always use their own",
     )
     mean: list[float] | None = _f(None, "normalisation mean per channel (overrides --normalization; with --std)")
@@ -113,9 +114,12 @@ class TrainConfig:
     stats: str = _f(DEFAULT_STATS, "BatchNorm statistics of the regulariser's gradient passes")
     allow: list[str] = _f([], "non-linearities without a guided rule to let through (e.g. silu)")
     reg_score: str = _f(
-        "logit", "what L_R's gradients are taken of: logit (SPEC 1) or prob (its softmax probability, an ablation)"
+        "logit",
+        "what L_R's gradients are taken of: logit (docs/method.md) or prob (its softmax probability, an ablation)",
     )
-    reg_fraction: float = _f(1.0, "fraction ρ of each batch L_R is computed on (L_C on the whole batch; SPEC 1)")
+    reg_fraction: float = _f(
+        1.0, "fraction ρ of each batch L_R is computed on (L_C on the whole batch; docs/method.md)"
+    )
     # optimisation
     epochs: int = _f(200, "number of epochs")
     batch_size: int = _f(128, "global batch size (split between the processes)")
@@ -131,7 +135,7 @@ class TrainConfig:
     gamma: float = _f(0.2, "multistep factor")
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (per step)")
     steps_per_epoch: int = _f(0, "cap on the steps of an epoch (0: one full pass over the training set)")
-    # augmentation (SPEC 2)
+    # augmentation (docs/method.md §Networks and recipes)
     crop_padding: int = _f(4, "RandomCrop padding (0: no crop)")
     flip: bool = _f(True, "random horizontal flip")
     rotation: float = _f(15.0, "RandomRotation range in degrees (0: none)")
@@ -255,8 +259,9 @@ class TrainConfig:
             )
 
 
-#: Presets: overrides of the :class:`TrainConfig` defaults. ``paper`` is SPEC 2's paper-scale recipe;
-#: ``cpu`` the reduced budget for machines without an accelerator (issue 13): the same optimiser (SGD 0.1,
+#: Presets: overrides of the :class:`TrainConfig` defaults. ``paper`` is the paper-scale recipe (docs/method.md
+#: §Networks and recipes);
+#: ``cpu`` the reduced budget for machines without an accelerator: the same optimiser (SGD 0.1,
 #: momentum 0.9, weight decay 5e-4, batch 128), augmentation and one-epoch warm-up, then 24 epochs of a
 #: cosine schedule (the schedule that gets most out of a short budget), label smoothing 0.1 (the usual
 #: short-schedule CIFAR aid: about a point of top-1, it touches only L_C), networks at 1/2 width (1/4 width

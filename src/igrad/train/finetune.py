@@ -1,4 +1,4 @@
-"""Fine-tuning (SPEC 2): a run that starts from the weights of a trained igrad checkpoint
+"""Fine-tuning (docs/method.md §Networks and recipes): a run that starts from the weights of a trained igrad checkpoint
 (``TrainConfig.init``, ``igrad train --init CKPT``).
 
 Only the checkpoint's model state is taken (parameters and BatchNorm buffers), loaded with

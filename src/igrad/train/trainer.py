@@ -1,11 +1,13 @@
-"""The trainer (SPEC 1-2): :func:`fit` trains with the interpretable-gradient loss ``L = L_C + λ L_R``.
+"""The trainer (docs/method.md §The loss, §Networks and recipes): :func:`fit` trains with the interpretable-gradient
+loss ``L = L_C + λ L_R``.
 
 One call, :func:`fit`, trains any registered network on CIFAR-10/100 (torchvision) or an image folder
 (``train/`` and ``test/`` or ``val/``), held in memory as uint8 tensors (uint16 for 16-bit images;
 :func:`igrad.data.load_split`).
 Per step, on a global batch ``B`` of training images:
 
-* augmentation, per sample (SPEC 2): ``RandomCrop(H, padding=4)`` (zero fill), horizontal flip with
+* augmentation, per sample (docs/method.md §Networks and recipes): ``RandomCrop(H, padding=4)`` (zero fill), horizontal
+flip with
   probability 1/2, ``RandomRotation(15)`` (nearest, zero fill); then ``x = (raw/255 − mean) / std``;
 * ``L_C`` the cross-entropy of the training-mode logits; ``L_R`` from
   :class:`igrad.GradientAlignmentLoss` (not computed at all when ``λ = 0``);
