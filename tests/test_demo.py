@@ -27,6 +27,7 @@ def test_configs_are_the_recipe_then_a_fine_tuning_of_the_baseline(tmp_path):
     assert set(base.to_dict()) - same == {"lam", "init", "out", "lr", "epochs", "steps_per_epoch", "warmup_epochs"}
 
 
+@pytest.mark.slow
 def test_run_demo_and_cli(tmp_path, capsys):
     data = write_folder(tmp_path / "data")
     tiny = dict(width=0.125, epochs=1, batch_size=8, cos_samples=8, threads=1)

@@ -239,6 +239,7 @@ def _numbers(res: dict) -> dict:
     return {k: v for k, v in res.items() if k not in ("timing", "provenance")}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_evaluation_then_resume_gives_uninterrupted_results(tmp_path, data_dir):
     # 12 test images in chunks of 3: killed once chunk 1 (the second) is stored; SmoothGrad's noise is
     # seeded per image, so a resumed chunk must give the same maps as in one go

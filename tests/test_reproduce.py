@@ -63,6 +63,7 @@ def data(tmp_path, monkeypatch):
     return write_folder(tmp_path / "data", n_train=8, n_test=4, size=12)
 
 
+@pytest.mark.slow
 def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, data):
     out = tmp_path / "rep"
     kw = dict(train=TINY_TRAIN, evaluation=TINY_EVAL, figure_images=2, lam=0.5, quiet=True, progress=False)
@@ -162,6 +163,7 @@ def test_demo_preset_end_to_end_report_is_complete_finite_and_reused(tmp_path, d
         reproduce("demo", data, out, networks=list(NETWORKS), **{**kw, "train": {**TINY_TRAIN, "batch_size": 4}})
 
 
+@pytest.mark.slow
 def test_ablation_grid_validation_choice_and_cli(tmp_path, data, capsys):
     out = tmp_path / "abl"
     report = ablation(
@@ -244,6 +246,7 @@ def test_ablation_choice_prefers_clear_wins_and_says_when_there_are_none():
     assert _ablation_choice([base, too_costly], acc_margin=0.02)["lam"] == 0.0
 
 
+@pytest.mark.slow
 def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     """Each call trains the networks it is given; a network of an earlier report made with the same preset,
     settings and data is kept as it was (a reproduction spread over working sessions); other settings drop it."""
@@ -310,6 +313,7 @@ def test_one_network_at_a_time_ends_in_one_report(tmp_path, data, monkeypatch):
     assert list(fourth["networks"]) == [NETWORKS[1]]
 
 
+@pytest.mark.slow
 def test_cli_prints_a_short_summary(tmp_path, data, capsys):
     out = tmp_path / "rep"
     args = ["reproduce", "--preset", "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--limit", "4"]
@@ -332,6 +336,7 @@ def _no_evaluation_here(*args, **kwargs):
     raise AssertionError("evaluated in the parent process: with --jobs the children evaluate")
 
 
+@pytest.mark.slow
 def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd, monkeypatch):
     """jobs=2 trains the two models in two processes at once; their weights are exactly those of the
     sequential run (same seeds, one thread each), and the report says they were trained."""
@@ -360,6 +365,7 @@ def test_side_by_side_training_equals_one_after_another(tmp_path, data, capfd, m
     assert a["networks"][NETWORKS[0]]["table"] == b["networks"][NETWORKS[0]]["table"]
 
 
+@pytest.mark.slow
 def test_side_by_side_runs_only_what_is_missing(tmp_path, data, capfd, monkeypatch):
     """With --jobs on a folder where some work is done, the children run only the missing evaluations (the
     others are reused, and said to be); a run whose budget was raised resumes in a child, and only then is it
@@ -413,6 +419,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child processes in /proc (Linux)")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_side_by_side_children_end_when_the_parent_is_killed(tmp_path, data, sig):
@@ -451,6 +458,7 @@ def test_side_by_side_children_end_when_the_parent_is_killed(tmp_path, data, sig
                 os.kill(c, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_finetuned_third_model_starts_from_the_baseline_and_is_compared_with_it(tmp_path, data, capsys):
     """A preset's ``finetuned`` model: trained from the baseline's final weights (its checkpoint records the
     file's SHA-256) at its own λ and budget, evaluated on the same images, compared with the baseline like the
@@ -560,6 +568,7 @@ def _per_image(res, method, metric):
     return torch.tensor(res["per_sample"]["methods"][method][metric], dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_fine_tuned_controls_and_seeds_isolate_L_R_and_the_weights_re_evaluate(tmp_path, data, capsys):
     """With ``control`` and two ``seeds``: each fine-tuned model has a λ = 0 control that differs from it in λ
     alone, trained in a run folder outside ``out`` (``runs``); each pair's cells are the per-image differences

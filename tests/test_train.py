@@ -274,6 +274,7 @@ FAST = {"reg_fraction": 0.5, "amp": True, "channels_last": True}  # the sub-batc
     [(0, {}), (3, {}), (3, FAST), (3, {"lam_warmup": 3.0})],
     ids=["epoch-checkpoint", "mid-epoch-checkpoint", "fraction-bf16-cl", "mid-lam-warmup"],
 )
+@pytest.mark.slow
 def test_sigkill_in_epoch_2_then_resume_gives_uninterrupted_weights(folder, tmp_path, every, extra):
     # 48 images, batch 12: 4 steps per epoch; killed after global step 7 (epoch 2, step 3). With
     # checkpoint_every=3 the last checkpoint is from step 6 (inside epoch 2), else from the end of epoch 1.
@@ -515,6 +516,7 @@ def test_save_checkpoint_roundtrip_is_weights_only(tmp_path):
 # --- real data ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_cifar100_smoke_run_beats_chance(tmp_path, monkeypatch):
     from igrad.data import data_root_from_env
 

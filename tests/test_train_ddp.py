@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from igrad.models import MODELS, register_model
 
+pytestmark = pytest.mark.slow  # torchrun: two processes per test
+
 
 class TinyCNN(nn.Module):
     def __init__(self, num_classes=10):
