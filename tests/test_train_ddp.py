@@ -25,12 +25,12 @@ from igrad.checkpoint import load_checkpoint
 from igrad.train import fit
 from test_train import REPO, cli_args, tiny, write_folder
 
+pytestmark = pytest.mark.slow  # torchrun: two processes per test
+
 TINY_CNN = """
 import torch
 from torch import nn
 from igrad.models import MODELS, register_model
-
-pytestmark = pytest.mark.slow  # torchrun: two processes per test
 
 
 class TinyCNN(nn.Module):
