@@ -46,7 +46,13 @@ def augment(
         x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if flip:
         flips = (torch.rand(b, generator=generator) < 0.5).to(dev)
-        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        # each sample's columns, reversed where it flips, read by indexing as the crop above (torch.where has
+        # no CPU kernel for uint16 in some torch versions, 2.11 among them)
+        ar = torch.arange(w, device=dev)
+        cols = torch.where(flips[:, None], ar.flip(0), ar)  # [B, W]
+        batch = torch.arange(b, device=dev)[:, None, None]
+        rows = torch.arange(h, device=dev)[None, :, None]
+        x = x.permute(0, 2, 3, 1)[batch, rows, cols[:, None, :]].permute(0, 3, 1, 2)
     out = to_unit(x)  # nearest-neighbour rotation copies values: scaling first changes nothing
     if rotation > 0:
         angle = (torch.rand(b, generator=generator, dtype=torch.float64) * 2 - 1) * rotation
