@@ -9,6 +9,15 @@ from typing import Any
 
 _ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|exc|obj|const)[:`]?\s*<code>~?([\w.]+)(\(\))?</code>")
 _ANCHOR = re.compile(r'id="(igrad[\w.]*)"')
+#: The sections of docs/method.md the docstrings cite ("docs/method.md §Metrics"), with their anchors.
+_SECTIONS = {
+    "The loss": "the-loss",
+    "Networks and recipes": "networks-and-recipes",
+    "Saliency methods": "saliency-methods",
+    "Metrics": "metrics",
+    "The reproduction table": "the-reproduction-table",
+}
+_METHOD = re.compile(r"docs/method\.md(?: §(" + "|".join(map(re.escape, _SECTIONS)) + "))?")
 _anchors: set[str] = set()
 
 
@@ -26,4 +35,9 @@ def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
                 return f'<a href="#{candidate}"><code>{short}</code></a>'
         return f"<code>{short}</code>"
 
-    return _ROLE.sub(link, html)
+    def method(m: re.Match[str]) -> str:
+        anchor = f"#{_SECTIONS[m.group(1)]}" if m.group(1) else ""
+        depth = "../" * page.file.src_uri.count("/") + ("../" if page.file.src_uri != "index.md" else "")
+        return f'<a href="{depth}method/{anchor}">{m.group(0)}</a>'
+
+    return _METHOD.sub(method, _ROLE.sub(link, html))

@@ -2,7 +2,7 @@
 
 ``L_R = (1/n) Σ_i E(δx_i, δᴳx_i)``: the error between each sample's standard input gradient ``δx_i``
 (differentiable in the parameters, by double backpropagation) and its guided gradient ``δᴳx_i``
-(a fixed target), computed over all C·H·W values. Used in any training loop as::
+(a fixed target), computed over all C·H·W values. Used in any training loop as:
 
     criterion = GradientAlignmentLoss()
     l_r, logits = criterion(model, x, y)

@@ -111,7 +111,7 @@ _PROBABILITY_HINTS = {
 class BackwardRules(TorchFunctionMode):
     """Context manager that records a forward pass so it can be back-propagated with switchable rules.
 
-    Use it around the forward call only, then run the backward passes inside :meth:`phase`::
+    Use it around the forward call only, then run the backward passes inside :meth:`phase`:
 
         rules = BackwardRules(stats="batch-frozen")
         with rules:

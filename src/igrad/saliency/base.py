@@ -1,6 +1,6 @@
 """The saliency base class, its registry, and the steps every method shares (docs/method.md §Saliency methods).
 
-Every method is called the same way::
+Every method is called the same way:
 
     with create_method("gradcam", model) as m:
         maps = m(x, target)        # float [B, H, W] in [0, 1] at the input resolution
